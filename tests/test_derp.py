@@ -1,0 +1,421 @@
+"""DERP relay and its self-signed TLS certificate, over loopback only."""
+
+import asyncio
+import os
+import secrets
+import shutil
+import ssl
+import subprocess
+import time
+
+import pytest
+
+import meshbox
+from derpclient import DerpClient, serve_derp_http, write_self_signed
+from meshbox import (FRAME_PEER_GONE, FRAME_PONG, FRAME_RECV_PACKET, FRAME_SEND_PACKET,
+                     PEER_GONE_DISCONNECTED, PEER_GONE_NOT_HERE, DerpError, frame, read_frame)
+
+DISCO_LIKE = meshbox.DISCO_MAGIC + bytes(32 + 24 + 10)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def with_relay(test, ssl_context=None):
+    """Run test(derp, port) against a DerpServer behind a loopback HTTP server."""
+    derp = meshbox.DerpServer(meshbox.new_private_key())
+    server = await serve_derp_http(derp, ssl_context=ssl_context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        return await test(derp, port)
+    finally:
+        server.close()
+        derp.close()
+        await server.wait_closed()
+
+
+async def reader_of(data):
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return reader
+
+
+async def closed_by_server(reader):
+    """True once the server has closed the connection (FIN or reset)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def no_frame_within(client, seconds=0.3):
+    with pytest.raises(TimeoutError):
+        await client.recv_frame(timeout=seconds)
+
+
+# ---- frames ----
+
+def test_frame_layout_and_round_trip():
+    async def main():
+        assert frame(FRAME_SEND_PACKET, b"ab") == b"\x04\x00\x00\x00\x02ab"
+        assert frame(meshbox.FRAME_KEEP_ALIVE) == b"\x06\x00\x00\x00\x00"
+        frames = [(0x12, b"12345678"), (0x06, b""), (0x04, os.urandom(1000))]
+        reader = await reader_of(b"".join(frame(t, b) for t, b in frames))
+        got = [await read_frame(reader, 2000) for _ in frames]
+        assert got == frames
+        with pytest.raises(EOFError):
+            await read_frame(reader, 2000)
+    run(main())
+
+
+def test_truncated_frames_refused():
+    async def main():
+        whole = frame(FRAME_SEND_PACKET, bytes(40))
+        for cut in (1, 4, 5, len(whole) - 1):
+            with pytest.raises(DerpError):
+                await read_frame(await reader_of(whole[:cut]), 100)
+        with pytest.raises(EOFError):
+            await read_frame(await reader_of(b""), 100)
+    run(main())
+
+
+def test_oversized_frame_refused_before_its_body():
+    async def main():
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"\x04" + (meshbox.DERP_MAX_FRAME + 1).to_bytes(4, "big"))
+        # No body and no EOF: refusing must not wait for the body.
+        with pytest.raises(DerpError):
+            await asyncio.wait_for(read_frame(reader, meshbox.DERP_MAX_FRAME), 2)
+        ok = frame(FRAME_SEND_PACKET, bytes(meshbox.DERP_MAX_FRAME))
+        assert len((await read_frame(await reader_of(ok), meshbox.DERP_MAX_FRAME))[1]) == \
+            meshbox.DERP_MAX_FRAME
+    run(main())
+
+
+def test_send_queue_drops_oldest_when_full():
+    async def main():
+        conn = meshbox.DerpConnection(bytes(32), "test", writer=None)
+        depth = meshbox.DERP_SEND_QUEUE_DEPTH
+        assert not any(conn.queue(conn.packets, bytes([i])) for i in range(depth))
+        assert conn.queue(conn.packets, b"new")
+        assert len(conn.packets) == depth
+        assert conn.packets[0] == b"\x01" and conn.packets[-1] == b"new"
+    run(main())
+
+
+# ---- handshake and upgrade ----
+
+def test_upgrade_reply_and_server_info():
+    async def test(derp, port):
+        c = await DerpClient.connect("127.0.0.1", port)
+        head = c.http_response.decode()
+        assert head.startswith("HTTP/1.1 101 ")
+        assert "Upgrade: DERP\r\n" in head and "Derp-Version: 2\r\n" in head
+        assert f"Derp-Public-Key: {derp.public_key.hex()}\r\n" in head
+        assert c.server_key == derp.public_key
+        assert c.server_info == {"version": 2}
+        await c.close()
+    run(with_relay(test))
+
+
+def test_fast_start_skips_http_reply():
+    async def test(derp, port):
+        a = await DerpClient.connect("127.0.0.1", port, fast_start_key=derp.public_key)
+        b = await DerpClient.connect("127.0.0.1", port)
+        assert a.http_response == b""
+        await a.send_packet(b.public_key, b"fast")
+        assert await b.recv_packet() == (a.public_key, b"fast")
+        await a.close()
+        await b.close()
+    run(with_relay(test))
+
+
+def test_plain_get_gets_426():
+    async def test(derp, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = await asyncio.wait_for(reader.read(), 5)
+        assert reply.startswith(b"HTTP/1.1 426 ")
+        writer.close()
+    run(with_relay(test))
+
+
+async def raw_upgrade(port):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\n")
+    frame_type, body = await read_frame(reader, 1024)
+    assert frame_type == meshbox.FRAME_SERVER_KEY and body.startswith(meshbox.DERP_MAGIC)
+    return reader, writer
+
+
+def test_bad_client_info_closes_only_that_client():
+    async def test(derp, port):
+        a = await DerpClient.connect("127.0.0.1", port)
+        b = await DerpClient.connect("127.0.0.1", port)
+        bad_inputs = [
+            # a box sealed to the wrong key
+            frame(meshbox.FRAME_CLIENT_INFO, os.urandom(32) + os.urandom(24) + os.urandom(40)),
+            # too short to hold key and nonce
+            frame(meshbox.FRAME_CLIENT_INFO, os.urandom(50)),
+            # a packet before the handshake
+            frame(FRAME_SEND_PACKET, a.public_key + b"sneaky"),
+        ]
+        for bad in bad_inputs:
+            reader, writer = await raw_upgrade(port)
+            writer.write(bad)
+            assert await closed_by_server(reader)
+            writer.close()
+        assert derp.clients == 2
+        await a.send_packet(b.public_key, b"still here")
+        assert await b.recv_packet() == (a.public_key, b"still here")
+        await no_frame_within(a, 0.2)    # the sneaky packet went nowhere
+        await a.close()
+        await b.close()
+    run(with_relay(test))
+
+
+def test_client_info_must_be_valid_json():
+    async def test(derp, port):
+        reader, writer = await raw_upgrade(port)
+        private = meshbox.new_private_key()
+        nonce = os.urandom(24)
+        sealed = meshbox.box_seal(private, derp.public_key, nonce, b"not json{")
+        writer.write(frame(meshbox.FRAME_CLIENT_INFO,
+                           meshbox.x25519_public(private) + nonce + sealed))
+        assert await closed_by_server(reader)
+        writer.close()
+        assert derp.clients == 0
+    run(with_relay(test))
+
+
+# ---- relaying ----
+
+def test_two_clients_exchange_packets():
+    async def test(derp, port):
+        a = await DerpClient.connect("127.0.0.1", port)
+        b = await DerpClient.connect("127.0.0.1", port)
+        assert derp.clients == 2
+        big = os.urandom(meshbox.DERP_MAX_PACKET)
+        await a.send_packet(b.public_key, b"hello b")
+        await b.send_packet(a.public_key, b"hello a")
+        await a.send_packet(b.public_key, big)
+        assert await b.recv_packet() == (a.public_key, b"hello b")
+        assert await a.recv_packet() == (b.public_key, b"hello a")
+        assert await b.recv_packet() == (a.public_key, big)
+        assert derp.packets_relayed == 3
+        assert derp.bytes_relayed == 14 + len(big)
+        await a.close()
+        await b.close()
+    run(with_relay(test))
+
+
+def test_packet_over_64k_closes_sender():
+    async def test(derp, port):
+        a = await DerpClient.connect("127.0.0.1", port)
+        b = await DerpClient.connect("127.0.0.1", port)
+        await a.send_packet(b.public_key, bytes(meshbox.DERP_MAX_PACKET + 1))
+        assert await closed_by_server(a.reader)
+        await no_frame_within(b, 0.2)
+        await b.ping()
+        await b.close()
+    run(with_relay(test))
+
+
+def test_third_client_receives_nothing_addressed_to_others():
+    async def test(derp, port):
+        a = await DerpClient.connect("127.0.0.1", port)
+        b = await DerpClient.connect("127.0.0.1", port)
+        c = await DerpClient.connect("127.0.0.1", port)
+        for i in range(5):
+            await a.send_packet(b.public_key, b"for b %d" % i)
+        for i in range(5):
+            assert await b.recv_packet() == (a.public_key, b"for b %d" % i)
+        await c.ping()      # anything relayed to c would arrive before its pong
+        await no_frame_within(c)
+        await a.close()
+        await b.close()
+        await c.close()
+    run(with_relay(test))
+
+
+def test_ping_pong():
+    async def test(derp, port):
+        a = await DerpClient.connect("127.0.0.1", port)
+        assert await a.ping(b"12345678") == b"12345678"
+        a.writer.write(frame(meshbox.FRAME_PING, b"abcdefgh-extra"))  # extra bytes allowed
+        assert await a.recv_frame() == (FRAME_PONG, b"abcdefgh")
+        a.writer.write(frame(meshbox.FRAME_PING, b"short"))
+        assert await closed_by_server(a.reader)
+    run(with_relay(test))
+
+
+def test_peer_gone_not_here_only_for_disco_and_rate_limited():
+    async def test(derp, port):
+        a = await DerpClient.connect("127.0.0.1", port)
+        nobody = os.urandom(32)
+        await a.send_packet(nobody, b"plain data")
+        await a.ping()
+        await no_frame_within(a, 0.1)
+        for _ in range(5):
+            await a.send_packet(nobody, DISCO_LIKE)
+        gone = []
+        await a.ping()
+        while a._pending:
+            gone.append(await a.recv_frame())
+        # burst of 3, then one per second
+        assert gone == [(FRAME_PEER_GONE, nobody + bytes([PEER_GONE_NOT_HERE]))] * 3
+        assert derp.packets_dropped == 6
+        await a.close()
+    run(with_relay(test))
+
+
+def test_peer_gone_disconnected_to_those_it_sent_to():
+    async def test(derp, port):
+        a = await DerpClient.connect("127.0.0.1", port)
+        b = await DerpClient.connect("127.0.0.1", port)
+        c = await DerpClient.connect("127.0.0.1", port)
+        await a.send_packet(b.public_key, b"x")
+        assert await b.recv_packet() == (a.public_key, b"x")
+        await a.close()
+        assert await b.recv_frame() == (FRAME_PEER_GONE, a.public_key + bytes([PEER_GONE_DISCONNECTED]))
+        await c.ping()
+        await no_frame_within(c, 0.2)   # a never sent to c
+        assert derp.clients == 2
+        await b.close()
+        await c.close()
+    run(with_relay(test))
+
+
+def test_duplicate_key_last_writer_receives():
+    async def test(derp, port):
+        key = meshbox.new_private_key()
+        a = await DerpClient.connect("127.0.0.1", port)
+        b1 = await DerpClient.connect("127.0.0.1", port, private_key=key)
+        b2 = await DerpClient.connect("127.0.0.1", port, private_key=key)
+        await a.send_packet(b2.public_key, b"to newest")
+        assert await b2.recv_packet() == (a.public_key, b"to newest")
+        await b1.ping()             # b1 speaks, so it becomes the active one
+        await a.send_packet(b1.public_key, b"to last writer")
+        assert await b1.recv_packet() == (a.public_key, b"to last writer")
+        await no_frame_within(b2, 0.2)
+        await b1.close()            # the key is still here through b2: no PeerGone
+        await a.send_packet(b2.public_key, b"to the one left")
+        assert await b2.recv_packet() == (a.public_key, b"to the one left")
+        await a.ping()
+        assert not a._pending
+        await a.close()
+        await b2.close()
+    run(with_relay(test))
+
+
+def test_slow_reader_loses_packets_without_stalling_others():
+    async def test(derp, port):
+        a = await DerpClient.connect("127.0.0.1", port)
+        c = await DerpClient.connect("127.0.0.1", port)
+        sleeper = await DerpClient.connect("127.0.0.1", port)   # never reads
+        chunk = bytes(meshbox.DERP_MAX_PACKET)
+        started = time.monotonic()
+        for _ in range(300):                                    # ~20 MB
+            await a.send_packet(sleeper.public_key, chunk)
+        await a.send_packet(c.public_key, b"through")
+        assert await c.recv_packet() == (a.public_key, b"through")
+        assert time.monotonic() - started < 10
+        assert derp.packets_dropped > 0
+        await a.close()
+        await c.close()
+        await sleeper.close()
+    run(with_relay(test))
+
+
+# ---- TLS ----
+
+def test_tls_with_pinned_self_signed_certificate(tmp_path):
+    cert, key, pin = write_self_signed(tmp_path)
+
+    async def test(derp, port):
+        a = await DerpClient.connect("127.0.0.1", port, pin=pin, server_name="derp.test")
+        b = await DerpClient.connect("127.0.0.1", port, pin=pin)
+        await a.send_packet(b.public_key, b"over tls")
+        assert await b.recv_packet() == (a.public_key, b"over tls")
+        with pytest.raises(ssl.SSLError):
+            await DerpClient.connect("127.0.0.1", port, pin="sha256-raw:" + "00" * 32)
+        await a.close()
+        await b.close()
+    run(with_relay(test, meshbox.tls_server_context(cert, key)))
+
+
+def test_certificate_names_verify_with_openssl_rules(tmp_path):
+    """Trusting the certificate itself, host name checks follow its SANs."""
+    cert, key, _pin = write_self_signed(tmp_path, "derp.test", ["127.0.0.1", "::1"])
+
+    async def handshake(server_name, port):
+        ctx = ssl.create_default_context(cafile=cert)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                       server_hostname=server_name)
+        version = writer.get_extra_info("ssl_object").version()
+        writer.close()
+        return version
+
+    async def test(derp, port):
+        assert await handshake("derp.test", port) in ("TLSv1.2", "TLSv1.3")
+        assert await handshake("127.0.0.1", port)
+        for wrong in ("other.test", "127.0.0.2"):
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await handshake(wrong, port)
+    run(with_relay(test, meshbox.tls_server_context(cert, key)))
+
+
+def test_tls_1_2_client_accepted(tmp_path):
+    cert, key, pin = write_self_signed(tmp_path)
+
+    async def test(derp, port):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                       server_hostname="derp.test")
+        tls = writer.get_extra_info("ssl_object")
+        assert tls.version() == "TLSv1.2"
+        assert meshbox.certificate_pin(tls.getpeercert(binary_form=True)) == pin
+        writer.close()
+    run(with_relay(test, meshbox.tls_server_context(cert, key)))
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl binary")
+def test_certificate_fields_as_openssl_reads_them(tmp_path):
+    cert, _key, pin = write_self_signed(tmp_path, "derp.test", ["127.0.0.1", "::1"])
+    text = subprocess.run(["openssl", "x509", "-in", cert, "-noout", "-text", "-dates"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "Version: 3 (0x2)" in text
+    assert "Signature Algorithm: ED25519" in text
+    assert "Subject: CN = derp.test" in text and "Issuer: CN = derp.test" in text
+    assert "DNS:derp.test, IP Address:127.0.0.1, IP Address:0:0:0:0:0:0:0:1" in text
+    dates = dict(line.split("=", 1) for line in text.splitlines() if line.startswith("not"))
+    start = ssl.cert_time_to_seconds(dates["notBefore"])
+    end = ssl.cert_time_to_seconds(dates["notAfter"])
+    assert 86400 - 60 <= time.time() - start <= 86400 + 60
+    assert abs(end - time.time() - 10 * 365 * 86400) < 60
+    der = subprocess.run(["openssl", "x509", "-in", cert, "-outform", "DER"],
+                         capture_output=True, check=True).stdout
+    assert meshbox.certificate_pin(der) == pin
+    verify = subprocess.run(["openssl", "verify", "-CAfile", cert, cert],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr   # signature checks out
+
+
+def test_certificate_serials_differ_and_key_matches():
+    seed = secrets.token_bytes(32)
+    one = meshbox.self_signed_certificate(seed, "derp.test")
+    two = meshbox.self_signed_certificate(seed, "derp.test")
+    assert one != two
+    assert meshbox.ed25519_public(seed) in one
+    assert meshbox.ed25519_private_key_pem(seed).startswith(b"-----BEGIN PRIVATE KEY-----\n")
+
+
+def test_tls_context_without_ssl_module(monkeypatch):
+    monkeypatch.setattr(meshbox, "ssl", None)
+    with pytest.raises(RuntimeError, match="ssl"):
+        meshbox.tls_server_context("c", "k")
