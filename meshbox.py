@@ -10,19 +10,20 @@ comment ``# ---- Name ----``):
 
   Shim            imports, optional dependencies and their fallbacks
   Helpers         time, JSON, key text forms, durations
+  Native crypto   the optional C helper (native/), loaded with ctypes
   Crypto          X25519, ChaCha20-Poly1305, BLAKE2s, NaCl box, Ed25519
   Noise           Noise_IK handshake and transport records (ts2021)
   Zstd framing    map-response compression
   WebSocket       the small RFC 6455 framing for browser-style upgrades
   Store           SQLite: users, pre-auth keys, nodes, server secrets
   Addresses       tailnet IPv4/IPv6 allocation
-  Policy          packet filter and peer visibility (allow-all for now)
+  Policy          Tailscale's ACL language: parse, compile per node, check tests
   Map builder     pure: node records in, MapResponse JSON out
   Coordinator     registration, map sessions, fan-out of changes
+  HTTP front      HTTP/1.1 on asyncio streams: request heads, responses
   TLS certificate self-signed Ed25519 certificate for DERP, pinned by hash
   DERP            the relay: frames, clients, forwarding
   STUN            RFC 5389 binding responses
-  HTTP front      HTTP/1.1 on asyncio streams: /key, upgrades, DERP
   Control server  ts2021 over HTTP/2 (h2): register, map
   Server          listeners and lifetime of ``serve``
   CLI             argument parsing and the commands
@@ -37,6 +38,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import bisect
 import dataclasses
 import hashlib
 import hmac
@@ -44,6 +46,8 @@ import ipaddress
 import json
 import logging
 import os
+import random
+import re
 import secrets
 import socket
 import sqlite3
@@ -55,6 +59,11 @@ try:
     import ssl
 except ImportError:  # python3-openssl missing: DERP over TLS is unavailable
     ssl = None
+
+try:
+    import ctypes
+except ImportError:  # python3-light without python3-ctypes: no native helper
+    ctypes = None
 
 try:
     import nacl.bindings as _sodium
@@ -157,13 +166,192 @@ def parse_host_port(text, default_port):
     return host or "127.0.0.1", int(port) if port else default_port
 
 
-# ---- Crypto ----
-# One small surface that the rest of the file calls; pynacl serves it today
-# and the native helper (native/) can replace the functions it covers.
+# ---- Native crypto ----
+# native/ builds a freestanding libmeshbox_crypto.so (ChaCha20-Poly1305,
+# X25519, BLAKE2s; NEON on ARM).  It is looked for in this order:
+#   $MESHBOX_NATIVE          a file, or a folder holding the file ("off": none)
+#   <this file's folder>/native/libmeshbox_crypto.so        (installed copy)
+#   <this file's folder>/dist/native/<arch>/libmeshbox_crypto.so
+#                                            (a checkout after build/native)
+# Absent or unloadable, load_native_crypto() returns None and pynacl serves.
 
 class CryptoError(Exception):
     """A MAC did not verify or a key was unusable."""
 
+
+NATIVE_LIBRARY = "libmeshbox_crypto.so"
+NATIVE_ABI_VERSION = 1
+_AT_HWCAP = 16
+_HWCAP_ARM_NEON = 1 << 12
+
+
+def native_arch():
+    """The dist/native/<arch> name for this interpreter, or None."""
+    machine = os.uname().machine.lower()
+    wide = struct.calcsize("P") == 8  # a 32-bit userland on a 64-bit kernel
+    if machine in ("x86_64", "amd64"):
+        return "x86_64" if wide else None
+    if machine in ("aarch64", "arm64") or machine.startswith("armv8"):
+        return "aarch64" if wide else "armv7"
+    if machine.startswith("armv7"):
+        return "armv7"
+    return None
+
+
+def native_library_candidates():
+    """Paths where the native helper may be, in the order they are tried."""
+    override = os.environ.get("MESHBOX_NATIVE", "")
+    if override.lower() in ("off", "0", "no"):
+        return []
+    if override:
+        if os.path.isdir(override):
+            return [os.path.join(override, NATIVE_LIBRARY)]
+        return [override]
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [os.path.join(here, "native", NATIVE_LIBRARY)]
+    arch = native_arch()
+    if arch:
+        paths.append(os.path.join(here, "dist", "native", arch, NATIVE_LIBRARY))
+    return paths
+
+
+def auxv_hwcap(auxv, word_size):
+    """AT_HWCAP from the bytes of /proc/self/auxv (words of word_size), or 0."""
+    word = "=II" if word_size == 4 else "=QQ"
+    usable = len(auxv) - len(auxv) % struct.calcsize(word)
+    for key, value in struct.iter_unpack(word, auxv[:usable]):
+        if key == _AT_HWCAP:
+            return value
+    return 0
+
+
+def cpu_has_neon():
+    """Whether this CPU has NEON: always on aarch64, AT_HWCAP on 32-bit ARM."""
+    arch = native_arch()
+    if arch != "armv7":
+        return arch == "aarch64"
+    try:
+        with open("/proc/self/auxv", "rb") as f:
+            auxv = f.read()
+    except OSError:
+        return False  # unknown: the portable path is always safe
+    return bool(auxv_hwcap(auxv, struct.calcsize("P")) & _HWCAP_ARM_NEON)
+
+
+def _fixed(value, size, what):
+    """value as bytes of exactly size bytes, or ValueError."""
+    value = bytes(value)
+    if len(value) != size:
+        raise ValueError(f"{what} must be {size} bytes, got {len(value)}")
+    return value
+
+
+class NativeCrypto:
+    """ctypes binding of libmeshbox_crypto.so (ABI in native/README.md)."""
+
+    def __init__(self, path):
+        lib = ctypes.CDLL(path)
+        u8p, size, cint = ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int
+        for name, args in (
+            ("mb_version", []),
+            ("mb_has_neon", []),
+            ("mb_use_neon", [cint]),
+            ("mb_aead_seal", [u8p, u8p, u8p, u8p, size, u8p, size]),
+            ("mb_aead_open", [u8p, u8p, u8p, u8p, size, u8p, size]),
+            ("mb_x25519", [u8p, u8p, u8p]),
+            ("mb_x25519_base", [u8p, u8p]),
+            ("mb_blake2s", [u8p, size, u8p, size, u8p, size]),
+        ):
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, cint
+        if lib.mb_version() != NATIVE_ABI_VERSION:
+            raise OSError(f"{path}: ABI version {lib.mb_version()}, "
+                          f"expected {NATIVE_ABI_VERSION}")
+        self.path = path
+        self._lib = lib
+        self.use_neon(cpu_has_neon())
+
+    @property
+    def has_neon(self):
+        """Whether the library carries a NEON path at all."""
+        return bool(self._lib.mb_has_neon())
+
+    @property
+    def neon(self):
+        """Whether the NEON path is in use now."""
+        return bool(self._lib.mb_use_neon(-1))
+
+    def use_neon(self, on):
+        """Use the NEON path (when built and asked for); returns whether it is on."""
+        return bool(self._lib.mb_use_neon(1 if on else 0))
+
+    def x25519(self, scalar, point):
+        """X25519 shared secret; raises CryptoError for a low-order point."""
+        out = ctypes.create_string_buffer(32)
+        if self._lib.mb_x25519(out, _fixed(scalar, 32, "scalar"),
+                               _fixed(point, 32, "point")) != 0:
+            raise CryptoError("X25519 with a low-order point")
+        return out.raw
+
+    def x25519_base(self, scalar):
+        """The public key of an X25519 private key."""
+        out = ctypes.create_string_buffer(32)
+        self._lib.mb_x25519_base(out, _fixed(scalar, 32, "scalar"))
+        return out.raw
+
+    def aead_seal(self, key, nonce, plaintext, ad=b""):
+        """ChaCha20-Poly1305 (IETF): ciphertext followed by the 16-byte tag."""
+        plaintext, ad = bytes(plaintext), bytes(ad)
+        out = ctypes.create_string_buffer(len(plaintext) + 16)
+        if self._lib.mb_aead_seal(out, _fixed(key, 32, "key"),
+                                  _fixed(nonce, 12, "nonce"), ad, len(ad),
+                                  plaintext, len(plaintext)) != 0:
+            raise ValueError("ChaCha20-Poly1305 message too long")
+        return out.raw
+
+    def aead_open(self, key, nonce, ciphertext, ad=b""):
+        """Plaintext of a ChaCha20-Poly1305 message, or raise CryptoError."""
+        ciphertext, ad = bytes(ciphertext), bytes(ad)
+        out = ctypes.create_string_buffer(max(len(ciphertext) - 16, 0))
+        if self._lib.mb_aead_open(out, _fixed(key, 32, "key"),
+                                  _fixed(nonce, 12, "nonce"), ad, len(ad),
+                                  ciphertext, len(ciphertext)) != 0:
+            raise CryptoError("ChaCha20-Poly1305 tag mismatch")
+        return out.raw
+
+    def blake2s(self, data, key=b"", digest_size=32):
+        """BLAKE2s (keyed when key is given), as hashlib.blake2s computes it."""
+        data, key = bytes(data), bytes(key)
+        if not 1 <= digest_size <= 32 or len(key) > 32:
+            raise ValueError("BLAKE2s: digest_size 1..32, key at most 32 bytes")
+        out = ctypes.create_string_buffer(digest_size)
+        self._lib.mb_blake2s(out, digest_size, key, len(key), data, len(data))
+        return out.raw
+
+
+def load_native_crypto(path=None):
+    """The native helper at path, or the first one found; None if there is none.
+
+    An explicit path must load (errors propagate); a found file that fails
+    to load is logged and skipped.
+    """
+    if ctypes is None:
+        return None
+    if path is not None:
+        return NativeCrypto(path)
+    for candidate in native_library_candidates():
+        if not os.path.isfile(candidate):
+            continue
+        try:
+            return NativeCrypto(candidate)
+        except (OSError, AttributeError) as e:
+            log.warning("native crypto helper %s not used: %s", candidate, e)
+    return None
+
+
+# ---- Crypto ----
+# One small surface that the rest of the file calls.  pynacl serves it; the
+# native helper, when found, replaces the functions it covers (below).
 
 def _require_sodium():
     if _sodium is None:
@@ -179,12 +367,12 @@ def new_private_key():
     return bytes(k)
 
 
-def x25519_public(private):
+def _sodium_x25519_public(private):
     """The public key of an X25519 private key."""
     return _require_sodium().crypto_scalarmult_base(private)
 
 
-def x25519(private, public):
+def _sodium_x25519(private, public):
     """X25519 shared secret; refuses low-order points (all-zero output)."""
     try:
         shared = _require_sodium().crypto_scalarmult(private, public)
@@ -195,13 +383,13 @@ def x25519(private, public):
     return shared
 
 
-def aead_seal(key, nonce, plaintext, ad=b""):
+def _sodium_aead_seal(key, nonce, plaintext, ad=b""):
     """ChaCha20-Poly1305 (IETF, 12-byte nonce): ciphertext with its tag."""
     return _require_sodium().crypto_aead_chacha20poly1305_ietf_encrypt(
         bytes(plaintext), ad or None, nonce, key)
 
 
-def aead_open(key, nonce, ciphertext, ad=b""):
+def _sodium_aead_open(key, nonce, ciphertext, ad=b""):
     """Open a ChaCha20-Poly1305 message or raise CryptoError."""
     try:
         return _require_sodium().crypto_aead_chacha20poly1305_ietf_decrypt(
@@ -240,6 +428,13 @@ def ed25519_sign(seed, message):
     if _nacl_signing is None:
         raise RuntimeError("pynacl is required: pip install pynacl")
     return _nacl_signing.SigningKey(seed).sign(message).signature
+
+
+_native = load_native_crypto()
+x25519_public = _native.x25519_base if _native else _sodium_x25519_public
+x25519 = _native.x25519 if _native else _sodium_x25519
+aead_seal = _native.aead_seal if _native else _sodium_aead_seal
+aead_open = _native.aead_open if _native else _sodium_aead_open
 
 
 # ---- Noise ----
@@ -553,6 +748,7 @@ class WebSocketStream:
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS users (
     id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS preauth_keys (
@@ -664,6 +860,19 @@ class Store:
         with self.transaction():
             self.db.execute("INSERT OR IGNORE INTO secrets(name, value) VALUES(?, ?)", (name, value))
         return bytes(self.db.execute("SELECT value FROM secrets WHERE name=?", (name,)).fetchone()[0])
+
+    # settings (the policy)
+    def setting(self, name):
+        row = self.db.execute("SELECT value FROM settings WHERE name=?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def set_setting(self, name, value):
+        """Store a setting; None removes it."""
+        with self.transaction():
+            if value is None:
+                self.db.execute("DELETE FROM settings WHERE name=?", (name,))
+            else:
+                self.db.execute("INSERT OR REPLACE INTO settings(name, value) VALUES(?, ?)", (name, value))
 
     # users
     def create_user(self, name):
@@ -801,21 +1010,2013 @@ def allocate_addresses(prefix_v4, prefix_v6, taken_v4, taken_v6):
 
 
 # ---- Policy ----
-# Until the ACL compiler lands every node may reach and see every other one,
-# as Headscale does with no policy.  The map builder asks only these two
-# functions.
+# Tailscale ACL policy engine, pure: HuJSON text -> parse_policy -> Policy;
+# compile_policy(Policy or None, topology) -> what each node is sent.
+#   topology = {"users": [{id, name, email}],
+#               "nodes": {name: {hostname, tags, user (name) or user_id, ipv4, ipv6,
+#                                routable_ips, approved_routes, id (registration order)}}}
+#   result   = {name: {"packet_filter_rules": [FilterRule] or None (send []: block all),
+#                      "peers": {hostname: {"AllowedIPs", "PrimaryRoutes"?}},
+#                      "ssh_rules": [SSHRule], "cap_map": {capability: None}}}
+# check_policy_tests runs the policy's tests/sshTests when a policy is set;
+# auto_approved_routes says which advertised routes autoApprovers approve.
 
-ALLOW_ALL_FILTER = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
+
+class PolicyError(ValueError):
+    """A policy that Tailscale would refuse; the message says what and where."""
 
 
-def packet_filter_for(node, nodes):
-    """The PacketFilter rules a node enforces on traffic it receives."""
-    return ALLOW_ALL_FILTER
+# -- IP ranges and sets --
+
+_FAMILY_MAX = {4: (1 << 32) - 1, 6: (1 << 128) - 1}
 
 
-def visible_peers(node, nodes):
-    """The nodes a node is shown in its netmap."""
-    return [peer for peer in nodes if peer.id != node.id]
+def _bit_indexes(mask):
+    """Positions of the set bits of an int (node sets are int bitmasks by node index)."""
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
+
+
+def _addr_text(family, value):
+    return str(ipaddress.IPv4Address(value) if family == 4 else ipaddress.IPv6Address(value))
+
+
+def _parse_addr(text):
+    """'100.64.0.1' -> (family, int); raises ValueError."""
+    if "%" in text:
+        raise ValueError(text)
+    addr = ipaddress.ip_address(text)
+    return addr.version, int(addr)
+
+
+def _parse_prefix(text):
+    """'10.0.0.0/8' or '10.1.2.3' -> (family, lo, hi, bits); raises ValueError."""
+    if "/" not in text:
+        family, value = _parse_addr(text)
+        return family, value, value, 32 if family == 4 else 128
+    addr_text, bits_text = text.split("/", 1)
+    family, value = _parse_addr(addr_text)
+    width = 32 if family == 4 else 128
+    if not bits_text.isdigit() or int(bits_text) > width or bits_text != str(int(bits_text)):
+        raise ValueError(text)
+    bits = int(bits_text)
+    host = (1 << (width - bits)) - 1
+    return family, value & ~host, (value & ~host) | host, bits
+
+
+def _parse_range(text):
+    """One SrcIPs/DstPorts entry ('*', 'a-b', prefix, address) -> list of (family, lo, hi)."""
+    if text == "*":
+        return [(4, 0, _FAMILY_MAX[4]), (6, 0, _FAMILY_MAX[6])]
+    if "-" in text:
+        first, last = text.split("-", 1)
+        (f1, lo), (f2, hi) = _parse_addr(first), _parse_addr(last)
+        if f1 != f2 or lo > hi:
+            raise ValueError(text)
+        return [(f1, lo, hi)]
+    family, lo, hi, _ = _parse_prefix(text)
+    return [(family, lo, hi)]
+
+
+def _range_as_prefix(family, lo, hi):
+    """The CIDR text of [lo, hi] if it is exactly one prefix, else None."""
+    size = hi - lo + 1
+    if size & (size - 1) or lo % size:
+        return None
+    width = 32 if family == 4 else 128
+    return "%s/%d" % (_addr_text(family, lo), width - size.bit_length() + 1)
+
+
+class IPSet:
+    """An immutable set of addresses as sorted (family, lo, hi) ranges.
+
+    Overlapping ranges merge; merely adjacent ones stay apart, because Tailscale
+    lists neighbouring node addresses one by one rather than as a range.
+    """
+
+    __slots__ = ("ranges", "_keys")
+
+    def __init__(self, ranges=()):
+        merged = []
+        for family, lo, hi in sorted(ranges):
+            if merged and merged[-1][0] == family and lo <= merged[-1][2]:
+                if hi > merged[-1][2]:
+                    merged[-1] = (family, merged[-1][1], hi)
+            else:
+                merged.append((family, lo, hi))
+        self.ranges = tuple(merged)
+        self._keys = [(f, lo) for f, lo, _ in merged]
+
+    @classmethod
+    def parse(cls, texts):
+        out = []
+        for text in texts:
+            out.extend(_parse_range(text))
+        return cls(out)
+
+    def __bool__(self):
+        return bool(self.ranges)
+
+    def __or__(self, other):
+        return IPSet(self.ranges + other.ranges)
+
+    def __sub__(self, other):
+        out = []
+        for family, lo, hi in self.ranges:
+            pieces = [(lo, hi)]
+            for f2, l2, h2 in other.ranges:
+                if f2 != family:
+                    continue
+                cut = []
+                for a, b in pieces:
+                    if h2 < a or l2 > b:
+                        cut.append((a, b))
+                        continue
+                    if a < l2:
+                        cut.append((a, l2 - 1))
+                    if h2 < b:
+                        cut.append((h2 + 1, b))
+                pieces = cut
+            out.extend((family, a, b) for a, b in pieces)
+        return IPSet(out)
+
+    def _at(self, family, value):
+        i = bisect.bisect_right(self._keys, (family, value)) - 1
+        if i >= 0 and self.ranges[i][0] == family:
+            return self.ranges[i]
+        return None
+
+    def contains(self, family, value):
+        r = self._at(family, value)
+        return r is not None and r[2] >= value
+
+    def covers(self, family, lo, hi):
+        i = bisect.bisect_right(self._keys, (family, lo)) - 1
+        if i < 0 or self.ranges[i][0] != family or self.ranges[i][2] < lo:
+            return False
+        end = self.ranges[i][2]
+        while end < hi:  # walk across adjacent ranges
+            i += 1
+            if i == len(self.ranges) or self.ranges[i][0] != family or self.ranges[i][1] > end + 1:
+                return False
+            end = self.ranges[i][2]
+        return True
+
+    def overlaps(self, family, lo, hi):
+        r = self._at(family, hi)
+        return r is not None and r[2] >= lo
+
+    def overlaps_set(self, other):
+        return any(self.overlaps(*r) for r in other.ranges)
+
+    def issubset(self, other):
+        return all(other.covers(*r) for r in self.ranges)
+
+    def strings(self):
+        """Wire form used in SrcIPs: addresses, prefixes, or 'a-b' ranges."""
+        out = []
+        for family, lo, hi in self.ranges:
+            if lo == hi:
+                out.append(_addr_text(family, lo))
+            else:
+                out.append(_range_as_prefix(family, lo, hi)
+                           or "%s-%s" % (_addr_text(family, lo), _addr_text(family, hi)))
+        return out
+
+    def prefixes(self):
+        """The minimal list of CIDR strings covering the set."""
+        out = []
+        for family, lo, hi in self.ranges:
+            cls = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
+            out.extend(str(n) for n in ipaddress.summarize_address_range(cls(lo), cls(hi)))
+        return out
+
+
+def _prefix_set(*texts):
+    return IPSet.parse(texts)
+
+
+CGNAT = _prefix_set("100.64.0.0/10")
+TAILSCALE_ULA = _prefix_set("fd7a:115c:a1e0::/48")
+# "*" means every tailnet address: CGNAT minus the ChromeOS VM range, plus the ULA.
+WILDCARD_ADDRS = (CGNAT - _prefix_set("100.115.92.0/23")) | TAILSCALE_ULA
+ALL_ADDRS = _prefix_set("0.0.0.0/0", "::/0")
+# autogroup:internet: public IPv4 and global-unicast IPv6, without private,
+# tailnet and link-local space.
+THE_INTERNET = _prefix_set("0.0.0.0/0", "2000::/3") - _prefix_set(
+    "fc00::/7", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+    "fd7a:115c:a1e0::/48", "100.64.0.0/10", "fe80::/10", "169.254.0.0/16")
+EXIT_ROUTES = ("0.0.0.0/0", "::/0")
+
+
+def _is_internet(dests):
+    """True when a destination set covers a whole family or all of the internet."""
+    return (dests.covers(4, 0, _FAMILY_MAX[4]) or dests.covers(6, 0, _FAMILY_MAX[6])
+            or THE_INTERNET.issubset(dests))
+
+
+# -- HuJSON --
+
+def _strip_hujson(text):
+    """Blank out comments and trailing commas, keeping every offset in place."""
+    out = list(text)
+    i, n = 0, len(text)
+    last_comma = None  # index of a comma after a value, not yet followed by another
+    prev = ""          # the last significant character
+    while i < n:
+        c = text[i]
+        if c == '"':
+            last_comma = None
+            prev = c
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+            i += 1
+        elif text.startswith("//", i):
+            while i < n and text[i] != "\n":
+                out[i] = " "
+                i += 1
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            if end < 0:
+                raise _syntax_error(text, i, "unterminated block comment")
+            for j in range(i, end + 2):
+                if out[j] != "\n":
+                    out[j] = " "
+            i = end + 2
+        else:
+            if c == ",":
+                last_comma = i if prev not in "{[,:" else None
+            elif c in "]}":
+                if last_comma is not None:
+                    out[last_comma] = " "
+                last_comma = None
+            elif not c.isspace():
+                last_comma = None
+            if not c.isspace():
+                prev = c
+            i += 1
+    return "".join(out)
+
+
+def _line_col(text, pos):
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+def _syntax_error(text, pos, what):
+    line, col = _line_col(text, pos)
+    return PolicyError("hujson: line %d, column %d: %s" % (line, col, what))
+
+
+def parse_hujson(text):
+    """HuJSON (JSON + comments + trailing commas) -> Python value; PolicyError on bad syntax."""
+    try:
+        return json.loads(_strip_hujson(text))
+    except json.JSONDecodeError as e:
+        raise _syntax_error(text, e.pos, e.msg) from None
+
+
+# -- Policy model --
+
+AUTOGROUPS = ("internet", "member", "nonroot", "tagged", "self", "danger-all")
+# Accepted only as nodeAttrs targets (admin roles are not node identities here).
+NODEATTR_ONLY_AUTOGROUPS = ("admin", "owner", "it-admin", "network-admin",
+                            "billing-admin", "auditor")
+PROTOCOLS = {"icmp": 1, "igmp": 2, "ipv4": 4, "ip-in-ip": 4, "tcp": 6, "egp": 8,
+             "igp": 9, "udp": 17, "gre": 47, "esp": 50, "ah": 51,
+             "ipv6-icmp": 58, "sctp": 132, "fc": 133}
+PORTED_PROTOCOLS = ("", "tcp", "udp", "sctp")
+ALL_PORTS = (0, 65535)
+# tailscale.com capabilities a policy may grant; their companions are implied.
+GRANTABLE_TS_CAPS = {"tailscale.com/cap/drive", "tailscale.com/cap/relay",
+                     "tailscale.com/cap/webui", "tailscale.com/cap/kubernetes",
+                     "tailscale.com/cap/tsidp", "tailscale.com/cap/secrets"}
+COMPANION_CAPS = (("tailscale.com/cap/drive", "tailscale.com/cap/drive-sharer"),
+                  ("tailscale.com/cap/relay", "tailscale.com/cap/relay-target"))
+SSH_CHECK_PERIOD_MAX = 168 * 3600
+HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+TAG_NAME = re.compile(r"^tag:[A-Za-z][A-Za-z0-9._-]*$")
+SECTIONS = {"acls", "groups", "tagowners", "hosts", "autoapprovers", "ssh", "nodeattrs",
+            "tests", "sshtests", "grants", "randomizeclientport",
+            # tailnet settings a Tailscale policy may carry; meshbox has its own
+            "derpmap", "disableipv4", "onecgnatroute"}
+# Sections that narrow access: ignoring them would grant more than the policy says.
+UNSUPPORTED = {"postures", "defaultsrcposture", "ipsets", "srcposture"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """One selector: kind is wildcard|user|domain|group|tag|host|prefix|autogroup."""
+    kind: str
+    value: str
+
+    def __str__(self):
+        return self.value
+
+
+@dataclasses.dataclass
+class Grant:
+    """A grant (ACLs are lowered to grants): sources, destinations, ip and app."""
+    src: list
+    dst: list
+    ip: list          # [(protocol name, [(first, last), ...])]
+    app: dict = dataclasses.field(default_factory=dict)
+    via: list = dataclasses.field(default_factory=list)
+    from_acl: bool = False
+
+
+@dataclasses.dataclass
+class SSHRule:
+    """One ssh section entry."""
+    action: str
+    src: list
+    dst: list
+    users: list
+    accept_env: list
+
+
+@dataclasses.dataclass
+class Policy:
+    """A parsed, validated policy document."""
+    groups: dict
+    tag_owners: dict
+    hosts: dict                 # name -> IPSet of its one prefix
+    single_host: dict           # name -> True when it names one address
+    grants: list
+    has_rules: bool             # False: no acls and no grants section (allow all)
+    ssh: list
+    node_attrs: list            # [(targets, attrs)]
+    route_approvers: dict       # prefix text -> [Alias]
+    exit_approvers: list
+    tests: list
+    ssh_tests: list
+    randomize_client_port: bool
+
+
+def _keys_lower(obj, where):
+    if not isinstance(obj, dict):
+        raise PolicyError("%s: expected an object" % where)
+    out = {}
+    for key, value in obj.items():
+        if not key.startswith("#"):
+            out[key.lower()] = value
+    return out
+
+
+def _as_object(value, where):
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PolicyError("%s: expected an object" % where)
+    return value
+
+
+def _refuse_unsupported(keys, where):
+    for key in sorted(set(keys) & UNSUPPORTED):
+        raise PolicyError("%s: %s is not supported by meshbox" % (where, json.dumps(key)))
+
+
+def _section(doc, key, where):
+    """A list-valued section (acls, grants, ssh, ...), empty when absent."""
+    value = doc.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PolicyError("%s: expected a list" % where)
+    return value
+
+
+def _as_list(value, where, allow_null=True):
+    if value is None and allow_null:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PolicyError("%s: expected a list of strings" % where)
+    return value
+
+
+def parse_alias(text):
+    """'tag:web' -> Alias('tag', 'tag:web'); raises PolicyError."""
+    text = text.strip()
+    try:
+        _parse_prefix(text)
+        return Alias("prefix", text)
+    except ValueError:
+        pass
+    if text == "*":
+        return Alias("wildcard", text)
+    if text.startswith("user:*@"):
+        return Alias("domain", text)
+    if "@" in text:
+        return Alias("user", text)
+    for kind in ("group", "tag", "autogroup"):
+        if text.startswith(kind + ":"):
+            if kind == "autogroup" and text[10:] not in AUTOGROUPS + NODEATTR_ONLY_AUTOGROUPS:
+                raise PolicyError("invalid autogroup: got %r, must be one of %s"
+                                  % (text, ", ".join("autogroup:" + a for a in AUTOGROUPS)))
+            return Alias(kind, text)
+    if ":" not in text and HOST_NAME.match(text):
+        return Alias("host", text)
+    raise PolicyError("%s: invalid address" % json.dumps(text))
+
+
+def parse_port_ranges(text):
+    """'22,80-90' or '*' -> [(first, last), ...]; raises PolicyError (message without context)."""
+    if text == "*":
+        return [ALL_PORTS]
+    out = []
+    for part in text.split(","):
+        if "-" in part:
+            pieces = [p for p in part.split("-") if p]
+            if len(pieces) != 2:
+                raise PolicyError("invalid port range format")
+            first, last = _port_number(pieces[0]), _port_number(pieces[1])
+            if first > last:
+                raise PolicyError("invalid port range: first port is greater than last port")
+        else:
+            first = last = _port_number(part)
+            if first < 1:
+                raise PolicyError("first port must be >0, or use '*' for wildcard")
+        out.append((first, last))
+    return out
+
+
+def _port_number(text):
+    if not re.fullmatch(r"[+-]?\d+", text):
+        raise PolicyError("invalid first integer")
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise PolicyError("port number out of range")
+    return value
+
+
+def split_host_port(text):
+    """'host:22' / '[v6]:22' -> ('host', '22'); raises PolicyError."""
+    if text.startswith("["):
+        close = text.find("]")
+        host = text[1:close] if close > 0 else ""
+        try:
+            if close < 0 or _parse_addr(host)[0] != 6:
+                raise ValueError
+        except ValueError:
+            raise PolicyError("square brackets are only valid around IPv6 addresses: %r" % text)
+        text = host + text[close + 1:]
+    cut = text.rfind(":")
+    if cut < 0:
+        raise PolicyError("hostport must contain a colon")
+    if cut == 0 or cut == len(text) - 1:
+        raise PolicyError("%r: destination and port must both be present" % text)
+    return text[:cut], text[cut + 1:]
+
+
+def parse_destination(text):
+    """ACL dst 'alias:ports' -> (Alias, [(first, last)]); raises PolicyError."""
+    host, ports = split_host_port(text)
+    try:
+        port_ranges = parse_port_ranges(ports)
+    except PolicyError as e:
+        raise PolicyError("dst=%s: port range %s: %s" % (json.dumps(text), json.dumps(ports), e))
+    return parse_alias(host), port_ranges
+
+
+def parse_protocol(text):
+    """'tcp' / '6' / '' -> canonical protocol name or number text; raises PolicyError."""
+    name = str(text).strip().lower()
+    if name in PROTOCOLS or name == "":
+        return name
+    if name == "*":
+        raise PolicyError('proto name "*" not known; use protocol number 0-255 or '
+                          'protocol name (icmp, tcp, udp, etc.)')
+    if not name.isdigit():
+        raise PolicyError("invalid protocol number: %r must be a known protocol name or "
+                          "valid protocol number 0-255" % name)
+    if name.startswith("0"):
+        raise PolicyError("leading 0 not permitted in protocol number: %r" % name)
+    number = int(name)
+    if number > 255:
+        raise PolicyError("protocol number out of range (0-255): %d" % number)
+    for known, value in PROTOCOLS.items():
+        if value == number:
+            return known
+    return name
+
+
+def protocol_numbers(name):
+    """Canonical protocol -> IPProto list ([] means the client's default set)."""
+    if name == "":
+        return []
+    return [PROTOCOLS[name]] if name in PROTOCOLS else [int(name)]
+
+
+def parse_internet_protocol(text):
+    """A grant 'ip' entry ('*', '443', 'tcp:80-90') -> (protocol, [(first, last)])."""
+    if text == "*":
+        return "", [ALL_PORTS]
+    if ":" not in text:
+        try:
+            return "", parse_port_ranges(text)
+        except PolicyError as e:
+            raise PolicyError("port range %s: %s" % (json.dumps(text), e))
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise PolicyError("expected only one colon in Internet protocol and port type, got %r"
+                          % text)
+    protocol = parse_protocol(parts[0])
+    try:
+        ports = parse_port_ranges(parts[1])
+    except PolicyError as e:
+        raise PolicyError("port range %s: %s" % (json.dumps(parts[1]), e))
+    return protocol, ports
+
+
+def _acl_to_grants(acl, where):
+    """Lower one ACL entry to grants, one per destination (non-self first, as Tailscale orders)."""
+    acl = _keys_lower(acl, where)
+    _refuse_unsupported(acl, where)
+    unknown = set(acl) - {"action", "src", "dst", "proto", "users", "ports"}
+    if unknown:
+        raise PolicyError("%s: unknown field %s" % (where, json.dumps(sorted(unknown)[0])))
+    action = acl.get("action")
+    if action != "accept":
+        raise PolicyError("action=%s is not supported" % json.dumps(action))
+    protocol = parse_protocol(acl.get("proto", ""))
+    # "users" and "ports" are the legacy spellings of "src" and "dst"
+    src = [parse_alias(s) for s in _as_list(acl.get("src", acl.get("users")), where + ".src")]
+    dsts = [parse_destination(d)
+            for d in _as_list(acl.get("dst", acl.get("ports")), where + ".dst")]
+    if protocol not in PORTED_PROTOCOLS:
+        for _, ports in dsts:
+            if any(p != ALL_PORTS for p in ports):
+                raise PolicyError('protocol does not support specific ports: %r, only "*" is '
+                                  'allowed' % protocol)
+    if any(a.kind != "autogroup" for a, _ in dsts):
+        dsts = ([d for d in dsts if d[0].value != "autogroup:self"]
+                + [d for d in dsts if d[0].value == "autogroup:self"])
+    return src, [Grant(src, [alias], [(protocol, ports)], from_acl=True) for alias, ports in dsts]
+
+
+def _parse_grant(raw, where):
+    raw = _keys_lower(raw, where)
+    _refuse_unsupported(raw, where)
+    unknown = set(raw) - {"src", "dst", "ip", "app", "via"}
+    if unknown:
+        raise PolicyError("%s: unknown field %s" % (where, json.dumps(sorted(unknown)[0])))
+    src = [parse_alias(s) for s in _as_list(raw.get("src"), where + ".src")]
+    dst = [parse_alias(s) for s in _as_list(raw.get("dst"), where + ".dst")]
+    ip = [parse_internet_protocol(p) for p in _as_list(raw.get("ip"), where + ".ip")]
+    app = raw.get("app") or {}
+    if not isinstance(app, dict):
+        raise PolicyError("%s.app: expected an object" % where)
+    via = raw.get("via") or []
+    if not isinstance(via, list) or not all(isinstance(v, str) and v.startswith("tag:")
+                                            for v in via):
+        raise PolicyError("via can only be a tag")
+    return Grant(src, dst, ip, app, via)
+
+
+def _parse_groups(raw):
+    raw = _as_object(raw, "groups")
+    groups = {}
+    for name, members in raw.items():
+        if not name.startswith("group:"):
+            raise PolicyError("group must start with 'group:', got: %r" % name)
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise PolicyError("group value must be an array of users: group %r" % name)
+    for name in sorted(raw, reverse=True):  # report the deepest parent first
+        for member in raw[name]:
+            if member.startswith("group:"):
+                raise PolicyError("groups[%s]: %s: group members cannot be recursive"
+                                  % (json.dumps(name), json.dumps(member)))
+    for name, members in raw.items():
+        for member in members:
+            if "@" not in member:
+                raise PolicyError("username must contain @, got: %r (in %s)" % (member, name))
+        groups[name] = [Alias("user", m.strip()) for m in members]
+    return groups
+
+
+def _parse_tag_owners(raw):
+    owners = {}
+    for tag, members in _as_object(raw, "tagOwners").items():
+        if not tag.startswith("tag:"):
+            raise PolicyError("tag must start with 'tag:', got: %r" % tag)
+        if not TAG_NAME.match(tag):
+            raise PolicyError("tagOwners[%s]: tag names must start with a letter, after 'tag:'"
+                              % json.dumps(tag, ensure_ascii=False))
+        parsed = []
+        for member in _as_list(members, "tagOwners[%s]" % json.dumps(tag)):
+            alias = parse_alias(member)
+            if alias.kind not in ("user", "group", "tag", "autogroup"):
+                raise PolicyError("invalid owner format: %r" % member)
+            parsed.append(alias)
+        owners[tag] = parsed
+    return owners
+
+
+def _parse_hosts(raw):
+    hosts, single = {}, {}
+    for name, value in _as_object(raw, "hosts").items():
+        if not HOST_NAME.match(name) or "@" in name:
+            raise PolicyError("invalid hostname: %r" % name)
+        try:
+            family, lo, hi, bits = _parse_prefix(str(value))
+        except ValueError:
+            raise PolicyError("hostname contains invalid IP address: hostname %r address %r"
+                              % (name, value))
+        hosts[name] = IPSet([(family, lo, hi)])
+        single[name] = lo == hi
+    return hosts, single
+
+
+def _parse_duration(text):
+    """Go-style duration ('12h', '1h30m', '-1m') -> seconds; raises PolicyError."""
+    match = re.fullmatch(r"([+-]?)((?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+|0)", text or "")
+    if not match:
+        raise PolicyError("time: invalid duration %s" % json.dumps(text))
+    unit = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    total = sum(float(n) * unit[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)",
+                                                             match.group(2)))
+    return -total if match.group(1) == "-" else total
+
+
+def _go_duration(seconds):
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(int(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return "%s%dh%dm%ds" % (sign, h, m, s)
+    if m:
+        return "%s%dm%ds" % (sign, m, s)
+    return "%s%ds" % (sign, s)
+
+
+def _parse_ssh_rule(raw, where):
+    raw = _keys_lower(raw, where)
+    action = (raw.get("action") or "").strip()
+    if action not in ("", "accept", "check"):
+        raise PolicyError("%s is not a valid action" % json.dumps(action))
+    if not action:
+        raise PolicyError("action must be specified")
+    users = [u.strip() for u in _as_list(raw.get("users"), where + ".users")]
+    if not users:
+        raise PolicyError("users must be specified")
+    for user in users:
+        if user in ("", "*"):
+            raise PolicyError("user %s is not valid" % json.dumps(user))
+    accept_env = _as_list(raw.get("acceptenv"), where + ".acceptEnv")
+    if any(e == "" for e in accept_env):
+        raise PolicyError("acceptEnv values cannot be empty")
+    if "checkperiod" in raw:
+        if action != "check":
+            raise PolicyError('checkPeriod is only valid with action "check"')
+        if raw["checkperiod"] != "always":
+            period = _parse_duration(raw["checkperiod"])
+            if period < 0:
+                raise PolicyError("checkPeriod %s must be a positive duration"
+                                  % _go_duration(period))
+            if period > SSH_CHECK_PERIOD_MAX:
+                raise PolicyError("checkPeriod %s is above the max (168h)" % _go_duration(period))
+    src = [parse_alias(s) for s in _as_list(raw.get("src"), where + ".src")]
+    dst = [parse_alias(s) for s in _as_list(raw.get("dst"), where + ".dst")]
+    for alias in src:
+        if alias.kind not in ("user", "domain", "group", "tag", "autogroup"):
+            raise PolicyError("alias not supported for SSH source: %s" % alias)
+    for alias in dst:
+        if alias.kind == "wildcard":
+            raise PolicyError("wildcard (*) is not supported as SSH destination; use "
+                              "'autogroup:member' for user-owned devices, 'autogroup:tagged' "
+                              "for tagged devices, or specific tags/users")
+        if alias.kind in ("host", "prefix"):
+            raise PolicyError("invalid dst %s" % json.dumps(alias.value))
+        if alias.kind not in ("user", "tag", "autogroup"):
+            raise PolicyError("alias not supported for SSH destination: %s" % alias)
+    return SSHRule(action, src, dst, users, accept_env)
+
+
+def _parse_node_attrs(raw):
+    out = []
+    for i, entry in enumerate(raw):
+        entry = _keys_lower(entry, "nodeAttrs[%d]" % i)
+        targets = [parse_alias(t) for t in _as_list(entry.get("target"), "nodeAttrs.target")]
+        attrs = _as_list(entry.get("attr"), "nodeAttrs.attr")
+        for pool in _as_list(entry.get("ippool"), "nodeAttrs.ipPool"):
+            try:
+                family, lo, hi, _ = _parse_prefix(pool)
+            except ValueError:
+                raise PolicyError("IPPool(%s): invalid prefix" % pool)
+            if not CGNAT.covers(family, lo, hi):
+                raise PolicyError("IPPool(%s): must be within 100.64.0.0/10" % pool)
+            if _prefix_set("100.100.100.0/24", "100.115.92.0/23").overlaps(family, lo, hi):
+                raise PolicyError("IPPool(%s): network within reserved range" % pool)
+        for target in targets:
+            if target.kind == "autogroup" and target.value[10:] in ("self", "internet",
+                                                                    "danger-all", "nonroot"):
+                raise PolicyError("nodeAttrs target does not support %s" % target)
+        out.append((targets, attrs))
+    return out
+
+
+def _parse_auto_approvers(raw):
+    raw = _keys_lower(raw or {}, "autoApprovers")
+    routes = {}
+    for prefix, approvers in _as_object(raw.get("routes"), "autoApprovers.routes").items():
+        try:
+            _parse_prefix(prefix)
+        except ValueError:
+            raise PolicyError("autoApprovers: invalid route prefix %r" % prefix)
+        routes[prefix] = [_approver(a) for a in _as_list(approvers, "autoApprovers.routes")]
+    exit_node = [_approver(a) for a in _as_list(raw.get("exitnode"), "autoApprovers.exitNode")]
+    return routes, exit_node
+
+
+def _approver(text):
+    alias = parse_alias(text)
+    if alias.kind not in ("user", "group", "tag"):
+        raise PolicyError("invalid auto approver format: %r" % text)
+    return alias
+
+
+def _parse_tests(raw):
+    tests = []
+    for i, entry in enumerate(raw):
+        entry = _keys_lower(entry, "tests[%d]" % i)
+        test = {"src": entry.get("src") if isinstance(entry.get("src"), str) else "",
+                "proto": parse_protocol(entry.get("proto", "")),
+                "accept": _as_list(entry.get("accept"), "tests.accept"),
+                "deny": _as_list(entry.get("deny"), "tests.deny")}
+        tests.append(test)
+    return tests
+
+
+def _parse_ssh_tests(raw):
+    tests = []
+    for i, entry in enumerate(raw):
+        entry = _keys_lower(entry, "sshTests[%d]" % i)
+        src = (entry.get("src") or "").strip()
+        dst = [parse_alias(d) for d in _as_list(entry.get("dst"), "sshTests.dst")]
+        test = {"src": parse_alias(src) if src else None, "dst": dst}
+        for key in ("accept", "deny", "check"):
+            test[key] = [u.strip() for u in _as_list(entry.get(key), "sshTests." + key)]
+            for user in test[key]:
+                if user == "*":
+                    raise PolicyError("user %s is not valid" % json.dumps(user))
+        tests.append(test)
+    return tests
+
+
+def parse_policy(text):
+    """HuJSON policy text -> validated Policy; raises PolicyError saying what and where."""
+    doc = parse_hujson(text)
+    if doc is None:
+        doc = {}
+    doc = _keys_lower(doc, "policy")
+    _refuse_unsupported(doc, "policy")
+    unknown = set(doc) - SECTIONS
+    if unknown:
+        raise PolicyError("unknown field %s" % json.dumps(sorted(unknown)[0]))
+    groups = _parse_groups(doc.get("groups"))
+    tag_owners = _parse_tag_owners(doc.get("tagowners"))
+    hosts, host_single = _parse_hosts(doc.get("hosts"))
+    grants = [_parse_grant(g, "grants[%d]" % i)
+              for i, g in enumerate(_section(doc, "grants", "grants"))]
+    acl_sources = []
+    for i, acl in enumerate(_section(doc, "acls", "acls")):
+        src, lowered = _acl_to_grants(acl, "acls[%d]" % i)
+        acl_sources.append((src, lowered))
+        grants.extend(lowered)
+    routes, exit_node = _parse_auto_approvers(doc.get("autoapprovers"))
+    policy = Policy(
+        groups=groups, tag_owners=tag_owners, hosts=hosts, single_host=host_single,
+        grants=grants, has_rules="acls" in doc or "grants" in doc,
+        ssh=[_parse_ssh_rule(r, "ssh[%d]" % i) for i, r in enumerate(_section(doc, "ssh", "ssh"))],
+        node_attrs=_parse_node_attrs(_section(doc, "nodeattrs", "nodeAttrs")),
+        route_approvers=routes, exit_approvers=exit_node,
+        tests=_parse_tests(_section(doc, "tests", "tests")),
+        ssh_tests=_parse_ssh_tests(_section(doc, "sshtests", "sshTests")),
+        randomize_client_port=bool(doc.get("randomizeclientport")))
+    _validate(policy, acl_sources)
+    return policy
+
+
+# -- Validation --
+
+def _check_defined(policy, alias, side):
+    """Refuse references to undefined groups, tags and hosts."""
+    if alias.kind == "group" and alias.value not in policy.groups:
+        raise PolicyError("group not defined in policy: %s" % json.dumps(alias.value))
+    if alias.kind == "host" and alias.value not in policy.hosts:
+        raise PolicyError("host not defined in policy: %s" % json.dumps(alias.value))
+    if alias.kind == "tag" and alias.value not in policy.tag_owners:
+        found = "tag not found: %s" % json.dumps(alias.value)
+        if side == "src":
+            raise PolicyError("src=" + found)
+        if side == "dst":
+            raise PolicyError("dst=%s: %s" % (json.dumps(alias.value), found))
+        raise PolicyError(found)
+
+
+def _check_src_autogroup(alias):
+    if alias.kind != "autogroup":
+        return
+    name = alias.value
+    if name == "autogroup:self":
+        raise PolicyError('"autogroup:self" not valid on the src side of a rule')
+    if name == "autogroup:internet":
+        raise PolicyError("autogroup:internet can only be used in ACL destinations")
+    if name not in ("autogroup:member", "autogroup:tagged", "autogroup:danger-all"):
+        raise PolicyError("autogroup not supported for ACL sources: %s" % json.dumps(name))
+
+
+def _check_dst_autogroup(alias):
+    if alias.kind != "autogroup":
+        return
+    if alias.value == "autogroup:danger-all":
+        raise PolicyError("cannot use autogroup:danger-all as a dst")
+    if alias.value not in ("autogroup:internet", "autogroup:member", "autogroup:tagged",
+                           "autogroup:self"):
+        raise PolicyError("autogroup not supported for ACL destinations: %s"
+                          % json.dumps(alias.value))
+
+
+def _self_sources_ok(sources, allow_wildcard):
+    """autogroup:self destinations need user-identity sources only."""
+    for alias in sources:
+        if alias.kind in ("user", "group", "domain") or alias.value == "autogroup:member":
+            continue
+        if alias.kind == "wildcard" and allow_wildcard:
+            continue
+        return False
+    return True
+
+
+SELF_SOURCE_ERROR = "autogroup:self can only be used with users, groups, or supported autogroups"
+
+
+def _validate_grant(policy, grant):
+    for alias in grant.src:
+        _check_src_autogroup(alias)
+        _check_defined(policy, alias, "src")
+    for alias in grant.dst:
+        _check_dst_autogroup(alias)
+        _check_defined(policy, alias, "dst" if grant.from_acl else None)
+    if grant.from_acl:
+        return
+    if not grant.ip and not grant.app:
+        raise PolicyError("ip and app can not both be empty")
+    for cap in grant.app:
+        if "://" in cap or "/" not in cap:
+            raise PolicyError("capability name must have the form {domain}/{path}")
+        if cap.startswith("tailscale.com/") and cap not in GRANTABLE_TS_CAPS:
+            raise PolicyError("capability name must not be in the tailscale.com domain")
+    if grant.app and any(a.value == "autogroup:internet" for a in grant.dst):
+        raise PolicyError("cannot use app grants with autogroup:internet")
+    for alias in grant.dst:
+        if alias.kind == "prefix" and _parse_prefix(alias.value)[3] == 0:
+            raise PolicyError('dst %s: to allow all IP addresses, use "*" or '
+                              '"autogroup:internet"' % json.dumps(_canonical_prefix(alias.value)))
+    for tag in grant.via:
+        if tag not in policy.tag_owners:
+            raise PolicyError("tag %s not found" % json.dumps(tag))
+    # grants are stricter than ACLs: "*" includes tagged nodes, which have no self
+    if any(a.value == "autogroup:self" for a in grant.dst) and \
+            not _self_sources_ok(grant.src, allow_wildcard=False):
+        raise PolicyError(SELF_SOURCE_ERROR)
+
+
+def _validate(policy, acl_sources):
+    for grant in policy.grants:
+        _validate_grant(policy, grant)
+    for src, lowered in acl_sources:
+        if any(g.dst[0].value == "autogroup:self" for g in lowered) and \
+                not _self_sources_ok(src, allow_wildcard=True):
+            raise PolicyError(SELF_SOURCE_ERROR)
+    for rule in policy.ssh:
+        _validate_ssh_rule(policy, rule)
+    for targets, _ in policy.node_attrs:
+        for alias in targets:
+            _check_defined(policy, alias, None)
+    for owners in policy.tag_owners.values():
+        for alias in owners:
+            _check_defined(policy, alias, None)
+    for approvers in list(policy.route_approvers.values()) + [policy.exit_approvers]:
+        for alias in approvers:
+            _check_defined(policy, alias, None)
+    _validate_tests(policy)
+    _validate_ssh_tests(policy)
+
+
+def _canonical_prefix(text):
+    family, lo, _, bits = _parse_prefix(text)
+    return "%s/%d" % (_addr_text(family, lo), bits)
+
+
+def _validate_ssh_rule(policy, rule):
+    for alias in rule.src:
+        if alias.kind == "autogroup" and alias.value not in ("autogroup:member",
+                                                             "autogroup:tagged"):
+            if alias.value == "autogroup:internet":
+                raise PolicyError("autogroup:internet can only be used in ACL destinations")
+            raise PolicyError("autogroup not supported for SSH sources: %s"
+                              % json.dumps(alias.value))
+        _check_defined(policy, alias, None)
+    for alias in rule.dst:
+        if alias.kind == "autogroup" and alias.value not in ("autogroup:member",
+                                                             "autogroup:tagged",
+                                                             "autogroup:self"):
+            if alias.value == "autogroup:internet":
+                raise PolicyError("autogroup:internet can only be used in ACL destinations")
+            raise PolicyError("autogroup not supported for SSH destinations: %s"
+                              % json.dumps(alias.value))
+        _check_defined(policy, alias, None)
+    tagged_src = any(a.kind == "tag" or a.value == "autogroup:tagged" for a in rule.src)
+    group_src = any(a.kind in ("group", "domain") or a.value == "autogroup:member"
+                    for a in rule.src)
+    user_src = {a.value for a in rule.src if a.kind == "user"}
+    for alias in rule.dst:
+        if alias.kind == "user":
+            if tagged_src:
+                raise PolicyError("tags in SSH source cannot access user-owned devices (%s); use "
+                                  "autogroup:tagged or specific tags as destinations instead"
+                                  % alias)
+            if group_src or user_src != {alias.value}:
+                raise PolicyError("user destination requires source to contain only that same "
+                                  "user %s; use autogroup:self instead for same-user SSH access"
+                                  % json.dumps(alias.value))
+        elif alias.value == "autogroup:self" and tagged_src:
+            raise PolicyError("autogroup:self destination requires source to contain only users "
+                              "or groups, not tags or autogroup:tagged")
+        elif alias.value == "autogroup:member" and tagged_src:
+            raise PolicyError("tags in SSH source cannot access autogroup:member "
+                              "(user-owned devices)")
+
+
+def _validate_tests(policy):
+    try:
+        _validate_test_shapes(policy)
+    except PolicyError as e:
+        raise PolicyError("test(s) failed:\n%s" % e) from None
+
+
+def _validate_test_shapes(policy):
+    """Each test entry names one connection: one host, one port, a ported protocol."""
+    for i, test in enumerate(policy.tests):
+        if not test["accept"] and not test["deny"]:
+            raise PolicyError('test %d: test entry must have at least one of "accept" or "deny"'
+                              % i)
+        if test["proto"] not in PORTED_PROTOCOLS:
+            raise PolicyError("test %d: test protocol must be tcp, udp, sctp, or empty: %r"
+                              % (i, test["proto"]))
+        for dst in test["accept"] + test["deny"]:
+            alias, ports = parse_destination(dst)
+            if alias.value == "autogroup:internet":
+                raise PolicyError("test %d, %r: autogroup:internet not valid as a test "
+                                  "destination" % (i, dst))
+            if len(ports) != 1 or ports[0][0] != ports[0][1]:
+                raise PolicyError("test %d, %r: test destination port must be a single port"
+                                  % (i, dst))
+            if (alias.kind == "prefix" and "/" in alias.value) or \
+                    (alias.kind == "host" and not policy.single_host.get(alias.value, True)):
+                raise PolicyError("test %d, %r: test destination must be a single host, not a "
+                                  "CIDR range" % (i, dst))
+
+
+def _validate_ssh_tests(policy):
+    for i, test in enumerate(policy.ssh_tests):
+        if test["src"] is None:
+            raise PolicyError("sshTest %d: SSH tests entry must have a non-empty src" % i)
+        if not test["dst"]:
+            raise PolicyError("sshTest %d: SSH tests entry must have at least one dst" % i)
+        for alias in test["dst"]:
+            bad = (alias.value == "autogroup:internet"
+                   or (alias.kind == "prefix" and _parse_prefix(alias.value)[1]
+                       != _parse_prefix(alias.value)[2])
+                   or (alias.kind == "host" and not policy.single_host.get(alias.value, True)))
+            if bad:
+                raise PolicyError("SSH tests dst contains disallowed element %s"
+                                  % json.dumps(alias.value))
+            if alias.kind == "tag" and alias.value not in policy.tag_owners:
+                raise PolicyError("SSH tests dst contains unknown tag %s" % json.dumps(alias.value))
+
+
+# -- Topology --
+
+@dataclasses.dataclass
+class NodeInfo:
+    """One node of the topology with its addresses and approved routes resolved."""
+    index: int
+    name: str
+    hostname: str
+    tags: tuple
+    user_id: object              # None for tagged or ownerless nodes
+    addrs: tuple                 # ((family, value), ...) v4 first
+    addr_texts: tuple            # the same addresses as text
+    order_key: tuple             # registration order: HA primary election prefers the first
+    advertised: list             # routable_ips as the node announced them
+    subnet_routes: list = ()     # approved, advertised, non-exit prefixes (text)
+    subnet_set: IPSet = IPSet()
+    exit_routes: list = ()       # approved, advertised exit routes (text)
+
+    def approve(self, approved):
+        live = [r for r in self.advertised if r in approved]
+        self.subnet_routes = [r for r in live if r not in EXIT_ROUTES]
+        self.subnet_set = IPSet.parse(self.subnet_routes)
+        self.exit_routes = [r for r in live if r in EXIT_ROUTES]
+
+    def addr_strings(self):
+        return list(self.addr_texts)
+
+    def prefixes(self):
+        return ["%s/%d" % (text, 32 if f == 4 else 128)
+                for (f, _), text in zip(self.addrs, self.addr_texts)]
+
+    def has_routes(self):
+        return bool(self.subnet_routes or self.exit_routes)
+
+    def in_set(self, ipset):
+        return any(ipset.contains(f, v) for f, v in self.addrs)
+
+
+class Tailnet:
+    """Users and nodes with the indexes selector resolution needs."""
+
+    def __init__(self, topology):
+        self.users = list(topology.get("users") or [])
+        by_name = {u.get("name"): u.get("id") for u in self.users}
+        self.nodes = []
+        for index, (name, raw) in enumerate(sorted((topology.get("nodes") or {}).items())):
+            tags = tuple(raw.get("tags") or ())
+            node = NodeInfo(
+                index=index, name=name, hostname=raw.get("hostname") or name, tags=tags,
+                user_id=None if tags else raw.get("user_id", by_name.get(raw.get("user"))),
+                addrs=tuple(_parse_addr(raw[k]) for k in ("ipv4", "ipv6") if raw.get(k)),
+                addr_texts=tuple(_addr_text(*_parse_addr(raw[k])) for k in ("ipv4", "ipv6")
+                                 if raw.get(k)),
+                order_key=_sort_key(raw.get("id")), advertised=list(raw.get("routable_ips") or ()))
+            node.approve(set(raw.get("approved_routes") or ()))
+            self.nodes.append(node)
+        self.by_name = {n.name: n for n in self.nodes}
+        self.user_nodes = {}
+        for node in self.nodes:
+            if node.user_id is not None:
+                self.user_nodes.setdefault(node.user_id, []).append(node)
+        self.index_routes()
+
+    def index_routes(self):
+        self.approved_subnets = []
+        for node in self.nodes:
+            for route in node.subnet_routes:
+                if route not in self.approved_subnets:
+                    self.approved_subnets.append(route)
+        self.routers = [n for n in self.nodes if n.subnet_routes]
+        self.exit_mask = sum(1 << n.index for n in self.nodes if n.exit_routes)
+        self._addr_index = sorted((f, v, n.index) for n in self.nodes for f, v in n.addrs)
+        self._addr_keys = [(f, v) for f, v, _ in self._addr_index]
+
+    def mask_in(self, ipset):
+        """Bitmask of the nodes with an address in the set."""
+        mask = 0
+        for family, lo, hi in ipset.ranges:
+            start = bisect.bisect_left(self._addr_keys, (family, lo))
+            stop = bisect.bisect_right(self._addr_keys, (family, hi))
+            for _, _, index in self._addr_index[start:stop]:
+                mask |= 1 << index
+        return mask
+
+    def router_mask(self, ipset):
+        """Bitmask of the routers with an approved subnet overlapping the set."""
+        return sum(1 << n.index for n in self.routers if ipset.overlaps_set(n.subnet_set))
+
+    def user_ids(self, token):
+        """'alice@example.com' / 'alice@' -> ids of the matching users (exactly one, or none)."""
+        token = token[:-1] if token.endswith("@") else token
+        found = [u.get("id") for u in self.users
+                 if u.get("email") == token or u.get("name") == token]
+        return found if len(found) == 1 else []
+
+    def domain_user_ids(self, domain):
+        return [u.get("id") for u in self.users
+                if (u.get("email") or "").rpartition("@")[2] == domain]
+
+    def nodes_in(self, ipset):
+        return [self.nodes[i] for i in _bit_indexes(self.mask_in(ipset))]
+
+
+class Resolver:
+    """Resolves selectors to address sets, caching each selector once per compile."""
+
+    def __init__(self, policy, tailnet):
+        self.policy = policy
+        self.tailnet = tailnet
+        self._cache = {}
+
+    def nodes_of_users(self, user_ids):
+        return [n for uid in user_ids for n in self.tailnet.user_nodes.get(uid, ())]
+
+    def _node_set(self, nodes):
+        return IPSet((f, v, v) for n in nodes for f, v in n.addrs)
+
+    def resolve(self, alias):
+        """Alias -> IPSet (autogroup:self resolves to nothing here: it is per node)."""
+        if alias not in self._cache:
+            self._cache[alias] = self._resolve(alias)
+        return self._cache[alias]
+
+    def _resolve(self, alias):
+        kind, value, tailnet = alias.kind, alias.value, self.tailnet
+        if kind == "wildcard":
+            return WILDCARD_ADDRS
+        if kind == "prefix":
+            return IPSet.parse([value])
+        if kind == "host":
+            return self.policy.hosts.get(value, IPSet())
+        if kind == "user":
+            return self._node_set(self.nodes_of_users(tailnet.user_ids(value)))
+        if kind == "domain":
+            return self._node_set(self.nodes_of_users(tailnet.domain_user_ids(value[7:])))
+        if kind == "group":
+            out = IPSet()
+            for member in self.policy.groups.get(value, ()):
+                out = out | self.resolve(member)
+            return out
+        if kind == "tag":
+            return self._node_set(n for n in tailnet.nodes if value in n.tags)
+        if value == "autogroup:member":
+            return self._node_set(n for n in tailnet.nodes if not n.tags)
+        if value == "autogroup:tagged":
+            return self._node_set(n for n in tailnet.nodes if n.tags)
+        if value == "autogroup:internet":
+            return THE_INTERNET
+        if value == "autogroup:danger-all":
+            return ALL_ADDRS
+        return IPSet()
+
+    def resolve_all(self, aliases):
+        out = IPSet()
+        for alias in aliases:
+            out = out | self.resolve(alias)
+        return out
+
+
+# -- Filter compilation --
+
+def _port_range(first_last):
+    return {"First": first_last[0], "Last": first_last[1]}
+
+
+def _dst_ip_text(prefix):
+    """Single-address prefixes go on the wire as bare addresses."""
+    addr, _, bits = prefix.partition("/")
+    return addr if bits in ("32", "128") else prefix
+
+
+def _rule(src_ips, dst_ports, protocol):
+    rule = {"SrcIPs": src_ips, "DstPorts": dst_ports}
+    numbers = protocol_numbers(protocol)
+    if numbers:
+        rule["IPProto"] = numbers
+    return rule
+
+
+@dataclasses.dataclass
+class CompiledGrant:
+    """A grant with sources resolved; per-node parts (self, via) kept for later."""
+    rules: list
+    self_sources: object = None   # IPSet of sources when the grant has autogroup:self dsts
+    grant: Grant = None
+    via_src_ips: list = None
+    via_dsts: list = None         # [(text, IPSet)]
+    via_internet: bool = False
+
+
+def _source_strings(grant, resolver, keep_explicit=True):
+    """SrcIPs for a grant: the merged sources; under '*' also every approved subnet and,
+    for plain grants, each explicit source's own addresses again (as Tailscale lists them)."""
+    if any(a.value == "autogroup:danger-all" for a in grant.src):
+        return ["*"]
+    merged = resolver.resolve_all(grant.src)
+    if not merged:
+        return []
+    out = merged.strings()
+    if any(a.kind == "wildcard" for a in grant.src):
+        seen = set(out)
+        extra = list(resolver.tailnet.approved_subnets)
+        if keep_explicit:
+            for alias in grant.src:
+                if alias.kind != "wildcard":
+                    extra.extend(resolver.resolve(alias).strings())
+        for text in extra:
+            if text not in seen:
+                seen.add(text)
+                out.append(text)
+    return out
+
+
+def _dst_ports_for(alias, ports, resolver):
+    if alias.kind == "wildcard":
+        return [{"IP": "*", "Ports": _port_range(p)} for p in ports]
+    return [{"IP": _dst_ip_text(prefix), "Ports": _port_range(p)}
+            for prefix in resolver.resolve(alias).prefixes() for p in ports]
+
+
+def _companion_rules(dst_ips, src_prefixes, app):
+    """Reverse rules Tailscale adds for drive and relay caps."""
+    return [{"SrcIPs": dst_ips, "CapGrant": [{"Dsts": src_prefixes, "CapMap": {companion: None}}]}
+            for cap, companion in COMPANION_CAPS if cap in app]
+
+
+def _compile_grant(grant, resolver):
+    if grant.via:
+        return _compile_via_grant(grant, resolver)
+    if not grant.src or not grant.dst:
+        return None
+    sources = resolver.resolve_all(grant.src)
+    if not sources and not grant.app:
+        return None
+    src_ips = _source_strings(grant, resolver)
+    others = [a for a in grant.dst if a.value != "autogroup:self"]
+    compiled = CompiledGrant(rules=[], grant=grant)
+    if len(others) < len(grant.dst):
+        compiled.self_sources = sources
+    if not others:
+        return compiled
+    for protocol, ports in grant.ip:
+        dst_ports = [dp for alias in others for dp in _dst_ports_for(alias, ports, resolver)]
+        if dst_ports and src_ips:
+            compiled.rules.append(_rule(src_ips, dst_ports, protocol))
+    if grant.app:
+        cap_grants, dst_ips = [], []
+        for alias in others:
+            resolved = resolver.resolve(alias)
+            cap_grants.append({"Dsts": resolved.prefixes(), "CapMap": grant.app})
+            dst_ips.extend(resolved.strings())
+        compiled.rules.append({"SrcIPs": src_ips, "CapGrant": cap_grants})
+        if any(a.kind == "wildcard" for a in others):
+            dst_ips.extend(resolver.tailnet.approved_subnets)
+        compiled.rules.extend(_companion_rules(dst_ips, sources.prefixes(), grant.app))
+    return compiled
+
+
+def _compile_via_grant(grant, resolver):
+    if not resolver.resolve_all(grant.src):
+        return None
+    src_ips = _source_strings(grant, resolver, keep_explicit=False)
+    dsts = []
+    for alias in grant.dst:
+        if alias.value in ("autogroup:internet", "autogroup:self"):
+            continue
+        for prefix in resolver.resolve(alias).prefixes():
+            dsts.append((prefix, IPSet.parse([prefix])))
+    return CompiledGrant(rules=[], grant=grant, via_src_ips=src_ips, via_dsts=dsts,
+                         via_internet=any(a.value == "autogroup:internet" for a in grant.dst))
+
+
+def _self_rules(compiled, node, resolver):
+    """autogroup:self rules for one node: same-user sources to same-user devices."""
+    if node.user_id is None or compiled.self_sources is None:
+        return []
+    same_user = resolver.tailnet.user_nodes.get(node.user_id, [])
+    sources = IPSet((f, v, v) for n in same_user if n.in_set(compiled.self_sources)
+                    for f, v in n.addrs)
+    if not sources:
+        return []
+    src_ips = sources.strings()
+    rules = []
+    for protocol, ports in compiled.grant.ip:
+        dst_ports = [{"IP": ip, "Ports": _port_range(p)}
+                     for n in same_user for p in ports for ip in n.addr_strings()]
+        if dst_ports:
+            rules.append(_rule(src_ips, dst_ports, protocol))
+    if compiled.grant.app:
+        rules.append({"SrcIPs": src_ips,
+                      "CapGrant": [{"Dsts": n.prefixes(), "CapMap": compiled.grant.app}
+                                   for n in same_user]})
+        rules.extend(_companion_rules([ip for n in same_user for ip in n.addr_strings()],
+                                      sources.prefixes(), compiled.grant.app))
+    return rules
+
+
+def _via_prefixes(compiled, node):
+    """The destinations of a via grant that this node routes for (none unless it has the tag)."""
+    if not any(t in node.tags for t in compiled.grant.via):
+        return []
+    prefixes = [text for text, ipset in compiled.via_dsts if node.subnet_set.overlaps_set(ipset)]
+    if compiled.via_internet and node.exit_routes:
+        prefixes.extend(THE_INTERNET.prefixes())
+    return prefixes
+
+
+def _via_rules(compiled, node):
+    """Via grants: rules only on via-tagged routers that serve a destination."""
+    prefixes = _via_prefixes(compiled, node)
+    rules = []
+    for protocol, ports in compiled.grant.ip:
+        dst_ports = [{"IP": prefix, "Ports": _port_range(p)} for prefix in prefixes for p in ports]
+        if dst_ports:
+            rules.append(_rule(compiled.via_src_ips, dst_ports, protocol))
+    return rules
+
+
+def merge_rules(rules):
+    """Join rules with equal SrcIPs and IPProto into one (CapGrant rules stay as they are)."""
+    out, index = [], {}
+    for rule in rules:
+        if "CapGrant" in rule:
+            out.append(rule)
+            continue
+        key = (tuple(rule["SrcIPs"]), tuple(rule.get("IPProto", ())))
+        if key in index:
+            out[index[key]]["DstPorts"].extend(rule["DstPorts"])
+        else:
+            index[key] = len(out)
+            out.append(dict(rule, DstPorts=list(rule["DstPorts"])))
+    return out
+
+
+class Matcher:
+    """A rule reduced to source and destination address sets, and the nodes in each."""
+
+    __slots__ = ("srcs", "dsts", "src_mask", "dst_mask")
+
+    def __init__(self, srcs, dsts, tailnet):
+        self.srcs, self.dsts = srcs, dsts
+        # a node is a source by its own address or by a subnet it routes
+        self.src_mask = tailnet.mask_in(srcs) | tailnet.router_mask(srcs)
+        self.dst_mask = tailnet.mask_in(dsts) | tailnet.router_mask(dsts)
+        if _is_internet(dsts):
+            self.dst_mask |= tailnet.exit_mask
+
+
+class Compiler:
+    """One compile of a policy against a topology; caches work shared between nodes.
+
+    Rules from grants are the same objects for every node, so each is indexed once
+    by the nodes its destinations serve; a node's filter is then a lookup per rule.
+    """
+
+    def __init__(self, policy, tailnet):
+        self.policy = policy
+        self.tailnet = tailnet
+        self.resolver = Resolver(policy, tailnet)
+        self._parsed = {}
+        self._matchers = {}
+        self._served = {}
+        self._by_node = {}
+        self._self_rules = {}
+        grants = policy.grants if policy.has_rules else [
+            Grant([Alias("wildcard", "*")], [Alias("wildcard", "*")], [("", [ALL_PORTS])])]
+        self.compiled = [c for c in (_compile_grant(g, self.resolver) for g in grants) if c]
+        self.per_node = any(c.self_sources is not None or c.grant.via for c in self.compiled)
+        self.global_rules = merge_rules([r for c in self.compiled for r in c.rules])
+        self.global_matchers = self.matchers(self.global_rules)
+
+    def parse_set(self, texts):
+        """Parse wire address lists once per distinct list."""
+        if texts not in self._parsed:
+            self._parsed[texts] = IPSet.parse(texts)
+        return self._parsed[texts]
+
+    def self_rules(self, compiled, node):
+        """autogroup:self rules depend only on the node's user: built once per user."""
+        key = (id(compiled), node.user_id)
+        if key not in self._self_rules:
+            self._self_rules[key] = _self_rules(compiled, node, self.resolver)
+        return self._self_rules[key]
+
+    def node_rules(self, node):
+        """Rules that exist for this node alone: autogroup:self and via expansions."""
+        rules = []
+        for compiled in self.compiled:
+            if compiled.self_sources is not None:
+                rules.extend(self.self_rules(compiled, node))
+            if compiled.grant.via:
+                rules.extend(_via_rules(compiled, node))
+        return rules
+
+    def node_matchers(self, node):
+        """What the node's unreduced filter allows, for peer and route decisions."""
+        if not self.per_node:
+            return self.global_matchers
+        matchers = self.global_matchers + self.matchers(self.node_rules(node))
+        for compiled in self.compiled:
+            if compiled.grant.via and compiled.grant.app and not compiled.grant.ip:
+                # an app-only via grant sends no packet filter, yet makes the router a peer
+                prefixes = _via_prefixes(compiled, node)
+                if prefixes:
+                    matchers += self.matchers([{"SrcIPs": compiled.via_src_ips,
+                                                "DstPorts": [{"IP": p} for p in prefixes]}])
+        return matchers
+
+    def packet_filter(self, node):
+        """The node's filter: every rule cut down to destinations this node serves."""
+        rules = []
+        for compiled in self.compiled:
+            for rule in compiled.rules:
+                reduced = self._by_node_index(rule).get(node.index)
+                if reduced:
+                    rules.append(reduced)
+            if compiled.self_sources is not None:
+                rules.extend(self._reduce(node, self.self_rules(compiled, node)))
+            if compiled.grant.via:
+                rules.extend(self._reduce(node, _via_rules(compiled, node), keep=False))
+        return merge_rules(rules)
+
+    def _reduce(self, node, rules, keep=True):
+        reduced = (self._by_node_index(rule, keep).get(node.index) for rule in rules)
+        return [rule for rule in reduced if rule]
+
+    def _served_mask(self, text):
+        """Nodes a destination serves: its addresses, overlapping subnets, or the internet."""
+        if text not in self._served:
+            dests = self.parse_set((text,))
+            mask = self.tailnet.mask_in(dests) | self.tailnet.router_mask(dests)
+            if dests.issubset(THE_INTERNET):
+                mask |= self.tailnet.exit_mask
+            self._served[text] = mask
+        return self._served[text]
+
+    def _by_node_index(self, rule, keep=True):
+        """rule -> {node index: the rule reduced for that node}, built once per shared rule."""
+        if id(rule) in self._by_node:
+            return self._by_node[id(rule)][1]
+        if "CapGrant" in rule:
+            index = self._cap_index(rule)
+        else:
+            ports = {}
+            for dp in rule["DstPorts"]:
+                for i in _bit_indexes(self._served_mask(dp["IP"])):
+                    ports.setdefault(i, []).append(dp)
+            index = {i: dict(rule, DstPorts=dps) for i, dps in ports.items()}
+        if keep:  # the rule object is kept alive with its index, so its id stays unique
+            self._by_node[id(rule)] = (rule, index)
+        return index
+
+    def _cap_index(self, rule):
+        """Cap grants narrow broad destinations to each node's own /32 and /128."""
+        per_node = {}
+        for position, cap in enumerate(rule["CapGrant"]):
+            for prefix in cap["Dsts"]:
+                family, lo, hi, _ = _parse_prefix(prefix)
+                dests = IPSet([(family, lo, hi)])
+                nodes = self.tailnet.nodes
+                for i in _bit_indexes(self.tailnet.mask_in(dests)):
+                    per_node.setdefault(i, {}).setdefault(position, set()).update(
+                        p for p, (f, v) in zip(nodes[i].prefixes(), nodes[i].addrs)
+                        if f == family and lo <= v <= hi)
+                for i in _bit_indexes(self.tailnet.router_mask(dests)):
+                    per_node.setdefault(i, {}).setdefault(position, set()).add(prefix)
+        return {i: {"SrcIPs": rule["SrcIPs"],
+                    "CapGrant": [{"Dsts": _sorted_prefixes(dsts),
+                                  "CapMap": rule["CapGrant"][position]["CapMap"]}
+                                 for position, dsts in sorted(caps.items())]}
+                for i, caps in per_node.items()}
+
+    def matchers(self, rules):
+        """Matchers for rules; equal rules (shared by many nodes) are built once."""
+        out = []
+        for rule in rules:
+            texts = [dp["IP"] for dp in rule.get("DstPorts", ())]
+            for cap in rule.get("CapGrant", ()):
+                texts.extend(cap["Dsts"])
+            key = (tuple(rule["SrcIPs"]), tuple(texts))
+            if key not in self._matchers:
+                self._matchers[key] = Matcher(self.parse_set(key[0]), self.parse_set(key[1]),
+                                              self.tailnet)
+            out.append(self._matchers[key])
+        return out
+
+
+def _sorted_prefixes(prefixes):
+    def key(text):
+        family, lo, _, bits = _parse_prefix(text)
+        return family, lo, bits
+    return sorted(prefixes, key=key)
+
+
+# -- Peers and routes --
+
+def _registration_key(node):
+    return node.order_key, node.name
+
+
+def primary_routes(tailnet):
+    """HA election: each subnet goes to the first (lowest id, then name) approved advertiser."""
+    owners = {}
+    for node in sorted(tailnet.nodes, key=_registration_key):
+        for route in node.subnet_routes:
+            owners.setdefault(route, node.name)
+    return owners
+
+
+def _can_access_route(node, matchers, route_set):
+    """Whether a node needs a route: it may reach it, it is reached from it, or routes for it."""
+    for m in matchers:
+        if node.in_set(m.srcs) and m.dsts.overlaps_set(route_set):
+            return True
+        if m.srcs.overlaps_set(route_set) and node.in_set(m.dsts):
+            return True
+        if node.subnet_routes:
+            if m.srcs.overlaps_set(node.subnet_set) and m.dsts.overlaps_set(route_set):
+                return True
+            if m.srcs.overlaps_set(route_set) and m.dsts.overlaps_set(node.subnet_set):
+                return True
+    return False
+
+
+def _peer_bits(nodes, node_matchers, shared):
+    """Peer relation as an int bitmask per node: either side may reach the other.
+
+    Shared (global) matchers relate every source to every destination; a node's own
+    matchers only relate pairs that include that node.
+    """
+    bits = [0] * len(nodes)
+    if shared:
+        for m in node_matchers[0] if node_matchers else ():
+            for i in _bit_indexes(m.src_mask):
+                bits[i] |= m.dst_mask
+            for i in _bit_indexes(m.dst_mask):
+                bits[i] |= m.src_mask
+    else:
+        for n, matchers in zip(nodes, node_matchers):
+            own = 1 << n.index
+            for m in matchers:
+                if m.src_mask & own:
+                    bits[n.index] |= m.dst_mask
+                if m.dst_mask & own:
+                    bits[n.index] |= m.src_mask
+        for n in nodes:
+            for i in _bit_indexes(bits[n.index]):
+                bits[i] |= 1 << n.index
+    for n in nodes:
+        bits[n.index] &= ~(1 << n.index)
+    return bits
+
+
+def _overlaps_text(ipset, route):
+    return any(ipset.overlaps(*r) for r in _parse_range(route))
+
+
+@dataclasses.dataclass
+class SteeringGrant:
+    """A grant as route steering sees it: who it is for, where it goes, through which tags."""
+    sources: IPSet
+    dests: IPSet          # every destination except autogroup:internet and autogroup:self
+    internet: bool
+    via: list
+
+
+def steering_grants(policy, resolver):
+    """Every grant (ACLs included) with sources and destinations resolved, for via steering."""
+    out = []
+    for grant in policy.grants:
+        dests = [a for a in grant.dst if a.value not in ("autogroup:internet", "autogroup:self")]
+        out.append(SteeringGrant(resolver.resolve_all(grant.src), resolver.resolve_all(dests),
+                                 any(a.value == "autogroup:internet" for a in grant.dst),
+                                 grant.via))
+    return out
+
+
+class PeerView:
+    """Builds each viewer's picture of its peers: addresses, usable routes, primaries."""
+
+    def __init__(self, tailnet, primaries, no_ipv4=(), steering=()):
+        self.tailnet = tailnet
+        self.primaries = primaries
+        self.no_ipv4 = set(no_ipv4)
+        self.steering = list(steering) if any(g.via for g in steering) else []
+
+    def entry(self, viewer, peer, matchers):
+        """A peer as the viewer sees it: its addresses plus the routes the viewer may use."""
+        if not peer.has_routes() and not self.no_ipv4:
+            return {"AllowedIPs": peer.prefixes()}
+        owned = [r for r in peer.subnet_routes if self.primaries.get(r) == peer.name]
+        include, exclude, use_primary = self._via_steering(viewer, peer)
+        routes = [r for r in owned + peer.exit_routes if r not in exclude
+                  and (r in EXIT_ROUTES or _can_access_route(viewer, matchers, IPSet.parse([r])))]
+        for route in include:
+            if route not in routes and (route in owned or route not in use_primary):
+                routes.append(route)
+        # An HA secondary must see which peer is primary for the prefix it shares.
+        routes.extend(r for r in owned if r in viewer.subnet_routes and r not in routes)
+        addresses = peer.prefixes()
+        if viewer.name in self.no_ipv4 or peer.name in self.no_ipv4:
+            addresses = [a for a in addresses if ":" in a]
+        entry = {"AllowedIPs": addresses + routes}
+        subnets = [r for r in routes if r not in EXIT_ROUTES]
+        if subnets:
+            entry["PrimaryRoutes"] = subnets
+        return entry
+
+    def _via_steering(self, viewer, peer):
+        """Via grants: (routes to use through this peer, routes not to, routes left to HA)."""
+        include, exclude, use_primary = [], [], []
+        mine = [g for g in self.steering if viewer.in_set(g.sources)]
+        for g in mine:
+            if not g.via:
+                continue
+            matched = [r for r in peer.subnet_routes if _overlaps_text(g.dests, r)]
+            if g.internet:
+                matched += peer.exit_routes
+            target = include if any(t in peer.tags for t in g.via) else exclude
+            target.extend(r for r in matched if r not in target)
+        if not include and not exclude:
+            return include, exclude, use_primary
+        for g in mine:
+            if not g.via:
+                continue
+            for route in [r for r in include if _overlaps_text(g.dests, r)]:
+                routers = [n for n in self.tailnet.nodes if route in n.subnet_routes
+                           and any(t in n.tags for t in g.via)]
+                first = min(routers, key=_registration_key, default=None)
+                if first is not None and first is not peer:
+                    include.remove(route)
+                    if route not in exclude:
+                        exclude.append(route)
+        for g in mine:
+            if g.via:
+                continue
+            use_primary.extend(r for r in include if _overlaps_text(g.dests, r))
+            exclude = [r for r in exclude if not _overlaps_text(g.dests, r)]
+        return include, exclude, use_primary
+
+
+# -- SSH --
+
+def _ssh_action(rule, control_url):
+    if rule.action == "check":
+        return {"holdAndDelegate": control_url + "/machine/ssh/action/$SRC_NODE_ID/to/"
+                                                 "$DST_NODE_ID?local_user=$LOCAL_USER"}
+    return {"accept": True, "allowAgentForwarding": True, "allowLocalPortForwarding": True,
+            "allowRemotePortForwarding": True}
+
+
+def _localpart_domain(user):
+    """'localpart:*@example.com' -> 'example.com'; None for anything else."""
+    match = re.fullmatch(r"localpart:\*@(.+)", user)
+    return match.group(1) if match else None
+
+
+def _ssh_principals_by_user(tailnet, sources):
+    """Group source nodes: per user (sorted addresses) and tagged (one copy per tag)."""
+    by_user, tagged = {}, []
+    for node in tailnet.nodes:
+        if not node.in_set(sources):
+            continue
+        if node.tags:
+            for _ in node.tags:
+                tagged.extend({"nodeIP": ip} for ip in node.addr_strings())
+        elif node.user_id is not None:
+            by_user.setdefault(node.user_id, []).extend(node.addrs)
+    principals = {uid: [{"nodeIP": _addr_text(f, lo)} for f, lo, hi in
+                        IPSet((f, v, v) for f, v in addrs).ranges]
+                  for uid, addrs in by_user.items()}
+    return principals, tagged
+
+
+@dataclasses.dataclass
+class PreparedSSHRule:
+    """An ssh rule with its sources grouped into principals and its users map built."""
+    rule: SSHRule
+    sources: IPSet
+    has_self: bool            # autogroup:self among the destinations
+    dests: object             # IPSet of the other destinations, None when there are none
+    users_map: dict
+    localparts: object        # {user id: local part} for localpart:*@domain, else None
+    by_user: dict             # user id -> principals of that user's devices
+    tagged: list              # principals of tagged sources (one copy per tag)
+    action: dict
+
+    def emit(self, out, principals, uid):
+        out.append(self._rule(principals, self.users_map))
+        local = (self.localparts or {}).get(uid)
+        if local is not None:
+            out.append(self._rule(principals, {local: local}))
+
+    def _rule(self, principals, users_map):
+        rule = {"principals": principals, "sshUsers": users_map, "action": self.action}
+        if self.rule.accept_env:
+            rule["acceptEnv"] = self.rule.accept_env
+        return rule
+
+
+def _ssh_users_map(users):
+    """SSH users list -> sshUsers: root only when listed, '*': '=' for autogroup:nonroot."""
+    users_map = {"*": "="} if "autogroup:nonroot" in users else {}
+    users_map["root"] = "root" if "root" in users else ""
+    for user in users:
+        if user not in ("root", "autogroup:nonroot") and not _localpart_domain(user):
+            users_map[user] = user
+    return users_map
+
+
+def _localparts(tailnet, users):
+    """localpart:*@domain entries -> {user id: local part of that user's email}."""
+    domains = {d.lower() for d in map(_localpart_domain, users) if d}
+    if not domains:
+        return None
+    out = {}
+    for user in tailnet.users:
+        local, _, domain = (user.get("email") or "").rpartition("@")
+        if local and domain.lower() in domains:
+            out[user.get("id")] = local
+    return out
+
+
+class SSHCompiler:
+    """Compiles the ssh section for each node, resolving every rule once."""
+
+    def __init__(self, policy, tailnet, resolver, control_url):
+        self.prepared = []
+        for rule in policy.ssh:
+            sources = resolver.resolve_all(rule.src)
+            if not sources:
+                continue
+            other = [a for a in rule.dst if a.value != "autogroup:self"]
+            by_user, tagged = _ssh_principals_by_user(tailnet, sources)
+            self.prepared.append(PreparedSSHRule(
+                rule=rule, sources=sources, has_self=len(other) < len(rule.dst),
+                dests=resolver.resolve_all(other) if other else None,
+                users_map=_ssh_users_map(rule.users), localparts=_localparts(tailnet, rule.users),
+                by_user=by_user, tagged=tagged, action=_ssh_action(rule, control_url)))
+
+    def rules_for(self, node):
+        """The node's SSHPolicy rules, check rules first as Tailscale orders them."""
+        out = []
+        for p in self.prepared:
+            if p.has_self and node.user_id is not None and p.by_user.get(node.user_id):
+                p.emit(out, p.by_user[node.user_id], node.user_id)
+            if p.dests is None:
+                continue
+            if node.in_set(p.dests):
+                uids = sorted(p.by_user, key=_sort_key)
+                if p.localparts is not None:
+                    # one rule per user, so each can carry its own local-part mapping
+                    for uid in uids:
+                        p.emit(out, p.by_user[uid], uid)
+                    if p.tagged:
+                        p.emit(out, p.tagged, None)
+                else:
+                    merged = [pr for uid in uids for pr in p.by_user[uid]] + p.tagged
+                    if merged:
+                        p.emit(out, merged, None)
+            elif p.localparts is not None and node.in_set(p.sources):
+                # a source that is not a destination still gets its own user's rules
+                if node.tags:
+                    p.emit(out, [{"nodeIP": ip} for ip in node.addr_strings()], None)
+                elif node.user_id is not None and p.by_user.get(node.user_id):
+                    p.emit(out, p.by_user[node.user_id], node.user_id)
+        return sorted(out, key=lambda r: "holdAndDelegate" not in r["action"])
+
+
+def _sort_key(value):
+    return (0, value) if isinstance(value, int) else (1, str(value))
+
+
+# -- Public entry points --
+
+ALLOW_ALL_RULES = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": _port_range(ALL_PORTS)}]}]
+
+
+def _tailnet(topology, policy=None):
+    """The topology, with routes the policy auto-approves counted as approved."""
+    tailnet = Tailnet(topology)
+    if policy is not None:
+        resolver = Resolver(policy, tailnet)
+        raw_nodes = topology.get("nodes") or {}
+        for node in tailnet.nodes:
+            extra = _auto_approved(policy, resolver, node)
+            if extra:
+                node.approve(set(raw_nodes[node.name].get("approved_routes") or ()) | set(extra))
+        tailnet.index_routes()
+    return tailnet
+
+
+def compile_policy(policy, topology, control_url=""):
+    """Policy (None: allow all) + topology -> {node: {packet_filter_rules, peers, ssh_rules,
+    cap_map}}.  control_url prefixes the SSH check-mode callback URL."""
+    tailnet = _tailnet(topology, policy)
+    primaries = primary_routes(tailnet)
+    out = {}
+    if policy is None:
+        view = PeerView(tailnet, primaries)
+        matchers = [Matcher(ALL_ADDRS, ALL_ADDRS, tailnet)]
+        for node in tailnet.nodes:
+            peers = {p.hostname: view.entry(node, p, matchers)
+                     for p in tailnet.nodes if p is not node}
+            out[node.name] = {"packet_filter_rules": [dict(r) for r in ALLOW_ALL_RULES],
+                              "peers": peers, "ssh_rules": [], "cap_map": {}}
+        return out
+    compiler = Compiler(policy, tailnet)
+    ssh = SSHCompiler(policy, tailnet, compiler.resolver, control_url)
+    node_matchers = [compiler.node_matchers(n) for n in tailnet.nodes]
+    peer_bits = _peer_bits(tailnet.nodes, node_matchers, not compiler.per_node)
+    caps = node_capabilities(policy, tailnet, compiler.resolver)
+    view = PeerView(tailnet, primaries,
+                    no_ipv4=[name for name, cap in caps.items() if "disable-ipv4" in cap],
+                    steering=steering_grants(policy, compiler.resolver))
+    for node in tailnet.nodes:
+        rules = compiler.packet_filter(node)
+        matchers = node_matchers[node.index]
+        peers = {tailnet.nodes[i].hostname: view.entry(node, tailnet.nodes[i], matchers)
+                 for i in _bit_indexes(peer_bits[node.index])}
+        out[node.name] = {"packet_filter_rules": rules or None, "peers": peers,
+                          "ssh_rules": ssh.rules_for(node), "cap_map": caps.get(node.name, {})}
+    return out
+
+
+def node_capabilities(policy, tailnet, resolver):
+    """nodeAttrs -> {node name: {capability: None}}."""
+    out = {}
+    for targets, attrs in policy.node_attrs:
+        if not attrs:
+            continue
+        targeted = resolver.resolve_all(targets)
+        for node in tailnet.nodes:
+            if node.in_set(targeted):
+                for attr in attrs:
+                    out.setdefault(node.name, {}).setdefault(attr, None)
+    if policy.randomize_client_port:
+        for node in tailnet.nodes:
+            out.setdefault(node.name, {}).setdefault("randomize-client-port", None)
+    return out
+
+
+def _auto_approved(policy, resolver, node):
+    """Exit routes need exitNode; a subnet needs a routes entry that contains it."""
+    approved = []
+    for route in node.advertised:
+        if route in EXIT_ROUTES:
+            ok = node.in_set(resolver.resolve_all(policy.exit_approvers))
+        else:
+            family, lo, hi, _ = _parse_prefix(route)
+            ok = any(IPSet.parse([prefix]).covers(family, lo, hi)
+                     and node.in_set(resolver.resolve_all(approvers))
+                     for prefix, approvers in policy.route_approvers.items())
+        if ok:
+            approved.append(route)
+    return approved
+
+
+def auto_approved_routes(policy, topology, node_name):
+    """The node's advertised routes that autoApprovers let it approve (exit needs exitNode)."""
+    if policy is None:
+        return []
+    tailnet = Tailnet(topology)
+    return _auto_approved(policy, Resolver(policy, tailnet), tailnet.by_name[node_name])
+
+
+# -- Policy tests (tests and sshTests) --
+
+DEFAULT_TEST_PROTOCOLS = (6, 17, 1, 58)
+
+
+def _tailnet_domain(topology, tailnet):
+    """The tailnet's own mail domain: given, or the first (lowest id) user's."""
+    if topology.get("tailnet_domain"):
+        return topology["tailnet_domain"]
+    users = sorted(tailnet.users, key=lambda u: _sort_key(u.get("id")))
+    return (users[0].get("email") or "").rpartition("@")[2] if users else ""
+
+
+def _check_domains(policy, domain):
+    """user:*@domain and localpart:*@domain may only name the tailnet's own domain."""
+    named = [("", a.value[7:]) for g in policy.grants for a in g.src + g.dst
+             if a.kind == "domain"]
+    for rule in policy.ssh:
+        named.extend(("[ssh] ", a.value[7:]) for a in rule.src + rule.dst if a.kind == "domain")
+        named.extend(("", d) for d in map(_localpart_domain, rule.users) if d)
+    for section, other in named:
+        if other != domain:
+            raise PolicyError("%s%s is not associated with this Tailnet and cannot be used in "
+                              "user:*@<domain> expressions" % (section, other))
+
+
+def _rule_allows(rule, src_set, dst_set, ports, protocols):
+    if not src_set.overlaps_set(rule[0]):
+        return False
+    if rule[1] and not set(rule[1]) & set(protocols):
+        return False
+    return any(dests.overlaps_set(dst_set) and first <= ports[0] and ports[1] <= last
+               for dests, first, last in rule[2])
+
+
+def _reaches(rules, sources, dst_set, ports, protocols):
+    """Every source prefix must be let through to the destination by some rule."""
+    return all(any(_rule_allows(r, IPSet.parse([prefix]), dst_set, ports, protocols)
+                   for r in rules)
+               for prefix in sources.prefixes())
+
+
+def _policy_test_failures(policy, compiler):
+    """Evaluate tests against the tailnet-wide filter (autogroup:self rules are per node)."""
+    rules = [(compiler.parse_set(tuple(r["SrcIPs"])), r.get("IPProto", []),
+              [(compiler.parse_set((dp["IP"],)), dp["Ports"]["First"], dp["Ports"]["Last"])
+               for dp in r["DstPorts"]])
+             for r in compiler.global_rules if "DstPorts" in r]
+    failures = []
+    for test in policy.tests:
+        label = test["src"] + (" (%s)" % test["proto"] if test["proto"] else "")
+        try:
+            sources = compiler.resolver.resolve(parse_alias(test["src"]))
+        except PolicyError as e:
+            failures.append("%s: %s" % (label, e))
+            continue
+        if not sources:
+            failures.append("%s: source resolved to no IP addresses" % label)
+            continue
+        protocols = protocol_numbers(test["proto"]) or DEFAULT_TEST_PROTOCOLS
+        for dst, want in [(d, True) for d in test["accept"]] + [(d, False) for d in test["deny"]]:
+            alias, ports = parse_destination(dst)
+            dst_set = compiler.resolver.resolve(alias)
+            if alias.value == "autogroup:self" or not dst_set:
+                failures.append("%s -> %s: destination resolved to no IP addresses" % (label, dst))
+                continue
+            if _reaches(rules, sources, dst_set, ports[0], protocols) != want:
+                failures.append("%s -> %s: expected %s, got %s" % (
+                    label, dst, "ALLOWED" if want else "DENIED", "DENIED" if want else "ALLOWED"))
+    return failures
+
+
+def _ssh_user_allowed(users_map, user):
+    if not user:
+        return False
+    if user in users_map:
+        return users_map[user] != ""
+    return user != "root" and users_map.get("*", "") != ""
+
+
+def _ssh_hits(rules, addr, user):
+    """(accepted, via check) for one source address and login user on a node."""
+    accepted = checked = False
+    for rule in rules:
+        if any(p.get("nodeIP") == addr for p in rule["principals"]) and \
+                _ssh_user_allowed(rule["sshUsers"], user):
+            accepted = True
+            checked = checked or "holdAndDelegate" in rule["action"]
+    return accepted, checked
+
+
+def _ssh_test_failures(policy, tailnet, resolver, ssh):
+    """Evaluate sshTests against the compiled SSH rules of each destination node."""
+    failures = []
+    cache = {}
+    for test in policy.ssh_tests:
+        src = test["src"]
+        sources = resolver.resolve(src)
+        addrs = [text for n in tailnet.nodes_in(sources)
+                 for (f, v), text in zip(n.addrs, n.addr_texts) if sources.contains(f, v)]
+        # addresses in the source that are no node's can never match a principal
+        strays = sum(hi - lo + 1 for _, lo, hi in sources.ranges) > len(addrs)
+        if not addrs:
+            failures.append("%s: source resolved to no IP addresses" % src)
+            continue
+        if not (test["accept"] or test["deny"] or test["check"]):
+            failures.append("%s: no accept, deny, or check assertions specified" % src)
+            continue
+        src_users = resolver.tailnet.user_ids(src.value) if src.kind == "user" else []
+        dst_nodes = []
+        for alias in test["dst"]:
+            if alias.value == "autogroup:self":
+                found = resolver.nodes_of_users(src_users)
+            else:
+                found = tailnet.nodes_in(resolver.resolve(alias))
+            if not found:
+                failures.append("%s: dst alias %s resolved to no nodes" % (src, alias))
+            dst_nodes.extend(n for n in found if n not in dst_nodes)
+        for kind in ("accept", "deny", "check"):
+            for user in test[kind]:
+                for node in dst_nodes:
+                    if node.name not in cache:
+                        cache[node.name] = ssh.rules_for(node)
+                    hits = [_ssh_hits(cache[node.name], addr, user) for addr in addrs]
+                    if kind == "accept":
+                        ok = not strays and all(a for a, _ in hits)
+                    elif kind == "deny":
+                        ok = not any(a for a, _ in hits)
+                    else:
+                        ok = not strays and all(c for _, c in hits)
+                    if not ok:
+                        failures.append("%s/%s -> %s: %s assertion failed"
+                                        % (src, user or '""', node.hostname, kind))
+    return failures
+
+
+def check_policy_tests(policy, topology):
+    """Run the policy's tests and sshTests against a topology; PolicyError names what failed."""
+    if policy is None:
+        return
+    tailnet = _tailnet(topology, policy)
+    _check_domains(policy, _tailnet_domain(topology, tailnet))
+    if not policy.tests and not policy.ssh_tests:
+        return
+    compiler = Compiler(policy, tailnet)
+    ssh = SSHCompiler(policy, tailnet, compiler.resolver, "")
+    failures = _policy_test_failures(policy, compiler)
+    failures += _ssh_test_failures(policy, tailnet, compiler.resolver, ssh)
+    if failures:
+        raise PolicyError("test(s) failed:\n" + "\n".join(failures))
 
 
 # ---- Map builder ----
@@ -848,8 +3049,9 @@ def is_expired(node, at):
     return bool(node.expiry) and node.expiry <= at
 
 
-def node_json(node, base_domain, at):
-    """A node as tailcfg.Node, as its peers (and itself) see it."""
+def node_json(node, base_domain, at, seen_as=None):
+    """A node as tailcfg.Node.  `seen_as` holds its AllowedIPs and
+    PrimaryRoutes as the viewer's policy shows them (None: as itself)."""
     addresses = [f"{node.ipv4}/32", f"{node.ipv6}/128"]
     region = home_derp(node)
     out = {
@@ -860,7 +3062,7 @@ def node_json(node, base_domain, at):
         "Key": key_text("nodekey", node.node_key),
         "Machine": key_text("mkey", node.machine_key),
         "Addresses": addresses,
-        "AllowedIPs": addresses + list(node.approved_routes),
+        "AllowedIPs": seen_as["AllowedIPs"] if seen_as else addresses + list(node.approved_routes),
         "Endpoints": list(node.endpoints),
         "Hostinfo": node.hostinfo,
         "Created": rfc3339(node.created),
@@ -871,6 +3073,8 @@ def node_json(node, base_domain, at):
         "ComputedName": node.given_name,
         "ComputedNameWithHost": node.given_name,
     }
+    if seen_as and seen_as.get("PrimaryRoutes"):
+        out["PrimaryRoutes"] = seen_as["PrimaryRoutes"]
     if node.disco_key:
         out["DiscoKey"] = key_text("discokey", node.disco_key)
     if region:
@@ -918,19 +3122,52 @@ class MapSettings:
     base_domain: str
     derp_map: dict
     dns_config: dict
+    control_url: str = ""
 
 
-def map_response_for(node, peers, users, settings, at):
-    """The full MapResponse for one node: itself, its peers and the tailnet settings."""
-    peer_nodes = visible_peers(node, peers)
-    user_ids = {node.user_id} | {p.user_id for p in peer_nodes}
+def policy_topology(nodes, users):
+    """The policy compiler's input for the tailnet; nodes are named by ID,
+    so a rename changes nothing a policy can see."""
     return {
-        "Node": node_json(node, settings.base_domain, at),
-        "Peers": [node_json(p, settings.base_domain, at) for p in peer_nodes],
+        "users": [{"id": u.id, "name": u.name, "email": u.name if "@" in u.name else ""} for u in users.values()],
+        "nodes": {str(n.id): {"id": n.id, "hostname": str(n.id), "tags": n.tags, "user_id": n.user_id,
+                              "user": users[n.user_id].name if n.user_id in users else "",
+                              "ipv4": n.ipv4, "ipv6": n.ipv6,
+                              "routable_ips": list(n.hostinfo.get("RoutableIPs") or []),
+                              "approved_routes": n.approved_routes} for n in nodes},
+    }
+
+
+def peers_in_view(view, nodes):
+    """(peer node, how the viewer sees it) for each peer a compiled view shows."""
+    out = []
+    for peer_id, seen_as in view["peers"].items():
+        peer = nodes.get(int(peer_id))
+        if peer is not None:
+            out.append((peer, seen_as))
+    return out
+
+
+def self_node_json(node, view, base_domain, at):
+    """The node as it sees itself, with the capabilities its policy grants."""
+    out = node_json(node, base_domain, at)
+    if view.get("cap_map"):
+        out["CapMap"] = view["cap_map"]
+    return out
+
+
+def map_response_for(node, view, nodes, users, settings, at):
+    """The full MapResponse for one node, from its compiled policy view."""
+    peers = peers_in_view(view, nodes)
+    user_ids = {node.user_id} | {p.user_id for p, _ in peers}
+    return {
+        "Node": self_node_json(node, view, settings.base_domain, at),
+        "Peers": [node_json(p, settings.base_domain, at, seen_as) for p, seen_as in peers],
         "DERPMap": settings.derp_map,
         "DNSConfig": settings.dns_config,
         "Domain": settings.base_domain,
-        "PacketFilter": packet_filter_for(node, peers),
+        "PacketFilter": view["packet_filter_rules"] or [],
+        "SSHPolicy": {"rules": view["ssh_rules"] or []},
         "UserProfiles": [user_profile(users[uid]) for uid in sorted(user_ids) if uid in users],
         "ControlTime": rfc3339(at),
     }
@@ -972,11 +3209,13 @@ class MapSession:
         self.changed = set()
         self.removed = set()
         self.self_changed = False
+        self.policy_changed = False
         self.full = False
         self.closed = False
         self.wake = asyncio.Event()
 
-    def owe(self, changed=(), removed=(), full=False):
+    def owe(self, changed=(), removed=(), full=False, policy=False):
+        self.policy_changed = self.policy_changed or policy
         for node_id in changed:
             if node_id == self.node_id:
                 self.self_changed = True
@@ -1021,6 +3260,10 @@ class Coordinator:
         self.sessions = {}           # node id -> set of MapSession
         self.dirty_live = set()      # node ids whose live fields await a flush
         self.data_version = store.data_version()
+        self.policy_text = store.setting("policy")
+        self.policy = parse_policy(self.policy_text) if self.policy_text else None
+        self.views = {}              # str(node id) -> compiled policy view
+        self.recompile()
 
     # lookups
     def node_by_machine(self, machine_key):
@@ -1036,6 +3279,9 @@ class Coordinator:
             for session in sessions:
                 session.owe(changed, removed, full)
 
+    def view_of(self, node):
+        return self.views.get(str(node.id)) or {"packet_filter_rules": None, "peers": {}, "ssh_rules": None}
+
     def map_message(self, session, at=None):
         """The next message a session owes its client, or None."""
         at = at or now()
@@ -1043,24 +3289,63 @@ class Coordinator:
         if node is None:
             session.close()
             return None
+        view = self.view_of(node)
         if session.full:
-            session.full, session.self_changed = False, False
+            session.full = session.self_changed = session.policy_changed = False
             session.changed.clear(), session.removed.clear()
-            return map_response_for(node, list(self.nodes.values()), self.users, self.settings, at)
+            return map_response_for(node, view, self.nodes, self.users, self.settings, at)
         msg = {}
-        visible = {p.id for p in visible_peers(node, [self.nodes[i] for i in session.changed if i in self.nodes])}
-        changed = [node_json(self.nodes[i], self.settings.base_domain, at) for i in sorted(visible)]
+        changed = [(self.nodes[i], view["peers"][str(i)]) for i in sorted(session.changed)
+                   if str(i) in view["peers"] and i in self.nodes]
         if changed:
-            msg["PeersChanged"] = changed
-            new_users = {self.nodes[i].user_id for i in visible}
+            msg["PeersChanged"] = [node_json(p, self.settings.base_domain, at, seen_as) for p, seen_as in changed]
+            new_users = {p.user_id for p, _ in changed}
             msg["UserProfiles"] = [user_profile(self.users[u]) for u in sorted(new_users) if u in self.users]
         if session.removed:
             msg["PeersRemoved"] = sorted(session.removed)
-        if session.self_changed:
-            msg["Node"] = node_json(node, self.settings.base_domain, at)
+        if session.self_changed or session.policy_changed:
+            msg["Node"] = self_node_json(node, view, self.settings.base_domain, at)
+        if session.policy_changed:
+            msg["PacketFilter"] = view["packet_filter_rules"] or []
+            msg["SSHPolicy"] = {"rules": view["ssh_rules"] or []}
         session.changed.clear(), session.removed.clear()
-        session.self_changed = False
+        session.self_changed = session.policy_changed = False
         return msg or None
+
+    # policy
+    def recompile(self):
+        """Compile the policy for the current tailnet and tell each session
+        what its view gained, lost or changed."""
+        old = self.views
+        self.views = compile_policy(self.policy, policy_topology(self.nodes.values(), self.users),
+                                    self.settings.control_url)
+        for node_id, sessions in self.sessions.items():
+            before, after = old.get(str(node_id)), self.views.get(str(node_id))
+            if before is None or after is None:
+                for session in sessions:
+                    session.owe(full=True)
+                continue
+            peers_before, peers_after = before["peers"], after["peers"]
+            removed = [int(p) for p in peers_before if p not in peers_after]
+            changed = [int(p) for p, seen in peers_after.items() if peers_before.get(p) != seen]
+            policy = any(before[k] != after[k] for k in ("packet_filter_rules", "ssh_rules", "cap_map"))
+            if removed or changed or policy:
+                for session in sessions:
+                    session.owe(changed, removed, policy=policy)
+
+    def topology_changed(self, changed=(), removed=()):
+        """Nodes joined, left or changed in a way a policy can see."""
+        self.recompile()
+        self.notify(changed=changed, removed=removed)
+
+    def set_policy(self, text):
+        """Check and apply a new policy (None: allow all); the old one stays on error."""
+        policy = parse_policy(text) if text else None
+        if policy is not None:
+            check_policy_tests(policy, policy_topology(self.nodes.values(), self.users))
+        self.policy_text, self.policy = text, policy
+        self.recompile()
+        log.info("policy %s", "applied" if policy else "cleared: every node may reach every other")
 
     def open_session(self, node):
         session = MapSession(node.id)
@@ -1177,7 +3462,7 @@ class Coordinator:
         self.users.setdefault(node.user_id, next(u for u in self.store.users() if u.id == node.user_id))
         log.info("%s node %d %s (%s, %s) for user %s", verb, node.id, node.given_name, node.ipv4, node.ipv6,
                  self.users[node.user_id].name)
-        self.notify(changed=[node.id])
+        self.topology_changed(changed=[node.id])
         return self._registered_response(node)
 
     def _registered_response(self, node):
@@ -1226,14 +3511,19 @@ class Coordinator:
             changed |= endpoints != node.endpoints
             node.endpoints = endpoints
         hostinfo = req.get("Hostinfo")
+        routes_changed = False
         if isinstance(hostinfo, dict) and hostinfo != node.hostinfo:
+            routes_changed = hostinfo.get("RoutableIPs") != node.hostinfo.get("RoutableIPs")
             node.hostinfo, changed = hostinfo, True
         version = req.get("Version")
         if isinstance(version, int) and version != node.cap:
             node.cap, changed = version, True
         if changed:
             self.dirty_live.add(node.id)
-            self.notify(changed=[node.id])
+            if routes_changed:
+                self.topology_changed(changed=[node.id])
+            else:
+                self.notify(changed=[node.id])
         return node
 
     # administrative changes (CLI and API)
@@ -1244,7 +3534,7 @@ class Coordinator:
         self.dirty_live.discard(node_id)
         if node:
             log.info("deleted node %d %s", node.id, node.given_name)
-        self.notify(removed=[node_id])
+        self.topology_changed(removed=[node_id])
 
     def reload_if_changed(self):
         """Pick up edits another process (the CLI) committed to the store."""
@@ -1268,9 +3558,15 @@ class Coordinator:
         for node_id in removed:
             self.nodes.pop(node_id)
             self.dirty_live.discard(node_id)
+        text = self.store.setting("policy")
+        if text != self.policy_text:
+            try:
+                self.set_policy(text)
+            except PolicyError as e:
+                log.error("stored policy refused, keeping the previous one: %s", e)
         if changed or removed:
             log.info("state changed on disk: %d node(s) changed, %d removed", len(changed), len(removed))
-            self.notify(changed=changed, removed=removed)
+            self.topology_changed(changed=changed, removed=removed)
 
     def flush_live(self):
         """Write endpoints, disco keys, host info and last-seen times."""
@@ -1385,6 +3681,576 @@ def http_upgrade_response(protocol, headers=()):
     lines = ["HTTP/1.1 101 Switching Protocols", f"Upgrade: {protocol}", "Connection: Upgrade"]
     lines += [f"{k}: {v}" for k, v in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+# ---- TLS certificate ----
+# Tailscale clients pin a DERP node's certificate by the SHA-256 of its DER
+# bytes (DERPNode.CertName "sha256-raw:<hex>"), so a self-signed certificate
+# is enough.  Go's client still checks the validity dates and that the
+# subjectAltName covers the host name it dialed (IP SANs for IP literals).
+# A few lines of DER writing keep this free of third-party packages.
+
+OID_ED25519 = "1.3.101.112"
+OID_COMMON_NAME = "2.5.4.3"
+OID_SUBJECT_ALT_NAME = "2.5.29.17"
+OID_BASIC_CONSTRAINTS = "2.5.29.19"
+OID_KEY_USAGE = "2.5.29.15"
+OID_EXT_KEY_USAGE = "2.5.29.37"
+OID_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
+
+CERT_VALID_BEFORE_NOW = 86400             # tolerate clients whose clock lags
+CERT_LIFETIME = 10 * 365 * 86400
+
+
+def der(tag, content):
+    """One DER element: tag byte, definite length, content."""
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def der_sequence(*items):
+    return der(0x30, b"".join(items))
+
+
+def der_set(*items):
+    return der(0x31, b"".join(items))
+
+
+def der_integer(value):
+    """A non-negative INTEGER (a leading zero keeps the sign bit clear)."""
+    return der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def der_oid(dotted):
+    parts = [int(p) for p in dotted.split(".")]
+    body = bytearray([40 * parts[0] + parts[1]])
+    for p in parts[2:]:
+        chunk = [p & 0x7F]
+        while p > 0x7F:
+            p >>= 7
+            chunk.append(0x80 | (p & 0x7F))
+        body += bytes(reversed(chunk))
+    return der(0x06, bytes(body))
+
+
+def der_bit_string(data):
+    return der(0x03, b"\x00" + data)      # no unused bits
+
+
+def der_time(ts):
+    """UTCTime through 2049, GeneralizedTime after (RFC 5280, 4.1.2.5)."""
+    t = time.gmtime(ts)
+    if t.tm_year < 2050:
+        return der(0x17, time.strftime("%y%m%d%H%M%SZ", t).encode())
+    return der(0x18, time.strftime("%Y%m%d%H%M%SZ", t).encode())
+
+
+def der_name(common_name):
+    """An X.501 Name holding only a commonName."""
+    cn = der_sequence(der_oid(OID_COMMON_NAME), der(0x0C, common_name.encode()))
+    return der_sequence(der_set(cn))
+
+
+def der_extension(oid, value, critical=False):
+    flag = der(0x01, b"\xff") if critical else b""
+    return der_sequence(der_oid(oid), flag, der(0x04, value))
+
+
+def subject_alt_names(hostname, ips):
+    """GeneralNames: dNSName for a host name, iPAddress for every IP."""
+    names, addrs = [], [ipaddress.ip_address(ip) for ip in ips]
+    try:
+        addrs.insert(0, ipaddress.ip_address(hostname))
+    except ValueError:
+        names.append(der(0x82, hostname.encode("idna")))
+    names += [der(0x87, a.packed) for a in dict.fromkeys(addrs)]
+    return der_sequence(*names)
+
+
+def self_signed_certificate(seed, hostname, ips=()):
+    """A self-signed X.509 v3 Ed25519 certificate (DER) for hostname and ips."""
+    ed25519_id = der_sequence(der_oid(OID_ED25519))
+    start = int(now())
+    tbs = der_sequence(
+        der(0xA0, der_integer(2)),                                  # v3
+        der_integer(secrets.randbits(127) | 1 << 120),              # 16 bytes, positive
+        ed25519_id,
+        der_name(hostname),
+        der_sequence(der_time(start - CERT_VALID_BEFORE_NOW),
+                     der_time(start + CERT_LIFETIME)),
+        der_name(hostname),
+        der_sequence(ed25519_id, der_bit_string(ed25519_public(seed))),
+        der(0xA3, der_sequence(
+            der_extension(OID_BASIC_CONSTRAINTS, der_sequence(), critical=True),
+            der_extension(OID_KEY_USAGE, der(0x03, b"\x07\x80"), critical=True),
+            der_extension(OID_EXT_KEY_USAGE, der_sequence(der_oid(OID_SERVER_AUTH))),
+            der_extension(OID_SUBJECT_ALT_NAME, subject_alt_names(hostname, ips)),
+        )),
+    )
+    return der_sequence(tbs, ed25519_id, der_bit_string(ed25519_sign(seed, tbs)))
+
+
+def ed25519_private_key_pem(seed):
+    """The Ed25519 seed as a PKCS#8 PEM private key (RFC 8410)."""
+    key = der_sequence(der_integer(0), der_sequence(der_oid(OID_ED25519)),
+                       der(0x04, der(0x04, seed)))
+    return pem(key, "PRIVATE KEY")
+
+
+def pem(der_bytes, label):
+    """PEM armour: base64 in 64-column lines between BEGIN/END lines."""
+    b64 = base64.b64encode(der_bytes).decode()
+    lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]
+    return ("-----BEGIN %s-----\n%s\n-----END %s-----\n"
+            % (label, "\n".join(lines), label)).encode()
+
+
+def certificate_pin(der_bytes):
+    """The DERPNode.CertName that pins this exact certificate."""
+    return "sha256-raw:" + hashlib.sha256(der_bytes).hexdigest()
+
+
+def tls_server_context(cert_path, key_path):
+    """A TLS 1.2+ server context serving the certificate and key files."""
+    if ssl is None:
+        raise RuntimeError("DERP over TLS needs Python's ssl module "
+                           "(OpenWrt: opkg install python3-openssl)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
+# ---- DERP ----
+# The relay Tailscale nodes fall back to when no direct path works
+# (derp/derp.go).  After the HTTP upgrade the connection carries frames:
+# 1-byte type, 4-byte big-endian length, body.  Handshake: server sends
+# ServerKey, client sends ClientInfo (its key and a box of JSON), server
+# answers ServerInfo; then clients send SendPacket and receive RecvPacket.
+
+DERP_MAGIC = "DERP🔑".encode()         # 44 45 52 50 f0 9f 94 91
+DERP_PROTOCOL_VERSION = 2
+DERP_KEY_LEN = 32
+DERP_NONCE_LEN = 24
+DERP_FRAME_HEADER_LEN = 5
+DERP_MAX_PACKET = 64 << 10
+DERP_MAX_FRAME = DERP_KEY_LEN + DERP_MAX_PACKET  # largest frame a joined client may send
+DERP_MAX_CLIENT_INFO = 256 << 10                 # before the box opens, trust nothing big
+DERP_MAX_INFO = 1 << 20                          # largest frame a client accepts
+DERP_KEEPALIVE = 60.0
+DERP_HANDSHAKE_TIMEOUT = 10.0
+# Bytes that may wait for one client before its packets drop; disco and
+# control frames get a little more room than bulk data.
+DERP_SEND_BUFFER = 256 << 10
+DERP_DISCO_BUFFER = DERP_SEND_BUFFER + (64 << 10)
+DERP_PEER_GONE_BURST = 3                         # NotHere replies per client: 3, then 1/s
+DISCO_MAGIC = "TS💬".encode()
+
+FRAME_SERVER_KEY = 0x01        # magic + server public key
+FRAME_CLIENT_INFO = 0x02       # client public key + nonce + box(JSON)
+FRAME_SERVER_INFO = 0x03       # nonce + box(JSON)
+FRAME_SEND_PACKET = 0x04       # destination key + packet
+FRAME_RECV_PACKET = 0x05       # source key + packet
+FRAME_KEEP_ALIVE = 0x06        # empty
+FRAME_NOTE_PREFERRED = 0x07    # 1 byte: is this the client's home DERP
+FRAME_PEER_GONE = 0x08         # key + reason
+FRAME_PEER_PRESENT = 0x09      # mesh only
+FRAME_FORWARD_PACKET = 0x0A    # mesh only
+FRAME_WATCH_CONNS = 0x10       # mesh only
+FRAME_CLOSE_PEER = 0x11        # mesh only
+FRAME_PING = 0x12              # 8 bytes, echoed in a Pong
+FRAME_PONG = 0x13
+FRAME_HEALTH = 0x14            # text of a problem; empty clears it
+FRAME_RESTARTING = 0x15        # reconnect-in and try-for, milliseconds
+
+PEER_GONE_DISCONNECTED = 0x00  # the peer left this server
+PEER_GONE_NOT_HERE = 0x01      # the server never had the peer
+
+MESH_FRAMES = (FRAME_FORWARD_PACKET, FRAME_WATCH_CONNS, FRAME_CLOSE_PEER)
+
+
+class DerpError(Exception):
+    """A DERP peer broke the protocol."""
+
+
+def short_key(raw):
+    """A key as Tailscale logs it: ``[`` + first 5 base64 characters + ``]``."""
+    return "[" + base64.b64encode(raw[:4]).decode()[:5] + "]"
+
+
+def address_text(peername):
+    """A socket address as ``host:port`` (``[v6]:port``) for logs."""
+    if not peername:
+        return "?"
+    host, port = peername[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def looks_like_disco(packet):
+    """Whether a relayed packet is a disco message (magic, key, nonce)."""
+    return len(packet) >= len(DISCO_MAGIC) + DERP_KEY_LEN + DERP_NONCE_LEN and \
+        packet.startswith(DISCO_MAGIC)
+
+
+# Reading
+
+async def read_frame(reader, max_len):
+    """Read one frame as ``(type, body)``.
+
+    A connection closed between frames raises EOFError; one cut inside a
+    frame, or a frame longer than max_len, raises DerpError.
+    """
+    try:
+        header = await reader.readexactly(DERP_FRAME_HEADER_LEN)
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise DerpError("connection closed inside a frame header") from None
+        raise EOFError("connection closed") from None
+    frame_type, length = struct.unpack(">BI", header)
+    if length > max_len:
+        raise DerpError(f"frame 0x{frame_type:02x} of {length} bytes, limit {max_len}")
+    try:
+        return frame_type, await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise DerpError(f"connection closed inside a frame 0x{frame_type:02x}") from None
+
+
+def open_client_info(server_private, body):
+    """The client's key and its ClientInfo JSON, from a ClientInfo body."""
+    if len(body) < DERP_KEY_LEN + DERP_NONCE_LEN:
+        raise DerpError("short ClientInfo")
+    client_key = body[:DERP_KEY_LEN]
+    nonce = body[DERP_KEY_LEN:DERP_KEY_LEN + DERP_NONCE_LEN]
+    sealed = body[DERP_KEY_LEN + DERP_NONCE_LEN:]
+    try:
+        info = json.loads(box_open(server_private, client_key, nonce, sealed))
+    except CryptoError:
+        raise DerpError("ClientInfo box does not open") from None
+    except ValueError:
+        raise DerpError("ClientInfo is not JSON") from None
+    if not isinstance(info, dict):
+        raise DerpError("ClientInfo is not a JSON object")
+    return client_key, info
+
+
+# Writing
+
+def frame(frame_type, body=b""):
+    """One frame: type, big-endian body length, body."""
+    return struct.pack(">BI", frame_type, len(body)) + body
+
+
+def server_key_frame(server_public):
+    return frame(FRAME_SERVER_KEY, DERP_MAGIC + server_public)
+
+
+def server_info_frame(server_private, client_key):
+    """ServerInfo as derper sends it: only the version (no rate limit)."""
+    nonce = secrets.token_bytes(DERP_NONCE_LEN)
+    info = json_bytes({"version": DERP_PROTOCOL_VERSION})
+    return frame(FRAME_SERVER_INFO, nonce + box_seal(server_private, client_key, nonce, info))
+
+
+def peer_gone_frame(peer_key, reason):
+    return frame(FRAME_PEER_GONE, peer_key + bytes([reason]))
+
+
+KEEP_ALIVE_FRAME = frame(FRAME_KEEP_ALIVE)
+
+
+class DerpConnection:
+    """One joined client connection: its key, address and output."""
+
+    def __init__(self, key, remote, writer, transport):
+        self.key = key
+        self.remote = remote
+        self.writer = writer
+        self.transport = transport
+        self.senders = set()          # keys relayed to it: told PeerGone when they leave
+        self.preferred = False
+        self._peer_gone_tokens = float(DERP_PEER_GONE_BURST)
+        self._peer_gone_at = time.monotonic()
+
+    def send(self, data, limit):
+        """Write a frame unless limit bytes already wait for this client.
+
+        The transport's buffer is the send queue: writing never waits, and
+        a client that reads too slowly loses its own packets without
+        holding up anyone else.
+        """
+        if self.transport.get_write_buffer_size() > limit:
+            return False
+        self.writer.write(data)
+        return True
+
+    def allow_peer_gone(self):
+        """Token bucket for NotHere replies (burst 3, then one a second)."""
+        t = time.monotonic()
+        self._peer_gone_tokens = min(float(DERP_PEER_GONE_BURST),
+                                     self._peer_gone_tokens + t - self._peer_gone_at)
+        self._peer_gone_at = t
+        if self._peer_gone_tokens < 1:
+            return False
+        self._peer_gone_tokens -= 1
+        return True
+
+
+class DerpServer:
+    """The DERP relay: joined clients by key and the packets between them."""
+
+    def __init__(self, private_key):
+        self.private_key = private_key
+        self.public_key = x25519_public(private_key)
+        # key -> its connections; the last one (newest, or the last to send
+        # a frame) is the one packets go to, as derper's default policy.
+        self._clients = {}
+        self._watchers = {}   # key -> connections that received from it
+        self.connections_total = 0
+        self.packets_relayed = 0
+        self.bytes_relayed = 0
+        self.packets_dropped = 0
+
+    @property
+    def clients(self):
+        """Connected clients (connections, duplicates included)."""
+        return sum(len(conns) for conns in self._clients.values())
+
+    def stats(self):
+        """Counters for logs and metrics."""
+        home = sum(conn.preferred for conns in self._clients.values() for conn in conns)
+        return {"clients": self.clients, "home_clients": home,
+                "connections_total": self.connections_total,
+                "packets_relayed": self.packets_relayed, "bytes_relayed": self.bytes_relayed,
+                "packets_dropped": self.packets_dropped}
+
+    def close(self):
+        """Drop every client connection (on shutdown)."""
+        for conns in list(self._clients.values()):
+            for conn in conns:
+                conn.writer.close()
+
+    async def handle_upgrade(self, headers, reader, writer):
+        """Answer ``GET /derp`` asking for an upgrade, then serve the connection."""
+        upgrade = headers.get("upgrade", "").lower()
+        if upgrade == "websocket" and "derp" in headers.get("sec-websocket-protocol", ""):
+            # Browser clients (tsconnect): frames inside WebSocket binary messages.
+            writer.write(http_upgrade_response("websocket", [
+                ("Sec-WebSocket-Accept", websocket_accept_value(headers.get("sec-websocket-key", ""))),
+                ("Sec-WebSocket-Protocol", "derp")]))
+            stream = WebSocketStream(reader, writer)
+            await self.serve_client(stream, stream, writer.transport)
+            return
+        # Old clients said "websocket" but spoke plain DERP, so derper takes both.
+        if upgrade not in ("derp", "websocket"):
+            writer.write(http_response(426, "DERP requires connection upgrade\n"))
+            return
+        # A fast-start client already knows our key (from a TLS meta
+        # certificate) and reads frames straight after its request.
+        if headers.get("derp-fast-start") != "1":
+            writer.write(http_upgrade_response("DERP", [
+                ("Derp-Version", DERP_PROTOCOL_VERSION),
+                ("Derp-Public-Key", self.public_key.hex())]))
+        await self.serve_client(reader, writer)
+
+    async def serve_client(self, reader, writer, transport=None):
+        """Run DERP on an upgraded connection until it ends.
+
+        transport is the socket's own transport when writer wraps it.
+        """
+        transport = transport or writer.transport
+        remote = address_text(transport.get_extra_info("peername"))
+        try:
+            writer.write(server_key_frame(self.public_key))
+            frame_type, body = await asyncio.wait_for(
+                read_frame(reader, DERP_MAX_CLIENT_INFO), DERP_HANDSHAKE_TIMEOUT)
+            if frame_type != FRAME_CLIENT_INFO:
+                raise DerpError(f"expected ClientInfo, got frame 0x{frame_type:02x}")
+            client_key, _info = open_client_info(self.private_key, body)
+            writer.write(server_info_frame(self.private_key, client_key))
+        except (DerpError, EOFError, OSError, TimeoutError) as e:
+            log.info("derp: handshake with %s failed: %s", remote, e or type(e).__name__)
+            writer.close()
+            return
+        conn = DerpConnection(client_key, remote, writer, transport)
+        self._register(conn)
+        log.info("derp: %s connected from %s", short_key(client_key), remote)
+        keep_alive = asyncio.create_task(self._keep_alive_loop(conn))
+        reason = "closed"
+        try:
+            await self._receive_loop(conn, reader)
+        except EOFError:
+            pass
+        except (DerpError, OSError) as e:
+            reason = str(e) or type(e).__name__
+        finally:
+            keep_alive.cancel()
+            self._unregister(conn)
+            writer.close()
+            log.info("derp: %s from %s disconnected: %s", short_key(client_key), remote, reason)
+
+    async def _receive_loop(self, conn, reader):
+        while True:
+            frame_type, body = await read_frame(reader, DERP_MAX_FRAME)
+            self._note_activity(conn)
+            if frame_type == FRAME_SEND_PACKET:
+                self._relay(conn, body)
+            elif frame_type == FRAME_PING:
+                if not 8 <= len(body) <= 1000:
+                    raise DerpError(f"ping of {len(body)} bytes")
+                conn.send(frame(FRAME_PONG, body[:8]), DERP_DISCO_BUFFER)
+            elif frame_type == FRAME_NOTE_PREFERRED:
+                if len(body) != 1:
+                    raise DerpError("NotePreferred is not 1 byte")
+                conn.preferred = body != b"\x00"
+            elif frame_type in MESH_FRAMES:
+                raise DerpError(f"mesh frame 0x{frame_type:02x} without a mesh key")
+            # KeepAlive, Pong and frames from newer clients are ignored.
+
+    def _relay(self, src, body):
+        if len(body) < DERP_KEY_LEN:
+            raise DerpError("short SendPacket")
+        dst_key, packet = body[:DERP_KEY_LEN], body[DERP_KEY_LEN:]
+        disco = looks_like_disco(packet)
+        conns = self._clients.get(dst_key)
+        if not conns:
+            self.packets_dropped += 1
+            # Only disco tells a client to forget a path; answering data
+            # packets would just add load.
+            if disco and src.allow_peer_gone():
+                src.send(peer_gone_frame(dst_key, PEER_GONE_NOT_HERE), DERP_DISCO_BUFFER)
+            return
+        dst = conns[-1]
+        if not dst.send(frame(FRAME_RECV_PACKET, src.key + packet),
+                        DERP_DISCO_BUFFER if disco else DERP_SEND_BUFFER):
+            self.packets_dropped += 1
+            return
+        self.packets_relayed += 1
+        self.bytes_relayed += len(packet)
+        if src.key not in dst.senders:
+            dst.senders.add(src.key)
+            self._watchers.setdefault(src.key, set()).add(dst)
+
+    @staticmethod
+    async def _keep_alive_loop(conn):
+        # Besides telling the client we are alive, this keeps TCP sending to
+        # a vanished client, so its retransmissions time out and end the
+        # connection; meanwhile its buffer stays within DERP_DISCO_BUFFER.
+        while True:
+            await asyncio.sleep(DERP_KEEPALIVE * random.uniform(1.0, 1.08))   # jitter as derper
+            conn.send(KEEP_ALIVE_FRAME, DERP_DISCO_BUFFER)
+
+    def _register(self, conn):
+        self._clients.setdefault(conn.key, []).append(conn)
+        self.connections_total += 1
+
+    def _note_activity(self, conn):
+        conns = self._clients[conn.key]
+        if conns[-1] is not conn:        # last writer is the active one
+            conns.remove(conn)
+            conns.append(conn)
+
+    def _unregister(self, conn):
+        for sender in conn.senders:
+            watchers = self._watchers.get(sender)
+            if watchers is not None:
+                watchers.discard(conn)
+                if not watchers:
+                    del self._watchers[sender]
+        conns = self._clients[conn.key]
+        conns.remove(conn)
+        if conns:
+            return
+        del self._clients[conn.key]
+        # Whoever this client sent to can forget their path back to it.
+        for watcher in self._watchers.pop(conn.key, ()):
+            watcher.send(peer_gone_frame(conn.key, PEER_GONE_DISCONNECTED), DERP_DISCO_BUFFER)
+
+
+# ---- STUN ----
+# RFC 5389 binding: tell a client the address its packet came from, so it
+# learns its NAT mapping.  Tailscale clients read only XOR-MAPPED-ADDRESS
+# (net/stun), so the answer carries nothing else.  Anything that is not a
+# well-formed binding request gets no answer at all.
+
+STUN_HEADER_LEN = 20
+STUN_MAGIC_COOKIE = b"\x21\x12\xa4\x42"
+STUN_BINDING_REQUEST = 0x0001
+STUN_BINDING_SUCCESS = 0x0101
+STUN_ATTR_XOR_MAPPED_ADDRESS = 0x0020
+STUN_ATTR_FINGERPRINT = 0x8028
+STUN_FINGERPRINT_XOR = 0x5354554E
+STUN_FAMILY_IPV4 = 0x01
+STUN_FAMILY_IPV6 = 0x02
+
+
+def stun_attributes_valid(message):
+    """Attributes fill the body exactly; a FINGERPRINT, if any, is last and right."""
+    body, offset = message[STUN_HEADER_LEN:], 0
+    while offset < len(body):
+        if offset + 4 > len(body):
+            return False
+        attr_type, attr_len = struct.unpack_from(">HH", body, offset)
+        end = offset + 4 + attr_len
+        if end > len(body):
+            return False
+        if attr_type == STUN_ATTR_FINGERPRINT:
+            if attr_len != 4 or end != len(body):
+                return False
+            crc = binascii.crc32(message[:STUN_HEADER_LEN + offset]) ^ STUN_FINGERPRINT_XOR
+            return body[offset + 4:end] == struct.pack(">I", crc)
+        offset = end + (-attr_len % 4)
+    return offset == len(body)
+
+
+def stun_binding_response(request, addr):
+    """The binding success response to request from addr, or None if it is not one."""
+    if len(request) < STUN_HEADER_LEN or request[4:8] != STUN_MAGIC_COOKIE:
+        return None
+    msg_type, length = struct.unpack_from(">HH", request)
+    if msg_type != STUN_BINDING_REQUEST or length % 4 or \
+            length != len(request) - STUN_HEADER_LEN or not stun_attributes_valid(request):
+        return None
+    ip = ipaddress.ip_address(addr[0])
+    if ip.version == 6 and ip.ipv4_mapped:         # a dual-stack socket's IPv4 peer
+        ip = ip.ipv4_mapped
+    family = STUN_FAMILY_IPV4 if ip.version == 4 else STUN_FAMILY_IPV6
+    txid = request[8:STUN_HEADER_LEN]
+    mask = STUN_MAGIC_COOKIE + txid
+    xor_ip = bytes(a ^ b for a, b in zip(ip.packed, mask))
+    xor_port = addr[1] ^ int.from_bytes(STUN_MAGIC_COOKIE[:2], "big")
+    value = struct.pack(">BBH", 0, family, xor_port) + xor_ip
+    attrs = struct.pack(">HH", STUN_ATTR_XOR_MAPPED_ADDRESS, len(value)) + value
+    return struct.pack(">HH", STUN_BINDING_SUCCESS, len(attrs)) + STUN_MAGIC_COOKIE + txid + attrs
+
+
+class StunProtocol(asyncio.DatagramProtocol):
+    """A STUN server on one UDP socket: answers binding requests, ignores the rest."""
+
+    def __init__(self):
+        self.transport = None
+        self.requests = 0
+        self.ignored = 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        try:
+            response = stun_binding_response(data, addr)
+        except ValueError:           # an address we cannot describe
+            response = None
+        if response is None:
+            self.ignored += 1
+            return
+        self.requests += 1
+        self.transport.sendto(response, addr)
+
+    def error_received(self, exc):
+        # ICMP errors from earlier replies; nothing to do for a stateless server.
+        log.debug("stun: %s", exc)
 
 
 # ---- Control server ----
@@ -1555,7 +4421,7 @@ class ControlConnection:
             if request.get("OmitPeers"):
                 await self.reply(stream_id, 200, b"")
             else:
-                message = map_response_for(node, list(coordinator.nodes.values()), coordinator.users,
+                message = map_response_for(node, coordinator.view_of(node), coordinator.nodes, coordinator.users,
                                            coordinator.settings, now())
                 self.respond(stream_id, 200)
                 await self.send(stream_id, encode(message), end=True)
@@ -1602,6 +4468,7 @@ class Config:
     prefix_v4: str = DEFAULT_PREFIX_V4
     prefix_v6: str = DEFAULT_PREFIX_V6
     nameservers: list = dataclasses.field(default_factory=list)
+    policy_file: str = ""       # a HuJSON policy file, reloaded when it changes (else the stored policy)
     log_level: str = "info"
 
     def control_address(self):
@@ -1705,8 +4572,12 @@ class Server:
         settings = MapSettings(
             base_domain=config.base_domain,
             derp_map=derp_map(config.public_host(), derp_port, stun_port, cert_name) if derp_port else {"Regions": {}},
-            dns_config=dns_config(config.base_domain, config.nameservers))
+            dns_config=dns_config(config.base_domain, config.nameservers),
+            control_url=config.public_url())
         self.coordinator = Coordinator(self.store, settings, config.prefix_v4, config.prefix_v6)
+        self.policy_mtime = None
+        if config.policy_file:
+            self.reload_policy_file()
         host, port = config.control_address()
         self.listeners.append(await asyncio.start_server(self.handle_http, host, port))
         admin_path = os.path.join(config.state_dir, "admin.sock")
@@ -1720,6 +4591,24 @@ class Server:
                  f"TLS port {derp_port}" if derp_port else "off", f"port {stun_port}" if stun_port else "off",
                  os.path.abspath(config.state_dir))
 
+    def reload_policy_file(self):
+        """Apply the policy file when it changed; a bad one is logged and ignored."""
+        path = self.config.policy_file
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError as e:
+            if self.policy_mtime != "missing":
+                log.error("policy file %s: %s; keeping the policy in force", path, e.strerror)
+                self.policy_mtime = "missing"
+            return
+        if mtime == self.policy_mtime:
+            return
+        self.policy_mtime = mtime
+        try:
+            self.coordinator.set_policy(read_policy_file(path))
+        except (PolicyError, ValueError) as e:
+            log.error("policy file %s refused, keeping the policy in force: %s", path, e)
+
     async def upkeep(self):
         """Pick up CLI edits quickly; write live fields sparingly."""
         last_flush = time.monotonic()
@@ -1727,6 +4616,8 @@ class Server:
             await asyncio.sleep(RELOAD_INTERVAL)
             try:
                 self.coordinator.reload_if_changed()
+                if self.config.policy_file:
+                    self.reload_policy_file()
                 if time.monotonic() - last_flush >= FLUSH_INTERVAL:
                     self.coordinator.flush_live()
                     last_flush = time.monotonic()
@@ -2038,6 +4929,56 @@ def cmd_nodes(args, store):
     print(message)
 
 
+def read_policy_file(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read policy file {path}: {e.strerror}") from None
+
+
+def checked_policy(text, topology):
+    """Parse a policy and run its tests against `topology`; PolicyError says why not."""
+    policy = parse_policy(text)
+    check_policy_tests(policy, topology)
+    return policy
+
+
+def cmd_policy(args, store):
+    topology = policy_topology(store.nodes(), {u.id: u for u in store.users()})
+    if args.verb == "get":
+        text = store.setting("policy")
+        if text is None:
+            print("no policy set: every node may reach every other", file=sys.stderr)
+        else:
+            print(text)
+        return
+    if args.verb == "clear":
+        store.set_setting("policy", None)
+        print("policy cleared: every node may reach every other")
+        return
+    text = read_policy_file(args.file)
+    if args.verb == "compile":
+        try:
+            with open(args.topology, encoding="utf-8") as f:
+                topology = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read topology {args.topology}: {e}") from None
+    try:
+        policy = checked_policy(text, topology)
+    except PolicyError as e:
+        raise ValueError(f"policy refused: {e}") from None
+    if args.verb == "set":
+        store.set_setting("policy", text)
+        print("policy set; a running server applies it within a second")
+    elif args.verb == "check":
+        print("policy is valid")
+    else:
+        compiled = compile_policy(policy, topology)
+        print(json.dumps({name: {k: view[k] for k in ("packet_filter_rules", "peers", "ssh_rules")}
+                          for name, view in compiled.items()}, indent=2))
+
+
 def cmd_status(args, store):
     live = live_state(args.state)
     rows = node_rows(store, args.state)
@@ -2069,6 +5010,8 @@ def build_parser():
     serve.add_argument("--stun-listen", dest="stun_listen", help="STUN UDP address (default LISTEN's host:3478, or off)")
     serve.add_argument("--derp-host", dest="derp_host", help="host clients dial for DERP/STUN (default SERVER_URL's host)")
     serve.add_argument("--base-domain", dest="base_domain", help="MagicDNS domain (default mesh.internal)")
+    serve.add_argument("--policy-file", dest="policy_file",
+                       help="HuJSON ACL policy file, reloaded when it changes (default: the one set with 'policy set')")
     serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
 
     def with_output(p):
@@ -2098,6 +5041,16 @@ def build_parser():
     rename.add_argument("id", help="node ID or name")
     rename.add_argument("name")
 
+    policy = sub.add_parser("policy", help="the ACL policy (Tailscale's HuJSON format)").add_subparsers(
+        dest="verb", required=True)
+    policy.add_parser("set", help="check a policy file and apply it").add_argument("file")
+    policy.add_parser("check", help="check a policy file against this tailnet").add_argument("file")
+    policy.add_parser("get", help="print the policy in force")
+    policy.add_parser("clear", help="remove the policy: every node may reach every other")
+    compile_ = policy.add_parser("compile", help="show what a policy gives each node of a topology")
+    compile_.add_argument("file")
+    compile_.add_argument("--topology", required=True, help='JSON {"users": [...], "nodes": {...}}')
+
     with_output(sub.add_parser("status", help="the tailnet as the server sees it"))
     return parser
 
@@ -2115,7 +5068,9 @@ def main(argv=None):
             return cmd_serve(args, config)
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         store = Store(os.path.join(config.state_dir, "meshbox.db"))
-        {"users": cmd_users, "preauthkeys": cmd_preauthkeys, "nodes": cmd_nodes, "status": cmd_status}[args.command](args, store)
+        commands = {"users": cmd_users, "preauthkeys": cmd_preauthkeys, "nodes": cmd_nodes,
+                    "policy": cmd_policy, "status": cmd_status}
+        commands[args.command](args, store)
     except (ValueError, StoreError, RuntimeError, OSError) as e:
         print(f"meshbox: {e}", file=sys.stderr)
         return 1

@@ -103,7 +103,8 @@ def compare_case(case):
         return result
     try:
         policy = meshbox.parse_policy(json.dumps(case["policy"]))
-        got = meshbox.compile_policy(policy, topology_of(case))
+        # the corpus was captured with this placeholder as the control URL
+        got = meshbox.compile_policy(policy, topology_of(case), control_url="https://unused")
     except Exception as e:
         result.update(passed=False, error="crash: %r" % e)
         return result

@@ -5,11 +5,13 @@ the client's side of the handshake (the mirror image of the server's).
 """
 
 import asyncio
+import base64
 import collections
 import hashlib
 import json
 import secrets
 import ssl
+import struct
 
 import meshbox
 from meshbox import (DERP_KEY_LEN, DERP_MAGIC, DERP_MAX_INFO, DERP_NONCE_LEN,
@@ -33,12 +35,14 @@ class DerpClient:
 
     @classmethod
     async def connect(cls, host, port, private_key=None, pin=None, server_name=None,
-                      fast_start_key=None, timeout=5.0):
+                      fast_start_key=None, websocket=False, timeout=5.0):
         """Connect, upgrade and handshake.
 
         pin: a ``sha256-raw:<hex>`` CertName to use TLS and check the
         certificate against (as Tailscale clients do). fast_start_key: the
         server key, to send ``Derp-Fast-Start: 1`` and skip the HTTP reply.
+        websocket: upgrade to WebSocket with the ``derp`` subprotocol, as
+        browser clients do.
         """
         ctx = None
         if pin is not None:
@@ -54,15 +58,20 @@ class DerpClient:
                 cert = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
                 if meshbox.certificate_pin(cert) != pin:
                     raise ssl.SSLError("certificate does not match the pin")
-            await asyncio.wait_for(client._handshake(host, fast_start_key), timeout)
+            await asyncio.wait_for(client._handshake(host, fast_start_key, websocket), timeout)
         except BaseException:
             writer.close()
             raise
         return client
 
-    async def _handshake(self, host, fast_start_key):
-        request = (f"GET /derp HTTP/1.1\r\nHost: {host}\r\n"
-                   "Upgrade: DERP\r\nConnection: Upgrade\r\n")
+    async def _handshake(self, host, fast_start_key, websocket):
+        request = f"GET /derp HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"
+        if websocket:
+            ws_key = base64.b64encode(secrets.token_bytes(16)).decode()
+            request += ("Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                        f"Sec-WebSocket-Key: {ws_key}\r\nSec-WebSocket-Protocol: derp\r\n")
+        else:
+            request += "Upgrade: DERP\r\n"
         if fast_start_key is not None:
             request += "Derp-Fast-Start: 1\r\n"
         self.writer.write((request + "\r\n").encode())
@@ -70,6 +79,11 @@ class DerpClient:
             self.http_response = await self.reader.readuntil(b"\r\n\r\n")
             if not self.http_response.startswith(b"HTTP/1.1 101 "):
                 raise ConnectionError(f"no upgrade: {self.http_response[:200]!r}")
+        if websocket:
+            accept = meshbox.websocket_accept_value(ws_key)
+            if f"Sec-WebSocket-Accept: {accept}\r\n".encode() not in self.http_response:
+                raise ConnectionError("bad Sec-WebSocket-Accept")
+            self.reader = self.writer = WebSocketClientStream(self.reader, self.writer)
         frame_type, body = await read_frame(self.reader, 1024)
         if frame_type != FRAME_SERVER_KEY or not body.startswith(DERP_MAGIC) \
                 or len(body) < len(DERP_MAGIC) + DERP_KEY_LEN:
@@ -130,22 +144,63 @@ class DerpClient:
             pass
 
 
+class WebSocketClientStream:
+    """Client side of a WebSocket carrying a byte stream (masked binary frames)."""
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+        self.buffer = bytearray()
+
+    async def readexactly(self, n):
+        while len(self.buffer) < n:
+            b0, b1 = await self.reader.readexactly(2)
+            size = b1 & 0x7F
+            if size == 126:
+                size = struct.unpack(">H", await self.reader.readexactly(2))[0]
+            elif size == 127:
+                size = struct.unpack(">Q", await self.reader.readexactly(8))[0]
+            payload = await self.reader.readexactly(size)
+            if b0 & 0x0F == 0x8:
+                raise asyncio.IncompleteReadError(b"", None)
+            if b0 & 0x0F in (0x0, 0x2):
+                self.buffer += payload
+        out = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return out
+
+    def write(self, data):
+        mask = secrets.token_bytes(4)
+        n = len(data)
+        if n < 126:
+            head = struct.pack(">BB", 0x82, 0x80 | n)
+        elif n < 65536:
+            head = struct.pack(">BBH", 0x82, 0x80 | 126, n)
+        else:
+            head = struct.pack(">BBQ", 0x82, 0x80 | 127, n)
+        self.writer.write(head + mask + bytes(b ^ mask[i & 3] for i, b in enumerate(data)))
+
+    async def drain(self):
+        await self.writer.drain()
+
+    def close(self):
+        self.writer.close()
+
+    async def wait_closed(self):
+        await self.writer.wait_closed()
+
+
 async def serve_derp_http(derp, host="127.0.0.1", port=0, ssl_context=None):
     """A loopback HTTP/1.1 server that hands ``GET /derp`` to derp.handle_upgrade."""
 
     async def on_connection(reader, writer):
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
+            request = await asyncio.wait_for(meshbox.read_http_request(reader), 5)
+            if request is not None:
+                await derp.handle_upgrade(request.headers, reader, writer)
+        except (meshbox.HttpError, TimeoutError, OSError):
+            pass
+        finally:
             writer.close()
-            return
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        await derp.handle_upgrade(headers, reader, writer)
 
     return await asyncio.start_server(on_connection, host, port, ssl=ssl_context)
 

