@@ -25,6 +25,8 @@ comment ``# ---- Name ----``):
   DERP            the relay: frames, clients, forwarding
   STUN            RFC 5389 binding responses
   Control server  ts2021 over HTTP/2 (h2): register, map
+  Gateway plan    pure: the box's WireGuard peers and nftables rules
+  Gateway         kernel or userspace WireGuard, routes, nftables
   Server          listeners and lifetime of ``serve``
   CLI             argument parsing and the commands
 """
@@ -762,10 +764,18 @@ CREATE TABLE IF NOT EXISTS nodes (
     given_name TEXT UNIQUE NOT NULL, ipv4 TEXT UNIQUE NOT NULL, ipv6 TEXT UNIQUE NOT NULL,
     tags TEXT NOT NULL, ephemeral INTEGER NOT NULL, auth_key_id INTEGER,
     expiry REAL, created REAL NOT NULL, last_seen REAL, hostinfo TEXT NOT NULL,
-    endpoints TEXT NOT NULL, approved_routes TEXT NOT NULL DEFAULT '[]', cap INTEGER NOT NULL DEFAULT 0);
+    endpoints TEXT NOT NULL, approved_routes TEXT NOT NULL DEFAULT '[]', cap INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'client');
+CREATE TABLE IF NOT EXISTS devices (
+    id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, user_id INTEGER NOT NULL REFERENCES users(id),
+    public_key BLOB UNIQUE NOT NULL, ipv4 TEXT UNIQUE NOT NULL, ipv6 TEXT UNIQUE NOT NULL,
+    full_tunnel INTEGER NOT NULL, created REAL NOT NULL);
 """
 
 PREAUTH_KEY_PREFIX = "mskey-"
+NODE_CLIENT = "client"       # a Tailscale client that registered itself
+NODE_GATEWAY = "gateway"     # meshbox's own kernel-WireGuard node
+GATEWAY_USER = "meshbox"     # owner of the gateway node and its devices
 
 
 class StoreError(Exception):
@@ -802,6 +812,7 @@ class Node:
     endpoints: list
     approved_routes: list
     cap: int
+    kind: str = NODE_CLIENT
     online: bool = False
 
     @classmethod
@@ -814,7 +825,7 @@ class Node:
             auth_key_id=row["auth_key_id"], expiry=row["expiry"], created=row["created"],
             last_seen=row["last_seen"], hostinfo=json.loads(row["hostinfo"]),
             endpoints=json.loads(row["endpoints"]),
-            approved_routes=json.loads(row["approved_routes"]), cap=row["cap"])
+            approved_routes=json.loads(row["approved_routes"]), cap=row["cap"], kind=row["kind"])
 
     def durable_fields(self):
         """The fields a CLI edit can change (compared on reload)."""
@@ -941,12 +952,12 @@ class Store:
         """Insert a node (inside the caller's transaction); sets node.id."""
         cur = self.db.execute(
             "INSERT INTO nodes(machine_key, node_key, disco_key, user_id, hostname, given_name, ipv4, ipv6,"
-            " tags, ephemeral, auth_key_id, expiry, created, last_seen, hostinfo, endpoints, approved_routes, cap)"
-            " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " tags, ephemeral, auth_key_id, expiry, created, last_seen, hostinfo, endpoints, approved_routes, cap, kind)"
+            " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (node.machine_key, node.node_key, node.disco_key, node.user_id, node.hostname, node.given_name,
              node.ipv4, node.ipv6, json.dumps(node.tags), int(node.ephemeral), node.auth_key_id, node.expiry,
              node.created, node.last_seen, json.dumps(node.hostinfo), json.dumps(node.endpoints),
-             json.dumps(node.approved_routes), node.cap))
+             json.dumps(node.approved_routes), node.cap, node.kind))
         node.id = cur.lastrowid
 
     def update_node(self, node_id, **fields):
@@ -958,6 +969,16 @@ class Store:
 
     def delete_node(self, node_id):
         self.db.execute("DELETE FROM nodes WHERE id=?", (node_id,))
+
+    # plain WireGuard devices behind the gateway
+    def devices(self):
+        return [dict(r) for r in self.db.execute(
+            "SELECT d.*, u.name AS user FROM devices d JOIN users u ON u.id=d.user_id ORDER BY d.id")]
+
+    def taken_addresses(self):
+        """Every tailnet address in use by nodes and devices: (IPv4 set, IPv6 set)."""
+        rows = self.db.execute("SELECT ipv4, ipv6 FROM nodes UNION ALL SELECT ipv4, ipv6 FROM devices").fetchall()
+        return {r[0] for r in rows}, {r[1] for r in rows}
 
 
 class _Transaction:
@@ -3075,6 +3096,10 @@ def node_json(node, base_domain, at, seen_as=None):
     }
     if seen_as and seen_as.get("PrimaryRoutes"):
         out["PrimaryRoutes"] = seen_as["PrimaryRoutes"]
+    if node.kind == NODE_GATEWAY:
+        # Plain WireGuard: clients dial its Endpoints, no disco, no DERP.
+        out["IsWireGuardOnly"] = True
+        return out
     if node.disco_key:
         out["DiscoKey"] = key_text("discokey", node.disco_key)
     if region:
@@ -3263,6 +3288,7 @@ class Coordinator:
         self.policy_text = store.setting("policy")
         self.policy = parse_policy(self.policy_text) if self.policy_text else None
         self.views = {}              # str(node id) -> compiled policy view
+        self.on_change = None        # called after any change (the gateway follows)
         self.recompile()
 
     # lookups
@@ -3274,10 +3300,12 @@ class Coordinator:
 
     # fan-out
     def notify(self, changed=(), removed=(), full=False):
-        """Tell every map session which nodes changed or went away."""
+        """Tell every map session (and the gateway) which nodes changed or went away."""
         for sessions in self.sessions.values():
             for session in sessions:
                 session.owe(changed, removed, full)
+        if self.on_change is not None:
+            self.on_change()
 
     def view_of(self, node):
         return self.views.get(str(node.id)) or {"packet_filter_rules": None, "peers": {}, "ssh_rules": None}
@@ -3447,9 +3475,7 @@ class Coordinator:
                 node.hostinfo = hostinfo or node.hostinfo
                 verb = "re-registered"
             else:
-                taken4 = {n.ipv4 for n in self.nodes.values()}
-                taken6 = {n.ipv6 for n in self.nodes.values()}
-                ipv4, ipv6 = allocate_addresses(self.prefix_v4, self.prefix_v6, taken4, taken6)
+                ipv4, ipv6 = allocate_addresses(self.prefix_v4, self.prefix_v6, *self.store.taken_addresses())
                 hostname = str(hostinfo.get("Hostname") or "node")[:255]
                 node = Node(id=0, machine_key=machine_key, node_key=node_key, disco_key=b"",
                             user_id=key_row["user_id"], hostname=hostname,
@@ -3526,6 +3552,40 @@ class Coordinator:
                 self.notify(changed=[node.id])
         return node
 
+    # meshbox's own node
+    def gateway_node(self):
+        return next((n for n in self.nodes.values() if n.kind == NODE_GATEWAY), None)
+
+    def ensure_gateway_node(self, public_key, hostname, routes, endpoints):
+        """Create or update the box's own WireGuard-only node; the routes it
+        advertises are approved by its configuration."""
+        node = self.gateway_node()
+        hostinfo = {"Hostname": hostname, "OS": "linux", "RoutableIPs": routes}
+        try:
+            user = self.store.user_named(GATEWAY_USER)
+        except ValueError:
+            user = self.store.create_user(GATEWAY_USER)
+        self.users[user.id] = user
+        with self.store.transaction():
+            if node is None:
+                ipv4, ipv6 = allocate_addresses(self.prefix_v4, self.prefix_v6, *self.store.taken_addresses())
+                node = Node(id=0, machine_key=blake2s(b"meshbox gateway " + public_key), node_key=public_key,
+                            disco_key=b"", user_id=user.id, hostname=hostname,
+                            given_name=self._unique_given_name(hostname), ipv4=ipv4, ipv6=ipv6, tags=[],
+                            ephemeral=False, auth_key_id=None, expiry=None, created=now(), last_seen=now(),
+                            hostinfo=hostinfo, endpoints=endpoints, approved_routes=routes, cap=0, kind=NODE_GATEWAY)
+                self.store.insert_node(node)
+                self.nodes[node.id] = node
+                log.info("created gateway node %d %s (%s, %s)", node.id, node.given_name, node.ipv4, node.ipv6)
+            else:
+                self.store.update_node(node.id, node_key=public_key, hostinfo=hostinfo, endpoints=endpoints,
+                                       approved_routes=routes)
+                node.node_key, node.hostinfo, node.endpoints, node.approved_routes = \
+                    public_key, hostinfo, endpoints, routes
+        node.online = True
+        self.topology_changed(changed=[node.id])
+        return node
+
     # administrative changes (CLI and API)
     def delete_node(self, node_id):
         with self.store.transaction():
@@ -3567,6 +3627,8 @@ class Coordinator:
         if changed or removed:
             log.info("state changed on disk: %d node(s) changed, %d removed", len(changed), len(removed))
             self.topology_changed(changed=changed, removed=removed)
+        elif self.on_change is not None:      # e.g. a device was added: only the gateway cares
+            self.on_change()
 
     def flush_live(self):
         """Write endpoints, disco keys, host info and last-seen times."""
@@ -4447,6 +4509,455 @@ class ControlConnection:
             coordinator.close_session(session)
 
 
+# ---- Gateway plan ----
+# Pure: what the box's WireGuard interface and nftables table should hold,
+# computed from its compiled policy view.  The Gateway section applies it.
+
+NFT_TABLE = "meshbox"
+TAILSCALE_DEFAULT_PROTOCOLS = (6, 17, 1, 58)     # TCP, UDP, ICMP, ICMPv6 when IPProto is empty
+EXIT_ROUTES = ("0.0.0.0/0", "::/0")
+PERSISTENT_KEEPALIVE = 25
+
+
+def check_routes(routes, prefix_v4, prefix_v6):
+    """Normalise advertised subnet routes, refusing bad or overlapping ones."""
+    tailnet = [ipaddress.ip_network(prefix_v4), ipaddress.ip_network(prefix_v6)]
+    out = []
+    for text in routes:
+        try:
+            net = ipaddress.ip_network(text.strip(), strict=True)
+        except ValueError as e:
+            raise ValueError(f"bad route {text!r}: {e}") from None
+        if net.prefixlen == 0:
+            raise ValueError(f"route {net} is the whole internet: use --advertise-exit-node instead")
+        if any(net.version == t.version and net.overlaps(t) for t in tailnet):
+            raise ValueError(f"route {net} overlaps the tailnet's own addresses")
+        out.append(str(net))
+    return out
+
+
+def endpoint_pair(text):
+    """``1.2.3.4:41641`` or ``[v6]:41641`` to (host, port), or None."""
+    try:
+        host, port = parse_host_port(text, 0)
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (host, port) if port else None
+
+
+def gateway_peers(view, nodes, devices):
+    """The box's WireGuard peers: public key -> (allowed IPs, endpoint or None)."""
+    peers = {}
+    for peer, seen_as in peers_in_view(view, nodes):
+        endpoint = next((e for e in map(endpoint_pair, peer.endpoints) if e), None)
+        peers[peer.node_key] = (tuple(sorted(seen_as["AllowedIPs"])), endpoint)
+    for device in devices:
+        peers[bytes(device["public_key"])] = ((f"{device['ipv4']}/32", f"{device['ipv6']}/128"), None)
+    return peers
+
+
+def _nft_addresses(items, version):
+    """Tailscale address items (IP, CIDR, range, "*") of one family as nft set elements."""
+    out = []
+    for item in items:
+        if item == "*":
+            return ["*"]
+        first = item.split("-")[0].split("/")[0]
+        if ipaddress.ip_address(first).version == version:
+            out.append(item)
+    return out
+
+
+def nft_filter_rules(filter_rules, ifname):
+    """nftables rule bodies admitting, from the tailnet, what a PacketFilter allows."""
+    out = []
+    for rule in filter_rules or []:
+        protocols = rule.get("IPProto") or TAILSCALE_DEFAULT_PROTOCOLS
+        for version, family in ((4, "ip"), (6, "ip6")):
+            sources = _nft_addresses(rule.get("SrcIPs", []), version)
+            if not sources:
+                continue
+            for dst in rule.get("DstPorts") or []:
+                dests = _nft_addresses([dst["IP"]], version)
+                if not dests:
+                    continue
+                ports = dst.get("Ports") or {"First": 0, "Last": 65535}
+                parts = [f'iifname "{ifname}"', f"meta nfproto ipv{version}"]
+                if sources != ["*"]:
+                    parts.append(f"{family} saddr {{ {', '.join(sources)} }}")
+                if dests != ["*"]:
+                    parts.append(f"{family} daddr {{ {', '.join(dests)} }}")
+                parts.append(f"meta l4proto {{ {', '.join(str(p) for p in protocols)} }}")
+                if (ports["First"], ports["Last"]) != (0, 65535):
+                    port_text = str(ports["First"]) if ports["First"] == ports["Last"] else f"{ports['First']}-{ports['Last']}"
+                    # Ports only mean something for TCP, UDP and SCTP.
+                    parts[-1] = f"meta l4proto {{ {', '.join(str(p) for p in protocols if p in (6, 17, 132))} }}"
+                    if parts[-1].endswith("{  }"):
+                        continue
+                    parts.append(f"th dport {port_text}")
+                out.append(" ".join(parts) + " accept")
+    return out
+
+
+def nft_table(ifname, masquerade, acl_rules):
+    """meshbox's whole nftables table: ACL on what enters from the tailnet,
+    and masquerade of tailnet traffic leaving by another interface."""
+    lines = [f"table inet {NFT_TABLE} {{",
+             "  chain tailnet_in {",
+             *[f"    {rule}" for rule in acl_rules],
+             "    counter drop",
+             "  }",
+             "  chain input {",
+             "    type filter hook input priority filter; policy accept;",
+             f'    iifname "{ifname}" ct state established,related accept',
+             f'    iifname "{ifname}" jump tailnet_in',
+             "  }",
+             "  chain forward {",
+             "    type filter hook forward priority filter; policy accept;",
+             f'    iifname "{ifname}" ct state established,related accept',
+             f'    iifname "{ifname}" jump tailnet_in',
+             "  }",
+             "  chain postrouting {",
+             "    type nat hook postrouting priority srcnat; policy accept;"]
+    if masquerade:
+        lines.append(f'    iifname "{ifname}" oifname != "{ifname}" masquerade')
+    lines += ["  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def wg_quick_config(private_key, address4, address6, box_public, endpoint, allowed_ips):
+    """A plain WireGuard device's configuration, in wg-quick's format."""
+    return "\n".join([
+        "[Interface]",
+        f"PrivateKey = {base64.b64encode(private_key).decode()}",
+        f"Address = {address4}/32, {address6}/128",
+        "",
+        "[Peer]",
+        f"PublicKey = {base64.b64encode(box_public).decode()}",
+        f"AllowedIPs = {', '.join(allowed_ips)}",
+        f"Endpoint = {endpoint}",
+        f"PersistentKeepalive = {PERSISTENT_KEEPALIVE}",
+        ""])
+
+
+# ---- Gateway ----
+# The box as a WireGuard peer of its own tailnet: one interface (kernel
+# WireGuard through netlink, or a userspace implementation through its UAPI
+# socket), its addresses and routes, forwarding, and the nftables table.
+# Changes are applied as differences; nothing else on the system is touched.
+
+UAPI_DIR = "/var/run/wireguard"
+USERSPACE_WIREGUARD = ("wireguard-go", "boringtun-cli", "boringtun")
+
+
+class GatewayError(Exception):
+    """The gateway cannot be set up; the message says what to install or fix."""
+
+
+def _import_pyroute2():
+    try:
+        import pyroute2
+    except ImportError:
+        raise GatewayError("the gateway needs pyroute2: pip install pyroute2 (OpenWrt: python3-pyroute2)") from None
+    return pyroute2
+
+
+class KernelWireGuard:
+    """Kernel WireGuard configured over netlink (pyroute2)."""
+
+    name = "kernel"
+
+    def __init__(self, ifname):
+        self.ifname = ifname
+        pyroute2 = _import_pyroute2()
+        self.ipr = pyroute2.IPRoute()
+        self.wg = pyroute2.WireGuard()
+
+    def create(self):
+        if not self.ipr.link_lookup(ifname=self.ifname):
+            try:
+                self.ipr.link("add", ifname=self.ifname, kind="wireguard")
+            except Exception as e:    # NetlinkError: no wireguard module
+                raise GatewayError(f"cannot create a kernel WireGuard interface: {e}") from None
+
+    def configure(self, private_key, port):
+        self.wg.set(self.ifname, private_key=base64.b64encode(private_key).decode(), listen_port=port)
+
+    def set_peer(self, public_key, allowed_ips, endpoint):
+        peer = {"public_key": base64.b64encode(public_key).decode(), "allowed_ips": list(allowed_ips),
+                "replace_allowed_ips": True, "persistent_keepalive": PERSISTENT_KEEPALIVE}
+        if endpoint:
+            peer["endpoint_addr"], peer["endpoint_port"] = endpoint
+        self.wg.set(self.ifname, peer=peer)
+
+    def remove_peer(self, public_key):
+        self.wg.set(self.ifname, peer={"public_key": base64.b64encode(public_key).decode(), "remove": True})
+
+    def peer_stats(self):
+        out = {}
+        for msg in self.wg.info(self.ifname):
+            for peer in msg.get_attr("WGDEVICE_A_PEERS") or []:
+                key = base64.b64decode(peer.get_attr("WGPEER_A_PUBLIC_KEY"))
+                handshake = peer.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME") or {}
+                endpoint = peer.get_attr("WGPEER_A_ENDPOINT") or {}
+                out[key] = {"last_handshake": handshake.get("tv_sec") or None,
+                            "rx_bytes": peer.get_attr("WGPEER_A_RX_BYTES") or 0,
+                            "tx_bytes": peer.get_attr("WGPEER_A_TX_BYTES") or 0,
+                            "endpoint": f"{endpoint['addr']}:{endpoint['port']}" if endpoint.get("addr") else None}
+        return out
+
+    def destroy(self):
+        index = self.ipr.link_lookup(ifname=self.ifname)
+        if index:
+            self.ipr.link("del", index=index[0])
+        self.wg.close()
+        self.ipr.close()
+
+
+class UserspaceWireGuard:
+    """A userspace WireGuard (wireguard-go, boringtun) driven over its UAPI socket."""
+
+    name = "userspace"
+
+    def __init__(self, ifname, program):
+        self.ifname, self.program = ifname, program
+        self.process = None
+        self.socket_path = os.path.join(UAPI_DIR, ifname + ".sock")
+        self.ipr = _import_pyroute2().IPRoute()
+
+    def create(self):
+        import subprocess
+        if os.path.exists(self.socket_path):
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(self.socket_path)
+            except OSError:
+                os.unlink(self.socket_path)          # left by a process that died
+            else:
+                raise GatewayError(f"{self.ifname} is already run by another {self.program} ({self.socket_path})")
+        env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
+        self.process = subprocess.Popen([self.program, "-f", self.ifname], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.socket_path):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                err = self.process.stderr.read().decode(errors="replace") if self.process.poll() is not None else ""
+                raise GatewayError(f"{self.program} did not start: {err.strip() or 'no UAPI socket'}")
+            time.sleep(0.05)
+
+    def uapi(self, request):
+        """One UAPI exchange; returns the response's key/value lines."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(self.socket_path)
+            s.sendall(request.encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        lines = [line.split("=", 1) for line in data.decode().splitlines() if "=" in line]
+        errno = next((v for k, v in lines if k == "errno"), "0")
+        if errno != "0":
+            raise GatewayError(f"{self.program} refused a setting (errno {errno})")
+        return lines
+
+    def configure(self, private_key, port):
+        self.uapi(f"set=1\nprivate_key={private_key.hex()}\nlisten_port={port}\n")
+
+    def set_peer(self, public_key, allowed_ips, endpoint):
+        lines = ["set=1", f"public_key={public_key.hex()}", "replace_allowed_ips=true",
+                 f"persistent_keepalive_interval={PERSISTENT_KEEPALIVE}"]
+        lines += [f"allowed_ip={ip}" for ip in allowed_ips]
+        if endpoint:
+            host, port = endpoint
+            lines.append(f"endpoint={'[' + host + ']' if ':' in host else host}:{port}")
+        self.uapi("\n".join(lines) + "\n")
+
+    def remove_peer(self, public_key):
+        self.uapi(f"set=1\npublic_key={public_key.hex()}\nremove=true\n")
+
+    def peer_stats(self):
+        out, current = {}, None
+        for key, value in self.uapi("get=1\n"):
+            if key == "public_key":
+                current = out[bytes.fromhex(value)] = {"last_handshake": None, "rx_bytes": 0, "tx_bytes": 0,
+                                                       "endpoint": None}
+            elif current is not None and key == "last_handshake_time_sec":
+                current["last_handshake"] = int(value) or None
+            elif current is not None and key in ("rx_bytes", "tx_bytes"):
+                current[key] = int(value)
+            elif current is not None and key == "endpoint":
+                current["endpoint"] = value
+        return out
+
+    def destroy(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except Exception:
+                self.process.kill()
+        self.ipr.close()
+
+
+def find_userspace_wireguard():
+    import shutil
+    return next((shutil.which(p) for p in USERSPACE_WIREGUARD if shutil.which(p)), None)
+
+
+def kernel_has_wireguard():
+    """Whether the running kernel has (or can load) WireGuard."""
+    if os.path.exists("/sys/module/wireguard"):
+        return True
+    release = os.uname().release
+    for root in ("/lib/modules", "/usr/lib/modules"):
+        try:
+            with open(os.path.join(root, release, "modules.dep")) as f:
+                if "wireguard.ko" in f.read():
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def open_wireguard(ifname, backend="auto"):
+    """The WireGuard backend to use, or GatewayError saying what to install."""
+    if backend in ("auto", "kernel") and (backend == "kernel" or kernel_has_wireguard()):
+        return KernelWireGuard(ifname)
+    program = find_userspace_wireguard()
+    if backend in ("auto", "userspace") and program:
+        return UserspaceWireGuard(ifname, program)
+    raise GatewayError("no WireGuard here: the kernel has no wireguard module and no userspace WireGuard "
+                       "is installed (OpenWrt: opkg install kmod-wireguard; Debian: apt install wireguard-go)")
+
+
+def run_nft(script):
+    """Feed a script to nft; GatewayError with nft's message on failure."""
+    import subprocess
+    try:
+        result = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise GatewayError("nft not found: install nftables") from None
+    if result.returncode != 0:
+        raise GatewayError(f"nft refused the rules: {result.stderr.strip()}")
+
+
+def write_sysctl(name, value):
+    with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
+        f.write(value)
+
+
+class Gateway:
+    """The box's WireGuard interface, routes and nftables table, kept in step with the tailnet.
+
+    Its methods block (netlink, nft); the server runs them on one worker
+    thread, since pyroute2's blocking API cannot run inside the event loop."""
+
+    def __init__(self, config, private_key):
+        self.config = config
+        self.private_key = private_key
+        self.public_key = x25519_public(private_key)
+        self.wg = None
+        self.applied_peers = {}
+        self.applied_table = None
+
+    def local_endpoints(self, routes):
+        """The box's own addresses inside the LAN routes it advertises, with the WireGuard port."""
+        out = []
+        nets = [ipaddress.ip_network(r) for r in routes]
+        for msg in self.wg.ipr.get_addr():
+            addr = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
+            if any(addr in net for net in nets):
+                out.append(f"{addr}:{self.config.wg_port}" if addr.version == 4 else f"[{addr}]:{self.config.wg_port}")
+        return out
+
+    def up(self, node):
+        """Create and address the interface and install routes and the table."""
+        config = self.config
+        self.wg = open_wireguard(config.wg_interface, config.wg_backend)
+        try:
+            self.wg.create()
+            self.wg.configure(self.private_key, config.wg_port)
+            ipr = self.wg.ipr
+            index = ipr.link_lookup(ifname=config.wg_interface)[0]
+            ipv6 = os.path.exists("/proc/sys/net/ipv6/conf/all/forwarding")
+            if ipv6:   # new links inherit disable_ipv6 from "default"; ours needs IPv6
+                try:
+                    write_sysctl(f"net.ipv6.conf.{config.wg_interface}.disable_ipv6", "0")
+                except OSError:
+                    pass
+            try:
+                ipr.addr("add", index=index, address=node.ipv4, prefixlen=32)
+            except Exception as e:
+                if "exists" not in str(e).lower():
+                    raise GatewayError(f"cannot address {config.wg_interface}: {e}") from None
+            if ipv6:
+                try:
+                    ipr.addr("add", index=index, address=node.ipv6, prefixlen=128)
+                except Exception as e:   # IPv6 disabled (EACCES) or the address exists
+                    if "exists" not in str(e).lower():
+                        log.warning("gateway: no IPv6 on %s (%s); serving IPv4 only", config.wg_interface, e)
+                        ipv6 = False
+            ipr.link("set", index=index, state="up")
+            for prefix in (config.prefix_v4, config.prefix_v6):
+                net = ipaddress.ip_network(prefix)
+                if net.version == 6 and not ipv6:
+                    continue
+                try:
+                    ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen, oif=index,
+                              family=socket.AF_INET if net.version == 4 else socket.AF_INET6)
+                except Exception as e:
+                    raise GatewayError(f"cannot route {prefix} to {config.wg_interface}: {e}") from None
+            write_sysctl("net.ipv4.ip_forward", "1")
+            if ipv6:
+                write_sysctl("net.ipv6.conf.all.forwarding", "1")
+            self.apply_table([])
+        except Exception:
+            self.down()
+            raise
+        log.info("gateway up: %s (%s WireGuard) port %d, %s %s", config.wg_interface, self.wg.name,
+                 config.wg_port, node.ipv4, node.ipv6)
+
+    def apply_table(self, acl_rules):
+        """Replace meshbox's table in one nft transaction when its content changed."""
+        table = nft_table(self.config.wg_interface, self.config.snat_subnet_routes, acl_rules)
+        if table == self.applied_table:
+            return
+        # 'add' then 'delete' makes the delete safe when the table is absent;
+        # nft applies the whole script atomically.
+        run_nft(f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n{table}")
+        self.applied_table = table
+
+    def apply(self, wanted, acl_rules):
+        """Bring the peer list and the ACL to the plan, as differences."""
+        for key in [k for k in self.applied_peers if k not in wanted]:
+            self.wg.remove_peer(key)
+            del self.applied_peers[key]
+        for key, (allowed_ips, endpoint) in wanted.items():
+            old = self.applied_peers.get(key)
+            if old is None or old[0] != allowed_ips or (endpoint and old[1] != endpoint):
+                self.wg.set_peer(key, allowed_ips, endpoint if old is None or old[1] != endpoint else None)
+                self.applied_peers[key] = (allowed_ips, endpoint)
+        self.apply_table(acl_rules)
+
+    def down(self):
+        """Remove the interface (with its addresses and routes) and the table."""
+        if self.applied_table is not None or self.wg is not None:
+            try:
+                run_nft(f"add table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n")
+            except GatewayError as e:
+                log.error("%s", e)
+        if self.wg is not None:
+            self.wg.destroy()
+            self.wg = None
+        self.applied_peers.clear()
+        self.applied_table = None
+        log.info("gateway down: %s removed", self.config.wg_interface)
+
+
 # ---- Server ----
 # ``serve``: the listeners (control HTTP, DERP over TLS, STUN, the local
 # admin socket), the background upkeep, and a clean stop.
@@ -4470,6 +4981,14 @@ class Config:
     nameservers: list = dataclasses.field(default_factory=list)
     policy_file: str = ""       # a HuJSON policy file, reloaded when it changes (else the stored policy)
     log_level: str = "info"
+    gateway: bool = False       # be a WireGuard peer, subnet router and exit node of the tailnet
+    wg_interface: str = "meshbox0"
+    wg_port: int = 41641
+    wg_backend: str = "auto"    # kernel, userspace (wireguard-go, boringtun) or auto
+    public_endpoint: list = dataclasses.field(default_factory=list)   # HOST:PORT clients reach the box at
+    advertise_routes: list = dataclasses.field(default_factory=list)  # LAN prefixes behind the box
+    advertise_exit_node: bool = False
+    snat_subnet_routes: bool = True   # masquerade tailnet traffic into the LAN
 
     def control_address(self):
         return parse_host_port(self.listen, 8080)
@@ -4512,6 +5031,20 @@ class Config:
             raise ValueError(f"server URL must start with http:// or https://, got {self.server_url!r}")
         if self.public_host() in ("0.0.0.0", "::", ""):
             raise ValueError("listening on a wildcard address: set --server-url to the address clients use")
+        if self.gateway:
+            self.gateway_routes()
+            for endpoint in self.public_endpoint:
+                if endpoint_pair(endpoint) is None:
+                    raise ValueError(f"bad public endpoint {endpoint!r}: use IP:PORT")
+            if self.wg_backend not in ("auto", "kernel", "userspace"):
+                raise ValueError(f"bad WireGuard backend {self.wg_backend!r}: use auto, kernel or userspace")
+            if not 0 < int(self.wg_port) < 65536:
+                raise ValueError(f"bad WireGuard port {self.wg_port}")
+
+    def gateway_routes(self):
+        """The routes the box advertises (checked), with the exit routes when it is an exit node."""
+        routes = check_routes(self.advertise_routes, self.prefix_v4, self.prefix_v6)
+        return routes + list(EXIT_ROUTES) if self.advertise_exit_node else routes
 
 
 class Server:
@@ -4523,6 +5056,7 @@ class Server:
         self.listeners = []
         self.tasks = []
         self.connections = {}       # handler task -> its writer, closed on stop
+        self.gateway_sync_pending = False
         self.stopping = asyncio.Event()
 
     def _open_state(self):
@@ -4586,6 +5120,9 @@ class Server:
         self.listeners.append(await asyncio.start_unix_server(self.handle_admin, admin_path))
         os.chmod(admin_path, 0o600)
         self.tasks.append(asyncio.ensure_future(self.upkeep()))
+        self.gateway = None
+        if config.gateway:
+            await self.start_gateway()
         log.info("meshbox %s serving %s (control on %s:%d, DERP %s, STUN %s), state in %s",
                  VERSION, config.public_url(), host, port,
                  f"TLS port {derp_port}" if derp_port else "off", f"port {stun_port}" if stun_port else "off",
@@ -4624,7 +5161,63 @@ class Server:
             except (StoreError, sqlite3.Error) as e:
                 log.error("state database: %s (will retry)", e)
 
+    # the gateway
+    async def in_gateway_thread(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.gateway_thread, function, *args)
+
+    async def start_gateway(self):
+        """Bring up the box's WireGuard node; on failure the coordinator runs on without it."""
+        import concurrent.futures
+        config, coordinator = self.config, self.coordinator
+        self.gateway_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gateway")
+        private_key = self.store.secret("wg_private", new_private_key)
+        routes = config.gateway_routes()
+        gateway = Gateway(config, private_key)
+        hostname = socket.gethostname()
+        try:
+            node = coordinator.ensure_gateway_node(gateway.public_key, hostname, routes, list(config.public_endpoint))
+            await self.in_gateway_thread(gateway.up, node)
+            endpoints = list(config.public_endpoint) + await self.in_gateway_thread(gateway.local_endpoints, routes)
+            coordinator.ensure_gateway_node(gateway.public_key, hostname, routes, endpoints)
+        except (GatewayError, OSError, ValueError) as e:
+            log.error("gateway not started: %s; the coordinator runs without it", e)
+            await self.in_gateway_thread(gateway.down)
+            return
+        self.gateway = gateway
+        self.gateway_routes = routes
+        coordinator.on_change = self.gateway_changed
+        self.gateway_changed()
+
+    def gateway_changed(self):
+        """Schedule one gateway sync for a burst of changes."""
+        if not self.gateway_sync_pending:
+            self.gateway_sync_pending = True
+            asyncio.get_running_loop().call_later(UPDATE_BATCH_DELAY,
+                                                  lambda: self.tasks.append(asyncio.ensure_future(self.sync_gateway())))
+
+    async def sync_gateway(self):
+        self.tasks = [t for t in self.tasks if not t.done()]
+        self.gateway_sync_pending = False
+        coordinator = self.coordinator
+        node = coordinator.gateway_node()
+        if self.gateway is None or node is None:
+            return
+        devices = self.store.devices()
+        # Devices are addresses behind the box: its routes carry them.
+        routes = self.gateway_routes + [a for d in devices for a in (f"{d['ipv4']}/32", f"{d['ipv6']}/128")]
+        if routes != node.approved_routes:
+            coordinator.ensure_gateway_node(node.node_key, node.hostname, routes, node.endpoints)
+        view = coordinator.view_of(node)
+        wanted = gateway_peers(view, coordinator.nodes, devices)
+        acl = nft_filter_rules(view["packet_filter_rules"], self.config.wg_interface)
+        try:
+            await self.in_gateway_thread(self.gateway.apply, wanted, acl)
+        except (GatewayError, OSError) as e:
+            log.error("gateway update failed: %s (will retry on the next change)", e)
+
     async def stop(self):
+        if self.gateway is not None:
+            await self.in_gateway_thread(self.gateway.down)
         for listener in self.listeners:
             listener.close()
         for task in self.tasks:
@@ -4725,7 +5318,9 @@ class Server:
             line = await asyncio.wait_for(reader.readline(), 10)
             command = json.loads(line or b"{}").get("command")
             if command == "live":
-                body = {"nodes": {str(n.id): live_fields(n) for n in self.coordinator.nodes.values()},
+                wireguard = await self.in_gateway_thread(self.gateway.wg.peer_stats) if self.gateway else {}
+                body = {"nodes": {str(n.id): dict(live_fields(n), wireguard=wireguard.get(n.node_key))
+                                  for n in self.coordinator.nodes.values()},
                         "derp": self.derp.stats() if self.derp else {},
                         "refusals": self.refusals}
             else:
@@ -4793,10 +5388,27 @@ def load_config(args):
         if flag is not None:
             values[name] = flag
     for name, value in values.items():
-        if name == "nameservers" and isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        setattr(config, name, value)
+        setattr(config, name, setting_value(name, value, getattr(config, name)))
     return config
+
+
+def setting_value(name, value, default):
+    """A setting from text (environment, file) converted to the type of its default."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise SystemExit(f"meshbox: setting {name} must be true or false, got {value!r}")
+        return text in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise SystemExit(f"meshbox: setting {name} must be a number, got {value!r}") from None
+    if isinstance(default, list) and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
 
 
 def print_table(rows, columns):
@@ -4929,6 +5541,119 @@ def cmd_nodes(args, store):
     print(message)
 
 
+def cmd_routes(args, store):
+    if args.verb == "list":
+        nodes = store.nodes()
+        users = {u.id: u for u in store.users()}
+        compiled = compile_policy(None, policy_topology(nodes, users))
+        primary = {p for view in compiled.values() for seen in view["peers"].values()
+                   for p in seen.get("PrimaryRoutes", [])}
+        primary_by_node = {}
+        for view in compiled.values():
+            for peer_id, seen in view["peers"].items():
+                primary_by_node.setdefault(peer_id, set()).update(seen.get("PrimaryRoutes", []))
+        rows = []
+        for n in nodes:
+            advertised = list(n.hostinfo.get("RoutableIPs") or [])
+            for prefix in sorted(set(advertised) | set(n.approved_routes)):
+                rows.append({"node_id": n.id, "node": n.given_name, "prefix": prefix,
+                             "advertised": prefix in advertised, "approved": prefix in n.approved_routes,
+                             "primary": prefix in primary_by_node.get(str(n.id), ()) and prefix in primary})
+        output(args, rows, ["node_id", "node", "prefix", "advertised", "approved", "primary"])
+        return
+    node = find_node(store, args.node)
+    try:
+        prefix = str(ipaddress.ip_network(args.prefix, strict=True))
+    except ValueError as e:
+        raise ValueError(f"bad prefix {args.prefix!r}: {e}") from None
+    approved = list(node.approved_routes)
+    if args.verb == "approve":
+        if node.kind == NODE_GATEWAY:
+            raise ValueError("the gateway's routes come from its configuration (--advertise-routes)")
+        if prefix not in (node.hostinfo.get("RoutableIPs") or []):
+            raise ValueError(f"node {node.given_name} does not advertise {prefix}")
+        if prefix not in approved:
+            approved.append(prefix)
+    else:
+        if prefix not in approved:
+            raise ValueError(f"{prefix} is not approved for {node.given_name}")
+        approved.remove(prefix)
+    with store.transaction():
+        store.update_node(node.id, approved_routes=approved)
+    print(f"{'approved' if args.verb == 'approve' else 'unapproved'} {prefix} for {node.given_name}")
+
+
+def cmd_devices(args, store, config):
+    if args.verb == "list":
+        rows = [{"id": d["id"], "name": d["name"], "user": d["user"], "ipv4": d["ipv4"], "ipv6": d["ipv6"],
+                 "full_tunnel": bool(d["full_tunnel"]), "public_key": base64.b64encode(d["public_key"]).decode(),
+                 "created": rfc3339(d["created"])} for d in store.devices()]
+        output(args, rows, ["id", "name", "user", "ipv4", "full_tunnel", "public_key"])
+        return
+    if args.verb == "remove":
+        with store.transaction():
+            if store.db.execute("DELETE FROM devices WHERE name=?", (args.name,)).rowcount != 1:
+                raise ValueError(f"no device named {args.name!r}")
+        print(f"removed device {args.name}")
+        return
+    box = next((n for n in store.nodes() if n.kind == NODE_GATEWAY), None)
+    if box is None:
+        raise ValueError("no gateway yet: run 'meshbox serve --gateway ...' once first")
+    if not box.endpoints:
+        raise ValueError("the gateway has no endpoint devices can reach: set --public-endpoint IP:PORT")
+    if args.qr:
+        import shutil
+        if not shutil.which("qrencode"):
+            raise ValueError("--qr needs qrencode (apt install qrencode / opkg install qrencode)")
+    try:
+        user = store.user_named(args.user)
+    except ValueError:
+        if args.user != GATEWAY_USER:
+            raise
+        user = store.create_user(GATEWAY_USER)
+    name = sanitize_hostname(args.name)
+    if name != args.name:
+        raise ValueError(f"bad device name {args.name!r}: use a DNS label such as {name!r}")
+    private = new_private_key()
+    tailnet = [config.prefix_v4, config.prefix_v6]
+    with store.transaction():
+        if store.db.execute("SELECT 1 FROM devices WHERE name=?", (name,)).fetchone():
+            raise ValueError(f"a device named {name!r} exists")
+        ipv4, ipv6 = allocate_addresses(*tailnet, *store.taken_addresses())
+        store.db.execute("INSERT INTO devices(name, user_id, public_key, ipv4, ipv6, full_tunnel, created)"
+                         " VALUES(?,?,?,?,?,?,?)", (name, user.id, x25519_public(private), ipv4, ipv6,
+                                                    int(args.full_tunnel), now()))
+    if args.full_tunnel:
+        allowed = list(EXIT_ROUTES)
+    else:
+        nets = [ipaddress.ip_network(p) for p in tailnet]
+        lan = [r for r in box.approved_routes if r not in EXIT_ROUTES
+               and not any(ipaddress.ip_network(r).subnet_of(n) for n in nets if n.version == ipaddress.ip_network(r).version)]
+        allowed = tailnet + lan
+    config = wg_quick_config(private, ipv4, ipv6, box.node_key, box.endpoints[0], allowed)
+    print(f"device {name}: {ipv4} {ipv6}; keep this config secret, the key is not stored", file=sys.stderr)
+    if args.qr:
+        import subprocess
+        subprocess.run(["qrencode", "-t", "ansiutf8"], input=config.encode(), check=False)
+    sys.stdout.write(config)
+
+
+def cmd_gateway_down(config):
+    """Remove meshbox's interface and table, as a stopped server would."""
+    gateway = Gateway(config, bytes(32))
+    try:
+        gateway.wg = open_wireguard(config.wg_interface, config.wg_backend)
+    except GatewayError:
+        gateway.wg = None
+    gateway.applied_table = ""
+    if gateway.wg is not None and isinstance(gateway.wg, UserspaceWireGuard):
+        index = gateway.wg.ipr.link_lookup(ifname=config.wg_interface)
+        if index:
+            gateway.wg.ipr.link("del", index=index[0])
+    gateway.down()
+    print(f"removed {config.wg_interface} and the {NFT_TABLE} nftables table")
+
+
 def read_policy_file(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -5013,6 +5738,19 @@ def build_parser():
     serve.add_argument("--policy-file", dest="policy_file",
                        help="HuJSON ACL policy file, reloaded when it changes (default: the one set with 'policy set')")
     serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    gw = serve.add_argument_group("gateway (the box as a WireGuard peer, subnet router and exit node)")
+    gw.add_argument("--gateway", action="store_true", default=None, help="be a kernel-WireGuard node of the tailnet")
+    gw.add_argument("--wg-interface", dest="wg_interface", help="WireGuard interface (default meshbox0)")
+    gw.add_argument("--wg-port", dest="wg_port", type=int, help="WireGuard UDP port (default 41641)")
+    gw.add_argument("--wg-backend", dest="wg_backend", choices=["auto", "kernel", "userspace"],
+                    help="kernel WireGuard, or wireguard-go/boringtun (default auto)")
+    gw.add_argument("--public-endpoint", dest="public_endpoint",
+                    help="IP:PORT[,...] where devices reach the box's WireGuard port from outside")
+    gw.add_argument("--advertise-routes", dest="advertise_routes", help="LAN prefixes behind the box, e.g. 192.168.1.0/24")
+    gw.add_argument("--advertise-exit-node", dest="advertise_exit_node", action="store_true", default=None,
+                    help="offer the box as an exit node to the internet")
+    gw.add_argument("--snat-subnet-routes", dest="snat_subnet_routes", choices=["true", "false"],
+                    help="masquerade tailnet traffic into the LAN (default true)")
 
     def with_output(p):
         p.add_argument("--output", "-o", choices=["table", "json"], default="table")
@@ -5041,6 +5779,27 @@ def build_parser():
     rename.add_argument("id", help="node ID or name")
     rename.add_argument("name")
 
+    routes = sub.add_parser("routes", help="subnet and exit routes nodes advertise").add_subparsers(
+        dest="verb", required=True)
+    with_output(routes.add_parser("list", help="advertised, approved and primary routes"))
+    for verb, text in (("approve", "let a node route a prefix"), ("unapprove", "withdraw a route's approval")):
+        p = routes.add_parser(verb, help=text)
+        p.add_argument("node", help="node ID or name")
+        p.add_argument("prefix", help="e.g. 192.168.1.0/24, or 0.0.0.0/0 and ::/0 for an exit node")
+
+    devices = sub.add_parser("devices", help="plain WireGuard devices behind the gateway").add_subparsers(
+        dest="verb", required=True)
+    add = devices.add_parser("add", help="make a key and address for a device; prints its wg-quick config last")
+    add.add_argument("name")
+    add.add_argument("--user", default=GATEWAY_USER, help=f"owner (default {GATEWAY_USER})")
+    add.add_argument("--full-tunnel", action="store_true", help="send all traffic through the box (0.0.0.0/0)")
+    add.add_argument("--qr", action="store_true", help="also show the config as a QR code (needs qrencode)")
+    with_output(devices.add_parser("list", help="list devices"))
+    devices.add_parser("remove", help="remove a device").add_argument("name")
+
+    gateway = sub.add_parser("gateway", help="the box's WireGuard interface").add_subparsers(dest="verb", required=True)
+    gateway.add_parser("down", help="remove the interface and meshbox's nftables table (after a crash)")
+
     policy = sub.add_parser("policy", help="the ACL policy (Tailscale's HuJSON format)").add_subparsers(
         dest="verb", required=True)
     policy.add_parser("set", help="check a policy file and apply it").add_argument("file")
@@ -5068,10 +5827,12 @@ def main(argv=None):
             return cmd_serve(args, config)
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         store = Store(os.path.join(config.state_dir, "meshbox.db"))
-        commands = {"users": cmd_users, "preauthkeys": cmd_preauthkeys, "nodes": cmd_nodes,
-                    "policy": cmd_policy, "status": cmd_status}
+        if args.command == "gateway":
+            return cmd_gateway_down(config)
+        commands = {"users": cmd_users, "preauthkeys": cmd_preauthkeys, "nodes": cmd_nodes, "routes": cmd_routes,
+                    "devices": lambda a, s: cmd_devices(a, s, config), "policy": cmd_policy, "status": cmd_status}
         commands[args.command](args, store)
-    except (ValueError, StoreError, RuntimeError, OSError) as e:
+    except (ValueError, StoreError, RuntimeError, OSError, GatewayError, PolicyError) as e:
         print(f"meshbox: {e}", file=sys.stderr)
         return 1
     return 0
