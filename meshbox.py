@@ -751,6 +751,7 @@ class WebSocketStream:
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS auth_requests (id TEXT PRIMARY KEY, created REAL NOT NULL, user_id INTEGER);
 CREATE TABLE IF NOT EXISTS users (
     id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS preauth_keys (
@@ -2880,6 +2881,17 @@ def _auto_approved(policy, resolver, node):
     return approved
 
 
+def may_own_tag(policy, tag, user_name):
+    """Whether tagOwners let a user put `tag` on a machine it registers."""
+    def matches(alias, depth=0):
+        if alias.kind == "user":      # "alice@" names user alice; an email names itself
+            return alias.value in (user_name, user_name + "@")
+        if alias.kind == "group" and depth < 4:
+            return any(matches(member, depth + 1) for member in policy.groups.get(alias.value, []))
+        return alias.kind == "autogroup" and alias.value == "autogroup:member"
+    return any(matches(alias) for alias in policy.tag_owners.get(tag, []))
+
+
 def auto_approved_routes(policy, topology, node_name):
     """The node's advertised routes that autoApprovers let it approve (exit needs exitNode)."""
     if policy is None:
@@ -3260,6 +3272,29 @@ class MapSession:
         self.wake.set()
 
 
+AUTH_REQUEST_TTL = 15 * 60   # seconds a login request waits for approval
+DEFAULT_NODE_EXPIRY = 180 * 86400
+EPHEMERAL_TIMEOUT = 30 * 60
+
+
+@dataclasses.dataclass
+class AuthRequest:
+    """A client waiting at its AuthURL for an admin (or its identity provider)."""
+    id: str
+    machine_key: bytes
+    node_key: bytes
+    hostinfo: dict
+    requested_tags: list
+    created: float
+    base_url: str
+    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    result: dict = None
+
+    @property
+    def url(self):
+        return self.base_url + self.id
+
+
 def parse_go_time(text):
     """A Go time.Time JSON string to epoch seconds; None for the zero time."""
     if not text or text.startswith("0001-01-01"):
@@ -3276,9 +3311,14 @@ def parse_go_time(text):
 class Coordinator:
     """The tailnet as the server sees it; all state changes go through here."""
 
-    def __init__(self, store, settings, prefix_v4=DEFAULT_PREFIX_V4, prefix_v6=DEFAULT_PREFIX_V6):
+    def __init__(self, store, settings, prefix_v4=DEFAULT_PREFIX_V4, prefix_v6=DEFAULT_PREFIX_V6,
+                 node_expiry=DEFAULT_NODE_EXPIRY):
         self.store = store
         self.settings = settings
+        self.node_expiry = node_expiry   # seconds; 0: keys never expire
+        self.auth_requests = {}          # id -> AuthRequest
+        with store.transaction():        # requests of a previous run: their clients ask again
+            store.db.execute("DELETE FROM auth_requests")
         self.prefix_v4, self.prefix_v6 = prefix_v4, prefix_v6
         self.users = {u.id: u for u in store.users()}
         self.nodes = {n.id: n for n in store.nodes()}
@@ -3452,36 +3492,63 @@ class Coordinator:
             if is_expired(node, at):
                 return {"NodeKeyExpired": True, "MachineAuthorized": False}
             return self._registered_response(node)
+        requested = [t for t in (hostinfo.get("RequestTags") or []) if isinstance(t, str)]
         if not secret:
-            raise RegistrationRefused(
-                "no_key", "this server needs a pre-auth key: create one with "
-                "'meshbox preauthkeys create --user NAME' and pass it with --auth-key")
-
+            if req.get("Followup"):
+                return self.auth_requests.get(str(req["Followup"]).rstrip("/").rsplit("/", 1)[-1]) or \
+                    self._refuse("unknown_login", "this login request expired or is unknown: log in again")
+            return self._new_auth_request(machine_key, node_key, hostinfo, requested, at)
         key_row = self._check_auth_key(secret, at)
-        tags = json.loads(key_row["tags"])
-        with self.store.transaction():
+        tags = json.loads(key_row["tags"]) or self._checked_requested_tags(requested, key_row["user_id"])
+
+        def consume_key():
             if not key_row["reusable"]:
-                cur = self.store.db.execute("UPDATE preauth_keys SET used=used+1 WHERE id=? AND used=0", (key_row["id"],))
+                cur = self.store.db.execute("UPDATE preauth_keys SET used=used+1 WHERE id=? AND used=0",
+                                            (key_row["id"],))
                 if cur.rowcount != 1:
                     raise RegistrationRefused("spent_key", "auth key already used: it is a single-use key")
             else:
                 self.store.db.execute("UPDATE preauth_keys SET used=used+1 WHERE id=?", (key_row["id"],))
+
+        node = self.admit(machine_key, node_key, hostinfo, key_row["user_id"], tags, bool(key_row["ephemeral"]),
+                          key_row["id"], consume_key)
+        return self._registered_response(node)
+
+    def _refuse(self, reason, message):
+        raise RegistrationRefused(reason, message)
+
+    def _checked_requested_tags(self, requested, user_id):
+        """Tags a client asks for, if the policy's tagOwners let its user own them."""
+        user = self.users.get(user_id)
+        for tag in requested:
+            if self.policy is None or not may_own_tag(self.policy, tag, user.name if user else ""):
+                raise RegistrationRefused("tag_not_owned", f"requested tag {tag} is not permitted: the policy's "
+                                                           f"tagOwners do not let {user.name if user else '?'} own it")
+        return requested
+
+    def admit(self, machine_key, node_key, hostinfo, user_id, tags, ephemeral, auth_key_id, before=None):
+        """Register a machine (or re-register a known one, keeping its
+        addresses) for a user; `before` runs inside the same transaction."""
+        at = now()
+        node = self.node_by_machine(machine_key)
+        expiry = None if tags or not self.node_expiry else at + self.node_expiry
+        with self.store.transaction():
+            if before:
+                before()
             if node:
-                self.store.update_node(node.id, node_key=node_key, user_id=key_row["user_id"], tags=tags,
-                                       ephemeral=key_row["ephemeral"], auth_key_id=key_row["id"], expiry=None,
-                                       hostinfo=hostinfo or node.hostinfo)
-                node.node_key, node.user_id, node.tags = node_key, key_row["user_id"], tags
-                node.ephemeral, node.auth_key_id, node.expiry = bool(key_row["ephemeral"]), key_row["id"], None
+                self.store.update_node(node.id, node_key=node_key, user_id=user_id, tags=tags, ephemeral=ephemeral,
+                                       auth_key_id=auth_key_id, expiry=expiry, hostinfo=hostinfo or node.hostinfo)
+                node.node_key, node.user_id, node.tags = node_key, user_id, tags
+                node.ephemeral, node.auth_key_id, node.expiry = ephemeral, auth_key_id, expiry
                 node.hostinfo = hostinfo or node.hostinfo
                 verb = "re-registered"
             else:
                 ipv4, ipv6 = allocate_addresses(self.prefix_v4, self.prefix_v6, *self.store.taken_addresses())
                 hostname = str(hostinfo.get("Hostname") or "node")[:255]
-                node = Node(id=0, machine_key=machine_key, node_key=node_key, disco_key=b"",
-                            user_id=key_row["user_id"], hostname=hostname,
-                            given_name=self._unique_given_name(hostname), ipv4=ipv4, ipv6=ipv6, tags=tags,
-                            ephemeral=bool(key_row["ephemeral"]), auth_key_id=key_row["id"], expiry=None,
-                            created=at, last_seen=at, hostinfo=hostinfo, endpoints=[], approved_routes=[], cap=0)
+                node = Node(id=0, machine_key=machine_key, node_key=node_key, disco_key=b"", user_id=user_id,
+                            hostname=hostname, given_name=self._unique_given_name(hostname), ipv4=ipv4, ipv6=ipv6,
+                            tags=tags, ephemeral=ephemeral, auth_key_id=auth_key_id, expiry=expiry, created=at,
+                            last_seen=at, hostinfo=hostinfo, endpoints=[], approved_routes=[], cap=0)
                 self.store.insert_node(node)
                 verb = "registered"
         self.nodes[node.id] = node
@@ -3489,7 +3556,64 @@ class Coordinator:
         log.info("%s node %d %s (%s, %s) for user %s", verb, node.id, node.given_name, node.ipv4, node.ipv6,
                  self.users[node.user_id].name)
         self.topology_changed(changed=[node.id])
-        return self._registered_response(node)
+        return node
+
+    # interactive login: the client gets an AuthURL; an admin (or OIDC)
+    # approves it; the client's follow-up request, held open, then succeeds.
+    def _new_auth_request(self, machine_key, node_key, hostinfo, requested, at):
+        for pending in self.auth_requests.values():   # the same machine asking again
+            if pending.machine_key == machine_key and not pending.done.is_set():
+                pending.node_key, pending.hostinfo = node_key, hostinfo
+                return {"AuthURL": pending.url, "MachineAuthorized": False}
+        request = AuthRequest(secrets.token_urlsafe(18), machine_key, node_key, hostinfo, requested, at,
+                              f"{self.settings.control_url}/register/")
+        with self.store.transaction():
+            self.store.db.execute("INSERT INTO auth_requests(id, created) VALUES(?, ?)", (request.id, at))
+        self.auth_requests[request.id] = request
+        log.info("login request %s from %s: waiting for approval at %s", request.id,
+                 hostinfo.get("Hostname", "?"), request.url)
+        return {"AuthURL": request.url, "MachineAuthorized": False}
+
+    def approve(self, request_id, user_id):
+        """Admit the machine behind a login request for a user; wakes its client."""
+        request = self.auth_requests.get(request_id)
+        if request is None or request.done.is_set():
+            raise ValueError("no such login request (it may have expired)")
+        try:
+            tags = self._checked_requested_tags(request.requested_tags, user_id)
+            node = self.admit(request.machine_key, request.node_key, request.hostinfo, user_id, tags, False, None,
+                              lambda: self.store.db.execute("DELETE FROM auth_requests WHERE id=?", (request_id,)))
+            request.result = self._registered_response(node)
+        except RegistrationRefused as e:
+            request.result = {"Error": str(e)}
+        request.done.set()
+        del self.auth_requests[request_id]
+        return request.result
+
+    def expire_auth_requests(self, at):
+        for request in [r for r in self.auth_requests.values() if r.created + AUTH_REQUEST_TTL <= at]:
+            request.result = {"Error": "login request expired before anyone approved it: log in again"}
+            request.done.set()
+            del self.auth_requests[request.id]
+            with self.store.transaction():
+                self.store.db.execute("DELETE FROM auth_requests WHERE id=?", (request.id,))
+            log.info("login request %s expired", request.id)
+
+    def expire_due(self, at, ephemeral_timeout):
+        """Time-driven changes: node keys that just expired lose their map
+        sessions; ephemeral nodes offline too long are removed."""
+        for node in list(self.nodes.values()):
+            if node.expiry and node.expiry <= at and node.id in self.sessions:
+                log.info("node key expired: node %d %s", node.id, node.given_name)
+                for session in list(self.sessions[node.id]):
+                    session.close()
+                self.notify(changed=[node.id])
+            elif node.ephemeral and not node.online and node.last_seen and \
+                    node.last_seen + ephemeral_timeout <= at:
+                log.info("removing ephemeral node %d %s, offline since %s", node.id, node.given_name,
+                         rfc3339(node.last_seen))
+                self.delete_node(node.id)
+        self.expire_auth_requests(at)
 
     def _registered_response(self, node):
         profile = user_profile(self.users[node.user_id])
@@ -3603,6 +3727,10 @@ class Coordinator:
             return
         self.data_version = version
         self.users = {u.id: u for u in self.store.users()}
+        for request_id, user_id in self.store.db.execute(
+                "SELECT id, user_id FROM auth_requests WHERE user_id IS NOT NULL").fetchall():
+            if request_id in self.auth_requests:
+                self.approve(request_id, user_id)
         fresh = {n.id: n for n in self.store.nodes()}
         removed = [i for i in self.nodes if i not in fresh]
         changed = []
@@ -4439,7 +4567,7 @@ class ControlConnection:
             if method != "POST":
                 raise HttpError(405, "control requests must be POST")
             if path == "/machine/register":
-                await self.reply(stream_id, 200, self.register(request))
+                await self.reply(stream_id, 200, await self.register(request))
             elif path == "/machine/map":
                 await self.serve_map(stream_id, request)
             elif path in ("/machine/update-health", "/machine/set-dns"):
@@ -4454,10 +4582,14 @@ class ControlConnection:
             log.error("%s", e)
             await self.reply(stream_id, 503, "state database unavailable, try again\n", "text/plain; charset=utf-8")
 
-    def register(self, request):
+    async def register(self, request):
         coordinator = self.server.coordinator
         try:
-            return coordinator.register(self.machine_key, request)
+            result = coordinator.register(self.machine_key, request)
+            if isinstance(result, AuthRequest):      # a follow-up: wait for approval
+                await result.done.wait()
+                return result.result
+            return result
         except RegistrationRefused as e:
             log.warning("registration refused (%s) for %s from %s: %s", e.reason,
                         key_text("mkey", self.machine_key)[:16], self.peer, e)
@@ -4980,6 +5112,8 @@ class Config:
     prefix_v6: str = DEFAULT_PREFIX_V6
     nameservers: list = dataclasses.field(default_factory=list)
     policy_file: str = ""       # a HuJSON policy file, reloaded when it changes (else the stored policy)
+    node_expiry: str = "180d"   # how long a node key lasts before its owner logs in again; 0: forever
+    ephemeral_timeout: str = "30m"   # how long an ephemeral node may be offline before it is removed
     log_level: str = "info"
     gateway: bool = False       # be a WireGuard peer, subnet router and exit node of the tailnet
     wg_interface: str = "meshbox0"
@@ -5031,6 +5165,10 @@ class Config:
             raise ValueError(f"server URL must start with http:// or https://, got {self.server_url!r}")
         if self.public_host() in ("0.0.0.0", "::", ""):
             raise ValueError("listening on a wildcard address: set --server-url to the address clients use")
+        for name in ("node_expiry", "ephemeral_timeout"):
+            value = getattr(self, name)
+            if str(value) != "0":
+                parse_duration(value)
         if self.gateway:
             self.gateway_routes()
             for endpoint in self.public_endpoint:
@@ -5108,7 +5246,8 @@ class Server:
             derp_map=derp_map(config.public_host(), derp_port, stun_port, cert_name) if derp_port else {"Regions": {}},
             dns_config=dns_config(config.base_domain, config.nameservers),
             control_url=config.public_url())
-        self.coordinator = Coordinator(self.store, settings, config.prefix_v4, config.prefix_v6)
+        expiry = 0 if str(config.node_expiry) == "0" else parse_duration(config.node_expiry)
+        self.coordinator = Coordinator(self.store, settings, config.prefix_v4, config.prefix_v6, expiry)
         self.policy_mtime = None
         if config.policy_file:
             self.reload_policy_file()
@@ -5153,6 +5292,7 @@ class Server:
             await asyncio.sleep(RELOAD_INTERVAL)
             try:
                 self.coordinator.reload_if_changed()
+                self.coordinator.expire_due(now(), parse_duration(self.config.ephemeral_timeout))
                 if self.config.policy_file:
                     self.reload_policy_file()
                 if time.monotonic() - last_flush >= FLUSH_INTERVAL:
@@ -5274,6 +5414,8 @@ class Server:
             challenge = request.headers.get("x-tailscale-challenge", "")
             extra = [("X-Tailscale-Response", "response " + challenge)] if challenge.isalnum() and len(challenge) < 64 else []
             writer.write(http_response(204, b"", headers=extra))
+        elif path.startswith("/register/") and request.method == "GET":
+            writer.write(http_response(200, register_page(path.rsplit("/", 1)[-1]), "text/html; charset=utf-8"))
         elif path == "/health":
             writer.write(http_response(200, json_bytes({"status": "ok"}), "application/json"))
         elif path == "/":
@@ -5337,6 +5479,16 @@ def live_fields(node):
     """The fast-changing fields the server keeps in memory."""
     return {"online": node.online, "last_seen": rfc3339(node.last_seen), "endpoints": node.endpoints,
             "home_derp": home_derp(node), "os": node.hostinfo.get("OS", "")}
+
+
+def register_page(request_id):
+    """What a person sees at a client's AuthURL: the command that approves it."""
+    safe = "".join(c for c in request_id if c.isalnum() or c in "-_")[:64]
+    return f"""<!doctype html><title>meshbox: approve this device</title>
+<h1>Approve this device</h1>
+<p>An administrator of this meshbox approves the device with:</p>
+<pre>meshbox nodes register --user USER --key {safe}</pre>
+<p>The device joins as soon as the command runs; the request expires in {AUTH_REQUEST_TTL // 60} minutes.</p>"""
 
 
 def landing_page(url):
@@ -5522,6 +5674,15 @@ def cmd_nodes(args, store):
     if args.verb == "list":
         output(args, node_rows(store, args.state), ["id", "name", "user", "ipv4", "ipv6", "online", "last_seen", "tags"])
         return
+    if args.verb == "register":
+        user = store.user_named(args.user)
+        with store.transaction():
+            cur = store.db.execute("UPDATE auth_requests SET user_id=? WHERE id=? AND user_id IS NULL",
+                                   (user.id, args.key))
+        if cur.rowcount != 1:
+            raise ValueError(f"no login request {args.key!r} is waiting (it may have expired, or serve is not running)")
+        print(f"approved: the device joins as {user.name} within a second")
+        return
     node = find_node(store, args.id)
     with store.transaction():
         if args.verb == "delete":
@@ -5530,6 +5691,16 @@ def cmd_nodes(args, store):
         elif args.verb == "expire":
             store.update_node(node.id, expiry=now())
             message = f"expired node {node.id} {node.given_name}: it must log in again"
+        elif args.verb == "expiry":
+            store.update_node(node.id, expiry=None)
+            message = f"node {node.id} {node.given_name}'s key no longer expires"
+        elif args.verb == "tag":
+            tags = [t.strip() for t in args.tags.split(",") if t.strip()]
+            for t in tags:
+                if not TAG_NAME.match(t):
+                    raise ValueError(f"bad tag {t!r}: tags look like tag:name")
+            store.update_node(node.id, tags=tags)
+            message = f"node {node.id} {node.given_name} tags: {', '.join(tags) or 'none'}"
         else:
             name = sanitize_hostname(args.name)
             if name != args.name:
@@ -5775,6 +5946,15 @@ def build_parser():
     with_output(nodes.add_parser("list", help="list nodes"))
     nodes.add_parser("delete", help="remove a node").add_argument("id", help="node ID or name")
     nodes.add_parser("expire", help="force a node to log in again").add_argument("id", help="node ID or name")
+    register = nodes.add_parser("register", help="approve a device waiting at its login URL")
+    register.add_argument("--user", required=True)
+    register.add_argument("--key", required=True, help="the ID at the end of the device's /register/ URL")
+    expiry = nodes.add_parser("expiry", help="'nodes expiry disable ID': the node's key never expires")
+    expiry.add_argument("switch", choices=["disable"])
+    expiry.add_argument("id", help="node ID or name")
+    tag = nodes.add_parser("tag", help="set a node's tags (replacing them; '' removes all)")
+    tag.add_argument("id", help="node ID or name")
+    tag.add_argument("tags", help="e.g. tag:server,tag:web")
     rename = nodes.add_parser("rename", help="change a node's MagicDNS name")
     rename.add_argument("id", help="node ID or name")
     rename.add_argument("name")

@@ -106,7 +106,7 @@ def test_two_nodes_see_each_other_and_deltas(tmp_path):
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("problem", ["unknown", "expired", "spent", "revoked", "none"])
+@pytest.mark.parametrize("problem", ["unknown", "expired", "spent", "revoked"])
 def test_bad_auth_keys_are_refused_and_change_nothing(tmp_path, problem):
     async def main():
         async with running_server(tmp_path) as (server, port):
@@ -117,8 +117,6 @@ def test_bad_auth_keys_are_refused_and_change_nothing(tmp_path, problem):
             elif problem == "revoked":
                 key, expect = new_key(server), "revoked"
                 server.store.expire_preauth_key(key)
-            elif problem == "none":
-                key, expect = "", "needs a pre-auth key"
             else:
                 key, expect = new_key(server, reusable=False), "already used"
                 await joined(port, key, "first")
@@ -308,3 +306,78 @@ def test_cli_preauthkeys_and_errors(tmp_path):
     assert bad.returncode == 1 and "no user named 'nobody'" in bad.stderr
     bad = cli(tmp_path, "preauthkeys", "create", "--user", "bob", "--expiration", "soon")
     assert bad.returncode == 1 and "bad duration" in bad.stderr
+
+
+def test_interactive_login_waits_for_approval(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            server.store.create_user("carol")
+            client = tsclient.ControlClient("127.0.0.1", port, "tablet")
+            await client.connect()
+            first = await client.register("")
+            url = first["AuthURL"]
+            assert url.startswith(f"http://127.0.0.1:{port}/register/") and not first["MachineAuthorized"]
+            status, page = await tsclient.http_get("127.0.0.1", port, url.split(str(port), 1)[1])
+            request_id = url.rsplit("/", 1)[1]
+            assert status == 200 and f"nodes register --user USER --key {request_id}".encode() in page
+            # The follow-up is held open until an admin approves.
+            follow = asyncio.ensure_future(client.register("", Followup=url))
+            await asyncio.sleep(0.3)
+            assert not follow.done() and server.coordinator.nodes == {}
+            loop = asyncio.get_running_loop()
+            wrong = await loop.run_in_executor(None, cli, tmp_path, "nodes", "register", "--user", "carol",
+                                               "--key", "nonexistent")
+            assert wrong.returncode == 1 and "no login request" in wrong.stderr
+            ok = await loop.run_in_executor(None, cli, tmp_path, "nodes", "register", "--user", "carol",
+                                            "--key", request_id)
+            assert ok.returncode == 0, ok.stderr
+            response = await asyncio.wait_for(follow, 3)
+            assert response["MachineAuthorized"] and response["User"]["LoginName"] == "carol"
+            client.open_map()
+            message = await client.next_map_message()
+            assert message["Node"]["Name"] == "tablet.mesh.internal."
+            await client.close()
+    asyncio.run(main())
+
+
+def test_expiry_ephemeral_and_requested_tags(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            coordinator = server.coordinator
+            key = new_key(server)
+            a, first = await joined(port, key, "watcher")
+            node_a = coordinator.nodes[first["Node"]["ID"]]
+            assert 179 * 86400 < node_a.expiry - meshbox.now() <= 180 * 86400     # default key expiry
+            b, first_b = await joined(port, key, "short")
+            node_b = coordinator.nodes[first_b["Node"]["ID"]]
+            await until(a, "PeersChanged")
+            # b's key runs out: it loses its map session and a sees it expired.
+            node_b.expiry = meshbox.now() - 1
+            coordinator.expire_due(meshbox.now(), 1800)
+            message = await until(a, "PeersChanged")
+            assert message["PeersChanged"][0]["Expired"] is True
+            with pytest.raises(ConnectionError):
+                while True:
+                    await b.next_map_message(timeout=2)
+            # Ephemeral nodes go once offline for longer than the timeout.
+            eph_key = new_key(server, ephemeral=True)
+            c, first_c = await joined(port, eph_key, "ephemeral")
+            await c.close()
+            await asyncio.sleep(0.2)
+            node_c = coordinator.nodes[first_c["Node"]["ID"]]
+            assert not node_c.online and node_c.expiry is not None
+            coordinator.expire_due(meshbox.now() + 10, 5)
+            assert node_c.id not in coordinator.nodes
+            # A tag the policy does not let the user own is refused.
+            d = tsclient.ControlClient("127.0.0.1", port, "tagger")
+            await d.connect()
+            d.hostinfo = lambda: {"Hostname": "tagger", "RequestTags": ["tag:prod"]}
+            refused = await d.register(key)
+            assert "tag:prod is not permitted" in refused["Error"]
+            coordinator.set_policy('{"tagOwners": {"tag:prod": ["alice@"]}, "acls": []}')
+            accepted = await d.register(key)
+            assert accepted["MachineAuthorized"]
+            tagged = coordinator.node_by_machine(meshbox.x25519_public(d.machine_private))
+            assert tagged.tags == ["tag:prod"] and tagged.expiry is None      # tagged keys do not expire
+            await a.close(), await b.close(), await d.close()
+    asyncio.run(main())

@@ -333,9 +333,17 @@ def accelerator_args():
     return ["-accel", "tcg,thread=multi", "-cpu", "max"]
 
 
-def qemu_argv(image, ctl):
+def hidden_workdir(cwd):
+    """True when cwd lies in a folder the guest mounts fresh (e.g. a CI clone under /tmp)."""
+    return any(path_is_under(cwd, d) for d in FRESH_GUEST_DIRS)
+
+
+def qemu_argv(image, ctl, cwd):
     """The QEMU command line: no NIC, console to a file, ttyS1 on stdout."""
     ctl_value = qemu_option_value(str(ctl))
+    # A working folder under a fresh guest folder is shared on its own.
+    workdir = ["-virtfs", f"local,path={qemu_option_value(cwd)},mount_tag=workdir,security_model=none,readonly=on"] \
+        if hidden_workdir(cwd) else []
     return [
         "qemu-system-x86_64", "-nodefaults", "-display", "none", "-no-reboot", "-monitor", "none",
         *accelerator_args(), "-smp", str(GUEST_CPUS), "-m", str(GUEST_MEMORY_MB),
@@ -346,12 +354,16 @@ def qemu_argv(image, ctl):
         # multidevs=remap: / spans several host filesystems, keep inode numbers unique.
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={ctl_value},mount_tag=ctl,security_model=none",
+        *workdir,
     ]
 
 
 def command_script(argv, cwd, env):
     """The shell script the guest runs in the new root: environment, cwd, exec."""
     lines = [f"export {shlex.quote(f'{k}={v}')}" for k, v in env.items() if k.isidentifier()]
+    if hidden_workdir(cwd):
+        lines.append(f"mkdir -p {shlex.quote(cwd)} && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,"
+                     f"cache=loose,ro workdir {shlex.quote(cwd)} || exit {EXIT_SETUP}")
     lines.append(f"cd {shlex.quote(cwd)} || exit {EXIT_SETUP}")
     lines.append("exec " + shlex.join(argv))
     return "\n".join(lines) + "\n"
@@ -394,7 +406,7 @@ def boot_and_run(image, argv, timeout, cwd, env, echo):
         (ctl / "run.sh").write_text(command_script(argv, cwd, guest_environment(env)))
         deadline = time.monotonic() + timeout
         with open(ctl / "qemu.err", "wb") as qemu_err:
-            proc = subprocess.Popen(qemu_argv(image, ctl), stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(qemu_argv(image, ctl, cwd), stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=qemu_err)
         timed_out = True  # until the output ends in time; also kills QEMU on ^C
         try:
@@ -439,8 +451,6 @@ def run_in_vm(argv, timeout, cwd=None, env=None, echo=None):
     are the host's; `echo`, a binary stream, gets the output as it arrives.
     """
     cwd = os.path.abspath(cwd or os.getcwd())
-    if any(path_is_under(cwd, d) for d in FRESH_GUEST_DIRS):
-        raise VMSetupError(f"{cwd} is not visible in the guest (fresh {', '.join(FRESH_GUEST_DIRS)})")
     return boot_and_run(prepare_image(), list(argv), timeout, cwd, env, echo)
 
 
