@@ -41,6 +41,7 @@ import asyncio
 import base64
 import binascii
 import bisect
+import collections
 import dataclasses
 import hashlib
 import hmac
@@ -752,6 +753,9 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS auth_requests (id TEXT PRIMARY KEY, created REAL NOT NULL, user_id INTEGER);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id INTEGER PRIMARY KEY, prefix TEXT NOT NULL, hash TEXT UNIQUE NOT NULL, created REAL NOT NULL,
+    expiration REAL, revoked INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS users (
     id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS preauth_keys (
@@ -3126,12 +3130,30 @@ def node_json(node, base_domain, at, seen_as=None):
     return out
 
 
-def dns_config(base_domain, nameservers):
-    """tailcfg.DNSConfig: MagicDNS names under the base domain."""
-    config = {"Domains": [base_domain], "Proxied": True}
+def dns_config(base_domain, nameservers=(), split_dns=None, search_domains=(), extra_records=(), magic_dns=True):
+    """tailcfg.DNSConfig: MagicDNS under the base domain, global and split
+    resolvers, search domains and extra records."""
+    config = {"Domains": [base_domain] + [d for d in search_domains if d != base_domain], "Proxied": bool(magic_dns)}
     if nameservers:
         config["Resolvers"] = [{"Addr": ns} for ns in nameservers]
+    if split_dns:
+        config["Routes"] = {domain.rstrip(".") + ".": [{"Addr": ns} for ns in servers]
+                            for domain, servers in split_dns.items()}
+    if extra_records:
+        config["ExtraRecords"] = [{"Name": r["name"], "Type": r.get("type", "A"), "Value": r["value"]}
+                                  for r in extra_records]
     return config
+
+
+def hosts_file_text(nodes, devices, base_domain):
+    """/etc/hosts-format lines for every node and device: address, FQDN, short name."""
+    lines = ["# written by meshbox: the tailnet's names; do not edit"]
+    named = [(n.given_name, n.ipv4, n.ipv6) for n in sorted(nodes, key=lambda n: n.id)]
+    named += [(d["name"], d["ipv4"], d["ipv6"]) for d in devices]
+    for name, ipv4, ipv6 in named:
+        for address in (ipv4, ipv6):
+            lines.append(f"{address}\t{name}.{base_domain}\t{name}")
+    return "\n".join(lines) + "\n"
 
 
 def derp_map(host, derp_port, stun_port, cert_name):
@@ -3328,7 +3350,7 @@ class Coordinator:
         self.policy_text = store.setting("policy")
         self.policy = parse_policy(self.policy_text) if self.policy_text else None
         self.views = {}              # str(node id) -> compiled policy view
-        self.on_change = None        # called after any change (the gateway follows)
+        self.on_change = None        # called after any change (the gateway and hosts file follow)
         self.recompile()
 
     # lookups
@@ -3720,10 +3742,11 @@ class Coordinator:
             log.info("deleted node %d %s", node.id, node.given_name)
         self.topology_changed(removed=[node_id])
 
-    def reload_if_changed(self):
-        """Pick up edits another process (the CLI) committed to the store."""
+    def reload_if_changed(self, force=False):
+        """Pick up edits another process (the CLI) committed to the store,
+        or (force) edits this process made outside the coordinator."""
         version = self.store.data_version()
-        if version == self.data_version:
+        if version == self.data_version and not force:
             return
         self.data_version = version
         self.users = {u.id: u for u in self.store.users()}
@@ -3755,7 +3778,7 @@ class Coordinator:
         if changed or removed:
             log.info("state changed on disk: %d node(s) changed, %d removed", len(changed), len(removed))
             self.topology_changed(changed=changed, removed=removed)
-        elif self.on_change is not None:      # e.g. a device was added: only the gateway cares
+        elif self.on_change is not None:      # e.g. a device was added: the gateway cares
             self.on_change()
 
     def flush_live(self):
@@ -4588,7 +4611,9 @@ class ControlConnection:
             result = coordinator.register(self.machine_key, request)
             if isinstance(result, AuthRequest):      # a follow-up: wait for approval
                 await result.done.wait()
-                return result.result
+                result = result.result
+            if result.get("MachineAuthorized"):
+                self.server.metrics["registrations"] += 1
             return result
         except RegistrationRefused as e:
             log.warning("registration refused (%s) for %s from %s: %s", e.reason,
@@ -4607,9 +4632,13 @@ class ControlConnection:
 
         def encode(message):
             if compress:
-                return map_frame(message)
-            body = json_bytes(message)
-            return struct.pack("<I", len(body)) + body
+                frame = map_frame(message)
+            else:
+                body = json_bytes(message)
+                frame = struct.pack("<I", len(body)) + body
+            self.server.metrics["map_messages"] += 1
+            self.server.metrics["map_bytes"] += len(frame)
+            return frame
 
         if not request.get("Stream"):
             if request.get("OmitPeers"):
@@ -5110,11 +5139,17 @@ class Config:
     base_domain: str = "mesh.internal"
     prefix_v4: str = DEFAULT_PREFIX_V4
     prefix_v6: str = DEFAULT_PREFIX_V6
-    nameservers: list = dataclasses.field(default_factory=list)
+    nameservers: list = dataclasses.field(default_factory=list)        # global DNS resolvers for clients
+    split_dns: dict = dataclasses.field(default_factory=dict)          # {"corp.example": ["192.0.2.53"]}
+    search_domains: list = dataclasses.field(default_factory=list)
+    extra_records: list = dataclasses.field(default_factory=list)      # [{"name", "type", "value"}]
+    magic_dns: bool = True
+    hosts_file: str = ""        # the tailnet's names for dnsmasq; default STATE_DIR/hosts
     policy_file: str = ""       # a HuJSON policy file, reloaded when it changes (else the stored policy)
     node_expiry: str = "180d"   # how long a node key lasts before its owner logs in again; 0: forever
     ephemeral_timeout: str = "30m"   # how long an ephemeral node may be offline before it is removed
     log_level: str = "info"
+    log_format: str = "text"    # text, or json (one object per line)
     gateway: bool = False       # be a WireGuard peer, subnet router and exit node of the tailnet
     wg_interface: str = "meshbox0"
     wg_port: int = 41641
@@ -5194,7 +5229,11 @@ class Server:
         self.listeners = []
         self.tasks = []
         self.connections = {}       # handler task -> its writer, closed on stop
-        self.gateway_sync_pending = False
+        self.follow_pending = False
+        self.hosts_written = None
+        self.wireguard_stats = {}   # node key -> the gateway's handshake and byte counters
+        self.metrics = collections.Counter()
+        self.recent_logs = RecentLogs()
         self.stopping = asyncio.Event()
 
     def _open_state(self):
@@ -5225,6 +5264,8 @@ class Server:
     async def start(self):
         config = self.config
         config.check()
+        self.recent_logs.setFormatter(log_formatter(config))
+        log.addHandler(self.recent_logs)
         self._open_state()
         loop = asyncio.get_running_loop()
         derp_port = stun_port = 0
@@ -5244,10 +5285,13 @@ class Server:
         settings = MapSettings(
             base_domain=config.base_domain,
             derp_map=derp_map(config.public_host(), derp_port, stun_port, cert_name) if derp_port else {"Regions": {}},
-            dns_config=dns_config(config.base_domain, config.nameservers),
+            dns_config=dns_config(config.base_domain, config.nameservers, config.split_dns, config.search_domains,
+                                  config.extra_records, config.magic_dns),
             control_url=config.public_url())
         expiry = 0 if str(config.node_expiry) == "0" else parse_duration(config.node_expiry)
         self.coordinator = Coordinator(self.store, settings, config.prefix_v4, config.prefix_v6, expiry)
+        self.coordinator.on_change = self.tailnet_changed
+        self.tailnet_changed()
         self.policy_mtime = None
         if config.policy_file:
             self.reload_policy_file()
@@ -5267,6 +5311,13 @@ class Server:
                  f"TLS port {derp_port}" if derp_port else "off", f"port {stun_port}" if stun_port else "off",
                  os.path.abspath(config.state_dir))
 
+    def store_healthy(self):
+        try:
+            self.store.data_version()
+            return True
+        except sqlite3.Error:
+            return False
+
     def reload_policy_file(self):
         """Apply the policy file when it changed; a bad one is logged and ignored."""
         path = self.config.policy_file
@@ -5281,7 +5332,7 @@ class Server:
             return
         self.policy_mtime = mtime
         try:
-            self.coordinator.set_policy(read_policy_file(path))
+            self.coordinator.set_policy(read_text_file(path, "policy file"))
         except (PolicyError, ValueError) as e:
             log.error("policy file %s refused, keeping the policy in force: %s", path, e)
 
@@ -5325,24 +5376,43 @@ class Server:
             return
         self.gateway = gateway
         self.gateway_routes = routes
-        coordinator.on_change = self.gateway_changed
-        self.gateway_changed()
+        self.tailnet_changed()
 
-    def gateway_changed(self):
-        """Schedule one gateway sync for a burst of changes."""
-        if not self.gateway_sync_pending:
-            self.gateway_sync_pending = True
+    # following the tailnet: the gateway and the hosts file
+    def tailnet_changed(self):
+        """Schedule one follow-up for a burst of changes."""
+        if not self.follow_pending:
+            self.follow_pending = True
             asyncio.get_running_loop().call_later(UPDATE_BATCH_DELAY,
-                                                  lambda: self.tasks.append(asyncio.ensure_future(self.sync_gateway())))
+                                                  lambda: self.tasks.append(asyncio.ensure_future(self.follow_tailnet())))
 
-    async def sync_gateway(self):
+    async def follow_tailnet(self):
         self.tasks = [t for t in self.tasks if not t.done()]
-        self.gateway_sync_pending = False
+        self.follow_pending = False
+        devices = self.store.devices()
+        self.write_hosts_file(devices)
+        if self.gateway is not None:
+            await self.sync_gateway(devices)
+
+    def write_hosts_file(self, devices):
+        """The tailnet's names for dnsmasq (addn-hosts/hostsdir) or any resolver; replaced atomically."""
+        text = hosts_file_text(self.coordinator.nodes.values(), devices, self.config.base_domain)
+        if text == self.hosts_written:
+            return
+        path = self.config.hosts_file or os.path.join(self.config.state_dir, "hosts")
+        try:
+            with open(path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(path + ".tmp", path)
+            self.hosts_written = text
+        except OSError as e:
+            log.error("cannot write hosts file %s: %s", path, e.strerror)
+
+    async def sync_gateway(self, devices):
         coordinator = self.coordinator
         node = coordinator.gateway_node()
-        if self.gateway is None or node is None:
+        if node is None:
             return
-        devices = self.store.devices()
         # Devices are addresses behind the box: its routes carry them.
         routes = self.gateway_routes + [a for d in devices for a in (f"{d['ipv4']}/32", f"{d['ipv6']}/128")]
         if routes != node.approved_routes:
@@ -5373,6 +5443,7 @@ class Server:
         except StoreError as e:
             log.error("%s", e)
         log.info("meshbox stopped")
+        log.removeHandler(self.recent_logs)
 
     # HTTP/1.1 requests
     async def handle_http(self, reader, writer, tls=False):
@@ -5416,8 +5487,15 @@ class Server:
             writer.write(http_response(204, b"", headers=extra))
         elif path.startswith("/register/") and request.method == "GET":
             writer.write(http_response(200, register_page(path.rsplit("/", 1)[-1]), "text/html; charset=utf-8"))
+        elif path.startswith("/api/v1/"):
+            await self.handle_api(request, reader, writer)
+        elif path == "/metrics":
+            writer.write(http_response(200, self.metrics_text(), "text/plain; version=0.0.4"))
         elif path == "/health":
-            writer.write(http_response(200, json_bytes({"status": "ok"}), "application/json"))
+            healthy = self.store_healthy()
+            writer.write(http_response(200 if healthy else 503, json_bytes(
+                {"status": "ok" if healthy else "state database unavailable",
+                 "nodes": len(self.coordinator.nodes), "gateway": self.gateway is not None}), "application/json"))
         elif path == "/":
             writer.write(http_response(200, landing_page(self.config.public_url()), "text/html; charset=utf-8"))
         else:
@@ -5455,24 +5533,81 @@ class Server:
         await ControlConnection(self, stream, out, noise, peer).run(early)
 
     # local admin socket: live state for the CLI
+    async def run_admin(self, noun, verb, params):
+        """One administrative verb, run inside the server: {"result": ...} or {"error": ...}."""
+        if self.gateway is not None:
+            self.wireguard_stats = await self.in_gateway_thread(self.gateway.wg.peer_stats)
+        try:
+            return {"result": Admin(self.store, self.config, self).call(noun, verb, params or {})}
+        except (ValueError, StoreError, PolicyError) as e:
+            return {"error": str(e)}
+
     async def handle_admin(self, reader, writer):
+        """The local admin socket: one JSON request line, one JSON answer line."""
         try:
             line = await asyncio.wait_for(reader.readline(), 10)
-            command = json.loads(line or b"{}").get("command")
-            if command == "live":
-                wireguard = await self.in_gateway_thread(self.gateway.wg.peer_stats) if self.gateway else {}
-                body = {"nodes": {str(n.id): dict(live_fields(n), wireguard=wireguard.get(n.node_key))
-                                  for n in self.coordinator.nodes.values()},
-                        "derp": self.derp.stats() if self.derp else {},
-                        "refusals": self.refusals}
-            else:
-                body = {"error": f"unknown command {command!r}"}
-            writer.write(json_bytes(body) + b"\n")
+            request = json.loads(line or b"{}")
+            answer = await self.run_admin(str(request.get("noun")), request.get("verb"), request.get("params"))
+            writer.write(json_bytes(answer) + b"\n")
             await writer.drain()
-        except (ValueError, asyncio.TimeoutError, ConnectionError):
+        except (ValueError, AttributeError, asyncio.TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()
+
+    async def handle_api(self, request, reader, writer):
+        """/api/v1/NOUN[/VERB]: the CLI's verbs for remote callers with an API key."""
+        token = request.headers.get("authorization", "")
+        if not token.startswith("Bearer ") or not api_key_valid(self.store, token[7:].strip()):
+            self.metrics["api_refused"] += 1
+            writer.write(http_response(401, json_bytes({"error": "missing or invalid API key"}), "application/json"))
+            return
+        length = int(request.headers.get("content-length") or 0)
+        if length > MAX_REQUEST_BODY:
+            raise HttpError(413, "request body too large")
+        try:
+            params = json.loads(await reader.readexactly(length)) if length else {}
+            if not isinstance(params, dict):
+                raise ValueError("the body must be a JSON object")
+        except ValueError as e:
+            writer.write(http_response(400, json_bytes({"error": f"malformed JSON body: {e}"}), "application/json"))
+            return
+        parts = request.path[len("/api/v1/"):].strip("/").split("/")
+        noun, verb = parts[0], (parts[1] if len(parts) > 1 else ("list" if request.method == "GET" else None))
+        if noun in ("status", "netmap", "logs"):
+            verb = None
+        answer = await self.run_admin(noun, verb, params)
+        writer.write(http_response(400 if "error" in answer else 200, json_bytes(answer), "application/json"))
+
+    def metrics_text(self):
+        """Prometheus text exposition of the server's counters and gauges."""
+        coordinator, derp = self.coordinator, self.derp.stats() if self.derp else {}
+        nodes = list(coordinator.nodes.values())
+        lines = []
+
+        def metric(name, kind, help_text, samples):
+            lines.append(f"# HELP meshbox_{name} {help_text}")
+            lines.append(f"# TYPE meshbox_{name} {kind}")
+            for labels, value in samples:
+                label_text = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+                lines.append(f"meshbox_{name}{label_text} {value}")
+
+        metric("nodes", "gauge", "Registered nodes.", [({}, len(nodes))])
+        metric("nodes_online", "gauge", "Nodes with a map session.", [({}, sum(n.online for n in nodes))])
+        metric("map_sessions", "gauge", "Open streaming map sessions.",
+               [({}, sum(len(v) for v in coordinator.sessions.values()))])
+        metric("map_updates_sent_total", "counter", "Map messages sent to clients.",
+               [({}, self.metrics["map_messages"])])
+        metric("map_bytes_sent_total", "counter", "Bytes of map messages sent.", [({}, self.metrics["map_bytes"])])
+        metric("registrations_total", "counter", "Successful registrations.", [({}, self.metrics["registrations"])])
+        metric("registration_refusals_total", "counter", "Refused registrations by reason.",
+               [({"reason": reason}, count) for reason, count in sorted(self.refusals.items())] or [({}, 0)])
+        metric("api_refused_total", "counter", "API requests refused for a bad key.", [({}, self.metrics["api_refused"])])
+        metric("derp_clients", "gauge", "Connected DERP clients.", [({}, derp.get("clients", 0))])
+        metric("derp_packets_relayed_total", "counter", "Packets relayed by DERP.", [({}, derp.get("packets_relayed", 0))])
+        metric("derp_bytes_relayed_total", "counter", "Bytes relayed by DERP.", [({}, derp.get("bytes_relayed", 0))])
+        metric("derp_packets_dropped_total", "counter", "Packets DERP dropped.", [({}, derp.get("packets_dropped", 0))])
+        return "\n".join(lines) + "\n"
 
 
 def live_fields(node):
@@ -5499,10 +5634,331 @@ def landing_page(url):
 tailscale up --login-server {url} --auth-key KEY</pre>"""
 
 
+# ---- Admin ----
+# The administrative verbs, one method each, data in and data out.  The CLI
+# runs them on the state folder (or, while serve runs, inside the server over
+# its local socket, so that live fields, netmaps and logs are at hand); the
+# HTTP API runs them inside the server for remote callers.
+
+API_KEY_PREFIX = "msapi-"
+ADMIN_NOUNS = ("users", "preauthkeys", "nodes", "routes", "devices", "policy", "apikeys", "status", "netmap", "logs")
+
+
+class Admin:
+    """The verbs of the CLI and the API over one store (and, in serve, the live server)."""
+
+    def __init__(self, store, config, server=None):
+        self.store, self.config, self.server = store, config, server
+
+    def call(self, noun, verb, params):
+        """Run `noun verb` with keyword params; ValueError for anything unknown or wrong."""
+        method = getattr(self, f"{noun}_{verb}" if verb else noun, None)
+        if noun not in ADMIN_NOUNS or method is None:
+            raise ValueError(f"unknown command {noun} {verb or ''}".strip())
+        try:
+            result = method(**params)
+        except TypeError as e:
+            raise ValueError(f"bad arguments for {noun} {verb or ''}: {e}") from None
+        if self.server is not None:           # own writes do not bump data_version
+            self.server.coordinator.reload_if_changed(force=True)
+        return result
+
+    def _live(self):
+        if self.server is None:
+            return {}
+        stats = self.server.wireguard_stats
+        return {n.id: dict(live_fields(n), wireguard=stats.get(n.node_key)) for n in self.server.coordinator.nodes.values()}
+
+    def _node(self, ident):
+        for n in self.store.nodes():
+            if str(n.id) == str(ident) or n.given_name == ident:
+                return n
+        raise ValueError(f"no node {ident!r} (see: nodes list)")
+
+    # users
+    def users_list(self):
+        return [{"id": u.id, "name": u.name, "created": rfc3339(u.created)} for u in self.store.users()]
+
+    def users_create(self, name):
+        user = self.store.create_user(name)
+        return {"id": user.id, "name": user.name, "message": f"created user {user.name} (id {user.id})"}
+
+    def users_delete(self, name):
+        self.store.delete_user(name)
+        return {"message": f"deleted user {name}"}
+
+    # pre-auth keys
+    def preauthkeys_list(self):
+        at = now()
+        return [{"id": k["id"], "key": k["prefix"] + "…", "user": k["user"], "reusable": bool(k["reusable"]),
+                 "ephemeral": bool(k["ephemeral"]), "used": k["used"], "tags": json.loads(k["tags"]),
+                 "expiration": rfc3339(k["expiration"]),
+                 "valid": not k["revoked"] and not (k["expiration"] and k["expiration"] <= at)
+                 and bool(k["reusable"] or not k["used"])} for k in self.store.preauth_keys()]
+
+    def preauthkeys_create(self, user, reusable=False, ephemeral=False, expiration="1h", tags=""):
+        owner = self.store.user_named(user)
+        tag_list = [t.strip() for t in (tags or "").split(",") if t.strip()]
+        for tag in tag_list:
+            if not TAG_NAME.match(tag):
+                raise ValueError(f"bad tag {tag!r}: tags look like tag:name")
+        expires = now() + parse_duration(expiration)
+        secret = self.store.create_preauth_key(owner.id, reusable, ephemeral, expires, tag_list)
+        return {"key": secret, "user": owner.name, "reusable": reusable, "ephemeral": ephemeral,
+                "expiration": rfc3339(expires), "tags": tag_list}
+
+    def preauthkeys_expire(self, key):
+        self.store.expire_preauth_key(key)
+        return {"message": "pre-auth key expired"}
+
+    # nodes
+    def nodes_list(self):
+        users = {u.id: u.name for u in self.store.users()}
+        live = self._live()
+        rows = []
+        for n in self.store.nodes():
+            fields = live.get(n.id) or {"online": False, "last_seen": rfc3339(n.last_seen),
+                                        "endpoints": n.endpoints, "home_derp": home_derp(n), "wireguard": None}
+            rows.append({"id": n.id, "name": n.given_name, "hostname": n.hostname, "user": users.get(n.user_id),
+                         "ipv4": n.ipv4, "ipv6": n.ipv6, "online": fields["online"], "last_seen": fields["last_seen"],
+                         "endpoints": fields["endpoints"], "derp_home": fields["home_derp"], "tags": n.tags,
+                         "ephemeral": n.ephemeral, "expiry": rfc3339(n.expiry), "created": rfc3339(n.created),
+                         "expired": is_expired(n, now()), "kind": n.kind, "approved_routes": n.approved_routes,
+                         "advertised_routes": list(n.hostinfo.get("RoutableIPs") or []),
+                         "os": n.hostinfo.get("OS", ""), "wireguard": fields.get("wireguard")})
+        return rows
+
+    def nodes_show(self, id):
+        node = self._node(id)
+        row = next(r for r in self.nodes_list() if r["id"] == node.id)
+        row.update(machine_key=key_text("mkey", node.machine_key), node_key=key_text("nodekey", node.node_key),
+                   disco_key=key_text("discokey", node.disco_key) if node.disco_key else None,
+                   hostinfo=node.hostinfo)
+        return row
+
+    def _update_node(self, node, message, **fields):
+        with self.store.transaction():
+            self.store.update_node(node.id, **fields)
+        return {"message": message}
+
+    def nodes_delete(self, id):
+        node = self._node(id)
+        with self.store.transaction():
+            self.store.delete_node(node.id)
+        return {"message": f"deleted node {node.id} {node.given_name}"}
+
+    def nodes_expire(self, id):
+        node = self._node(id)
+        return self._update_node(node, f"expired node {node.id} {node.given_name}: it must log in again", expiry=now())
+
+    def nodes_expiry(self, switch, id):
+        node = self._node(id)
+        if switch != "disable":
+            raise ValueError("use: nodes expiry disable ID")
+        return self._update_node(node, f"node {node.id} {node.given_name}'s key no longer expires", expiry=None)
+
+    def nodes_tag(self, id, tags):
+        node = self._node(id)
+        tag_list = [t.strip() for t in tags.split(",") if t.strip()]
+        for tag in tag_list:
+            if not TAG_NAME.match(tag):
+                raise ValueError(f"bad tag {tag!r}: tags look like tag:name")
+        return self._update_node(node, f"node {node.id} {node.given_name} tags: {', '.join(tag_list) or 'none'}",
+                                 tags=tag_list)
+
+    def nodes_rename(self, id, name):
+        node = self._node(id)
+        clean = sanitize_hostname(name)
+        if clean != name:
+            raise ValueError(f"bad name {name!r}: use a DNS label such as {clean!r}")
+        if any(n.given_name == name and n.id != node.id for n in self.store.nodes()):
+            raise ValueError(f"name {name!r} is taken by another node")
+        return self._update_node(node, f"renamed node {node.id} to {name}", given_name=name)
+
+    def nodes_register(self, user, key):
+        owner = self.store.user_named(user)
+        with self.store.transaction():
+            cur = self.store.db.execute("UPDATE auth_requests SET user_id=? WHERE id=? AND user_id IS NULL",
+                                        (owner.id, key))
+        if cur.rowcount != 1:
+            raise ValueError(f"no login request {key!r} is waiting (it may have expired, or serve is not running)")
+        return {"message": f"approved: the device joins as {owner.name} within a second"}
+
+    # routes
+    def routes_list(self):
+        nodes = self.store.nodes()
+        compiled = compile_policy(None, policy_topology(nodes, {u.id: u for u in self.store.users()}))
+        primary = {}
+        for view in compiled.values():
+            for peer_id, seen in view["peers"].items():
+                primary.setdefault(int(peer_id), set()).update(seen.get("PrimaryRoutes", []))
+        rows = []
+        for n in nodes:
+            advertised = list(n.hostinfo.get("RoutableIPs") or [])
+            for prefix in sorted(set(advertised) | set(n.approved_routes)):
+                rows.append({"node_id": n.id, "node": n.given_name, "prefix": prefix,
+                             "advertised": prefix in advertised, "approved": prefix in n.approved_routes,
+                             "primary": prefix in primary.get(n.id, ())})
+        return rows
+
+    def _route_change(self, node, prefix, approve):
+        node = self._node(node)
+        try:
+            prefix = str(ipaddress.ip_network(prefix, strict=True))
+        except ValueError as e:
+            raise ValueError(f"bad prefix {prefix!r}: {e}") from None
+        if node.kind == NODE_GATEWAY:
+            raise ValueError("the gateway's routes come from its configuration (--advertise-routes)")
+        approved = [r for r in node.approved_routes if r != prefix]
+        if approve:
+            if prefix not in (node.hostinfo.get("RoutableIPs") or []):
+                raise ValueError(f"node {node.given_name} does not advertise {prefix}")
+            approved.append(prefix)
+        elif prefix not in node.approved_routes:
+            raise ValueError(f"{prefix} is not approved for {node.given_name}")
+        return self._update_node(node, f"{'approved' if approve else 'unapproved'} {prefix} for {node.given_name}",
+                                 approved_routes=approved)
+
+    def routes_approve(self, node, prefix):
+        return self._route_change(node, prefix, True)
+
+    def routes_unapprove(self, node, prefix):
+        return self._route_change(node, prefix, False)
+
+    # plain WireGuard devices
+    def devices_list(self):
+        return [{"id": d["id"], "name": d["name"], "user": d["user"], "ipv4": d["ipv4"], "ipv6": d["ipv6"],
+                 "full_tunnel": bool(d["full_tunnel"]), "public_key": base64.b64encode(d["public_key"]).decode(),
+                 "created": rfc3339(d["created"])} for d in self.store.devices()]
+
+    def devices_add(self, name, user=GATEWAY_USER, full_tunnel=False):
+        box = next((n for n in self.store.nodes() if n.kind == NODE_GATEWAY), None)
+        if box is None:
+            raise ValueError("no gateway yet: run 'meshbox serve --gateway ...' once first")
+        if not box.endpoints:
+            raise ValueError("the gateway has no endpoint devices can reach: set --public-endpoint IP:PORT")
+        clean = sanitize_hostname(name)
+        if clean != name:
+            raise ValueError(f"bad device name {name!r}: use a DNS label such as {clean!r}")
+        try:
+            owner = self.store.user_named(user)
+        except ValueError:
+            if user != GATEWAY_USER:
+                raise
+            owner = self.store.create_user(GATEWAY_USER)
+        private = new_private_key()
+        tailnet = [self.config.prefix_v4, self.config.prefix_v6]
+        with self.store.transaction():
+            if self.store.db.execute("SELECT 1 FROM devices WHERE name=?", (name,)).fetchone():
+                raise ValueError(f"a device named {name!r} exists")
+            ipv4, ipv6 = allocate_addresses(*tailnet, *self.store.taken_addresses())
+            self.store.db.execute("INSERT INTO devices(name, user_id, public_key, ipv4, ipv6, full_tunnel, created)"
+                                  " VALUES(?,?,?,?,?,?,?)",
+                                  (name, owner.id, x25519_public(private), ipv4, ipv6, int(full_tunnel), now()))
+        if full_tunnel:
+            allowed = list(EXIT_ROUTES)
+        else:
+            nets = [ipaddress.ip_network(p) for p in tailnet]
+            lan = [r for r in box.approved_routes if r not in EXIT_ROUTES and not any(
+                ipaddress.ip_network(r).version == n.version and ipaddress.ip_network(r).subnet_of(n) for n in nets)]
+            allowed = tailnet + lan
+        return {"name": name, "ipv4": ipv4, "ipv6": ipv6,
+                "config": wg_quick_config(private, ipv4, ipv6, box.node_key, box.endpoints[0], allowed)}
+
+    def devices_remove(self, name):
+        with self.store.transaction():
+            if self.store.db.execute("DELETE FROM devices WHERE name=?", (name,)).rowcount != 1:
+                raise ValueError(f"no device named {name!r}")
+        return {"message": f"removed device {name}"}
+
+    # policy
+    def _topology(self):
+        return policy_topology(self.store.nodes(), {u.id: u for u in self.store.users()})
+
+    def _checked(self, policy, topology):
+        try:
+            parsed = parse_policy(policy)
+            check_policy_tests(parsed, topology)
+        except PolicyError as e:
+            raise ValueError(f"policy refused: {e}") from None
+        return parsed
+
+    def policy_get(self):
+        return {"policy": self.store.setting("policy")}
+
+    def policy_check(self, policy):
+        self._checked(policy, self._topology())
+        return {"message": "policy is valid"}
+
+    def policy_set(self, policy):
+        self._checked(policy, self._topology())
+        self.store.set_setting("policy", policy)
+        return {"message": "policy set; a running server applies it within a second"}
+
+    def policy_clear(self):
+        self.store.set_setting("policy", None)
+        return {"message": "policy cleared: every node may reach every other"}
+
+    def policy_compile(self, policy, topology):
+        compiled = compile_policy(self._checked(policy, topology), topology)
+        return {name: {k: view[k] for k in ("packet_filter_rules", "peers", "ssh_rules")}
+                for name, view in compiled.items()}
+
+    # API keys
+    def apikeys_list(self):
+        at = now()
+        return [{"id": r["id"], "prefix": r["prefix"] + "…", "created": rfc3339(r["created"]),
+                 "expiration": rfc3339(r["expiration"]),
+                 "valid": not r["revoked"] and not (r["expiration"] and r["expiration"] <= at)}
+                for r in self.store.db.execute("SELECT * FROM api_keys ORDER BY id")]
+
+    def apikeys_create(self, expiration="90d"):
+        secret = API_KEY_PREFIX + secrets.token_hex(24)
+        expires = now() + parse_duration(expiration)
+        with self.store.transaction():
+            self.store.db.execute("INSERT INTO api_keys(prefix, hash, created, expiration) VALUES(?,?,?,?)",
+                                  (secret[:14], hash_secret(secret), now(), expires))
+        return {"key": secret, "expiration": rfc3339(expires)}
+
+    def apikeys_expire(self, prefix):
+        with self.store.transaction():
+            cur = self.store.db.execute("UPDATE api_keys SET revoked=1 WHERE prefix=? OR hash=?",
+                                        (prefix.rstrip("…"), hash_secret(prefix)))
+        if cur.rowcount != 1:
+            raise ValueError(f"no single API key matches {prefix!r}")
+        return {"message": "API key expired"}
+
+    # the running server's view
+    def status(self):
+        server = self.server
+        return {"server_running": server is not None, "nodes": self.nodes_list(),
+                "derp": server.derp.stats() if server and server.derp else {},
+                "refusals": dict(server.refusals) if server else {}}
+
+    def netmap(self, id):
+        if self.server is None:
+            raise ValueError("netmap needs the running server (meshbox serve)")
+        coordinator = self.server.coordinator
+        node = coordinator.nodes.get(self._node(id).id)
+        return map_response_for(node, coordinator.view_of(node), coordinator.nodes, coordinator.users,
+                                coordinator.settings, now())
+
+    def logs(self, lines=100):
+        if self.server is None:
+            raise ValueError("logs needs the running server (meshbox serve)")
+        return list(self.server.recent_logs.lines)[-int(lines):]
+
+
+def api_key_valid(store, secret):
+    """Whether a presented API key is known, unexpired and not revoked."""
+    row = store.db.execute("SELECT * FROM api_keys WHERE hash=?", (hash_secret(secret),)).fetchone()
+    return bool(row) and not row["revoked"] and not (row["expiration"] and row["expiration"] <= now())
+
+
 # ---- CLI ----
-# Headscale's nouns and verbs, so scripts carry over.  Commands other than
-# ``serve`` edit the state database directly; a running server notices
-# within half a second and pushes the change to its clients.
+# Headscale's nouns and verbs, so scripts carry over.  A verb runs inside the
+# running server when there is one (its admin socket), else on the state
+# folder directly; with --remote it goes to a server's HTTP API.
 
 CLI_EPILOG = """\
 first steps:
@@ -5514,6 +5970,8 @@ first steps:
 settings come from (later wins): defaults, the JSON file given by --config
 (keys as in the flags, e.g. {"listen": "0.0.0.0:443", "server_url": ...}),
 environment variables MESHBOX_<NAME> (e.g. MESHBOX_LISTEN), then flags.
+remote administration: create a key with 'apikeys create' on the server, then
+  meshbox.py --remote http://SERVER:8080 --api-key KEY nodes list
 """
 
 
@@ -5558,69 +6016,209 @@ def setting_value(name, value, default):
             return int(value)
         except (TypeError, ValueError):
             raise SystemExit(f"meshbox: setting {name} must be a number, got {value!r}") from None
+    if isinstance(default, (list, dict)) and isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise SystemExit(f"meshbox: setting {name} is not valid JSON: {e}") from None
     if isinstance(default, list) and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
+    if type(value) is not type(default) and isinstance(default, (list, dict)):
+        raise SystemExit(f"meshbox: setting {name} must be a {type(default).__name__}")
     return value
 
 
 def print_table(rows, columns):
-    widths = [max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns]
+    widths = [max([len(c)] + [len(cell(r.get(c))) for r in rows]) for c in columns]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
     for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)).rstrip())
+        print("  ".join(cell(r.get(c)).ljust(w) for c, w in zip(columns, widths)).rstrip())
 
 
-def output(args, rows, columns):
-    if getattr(args, "output", None) == "json":
-        print(json.dumps(rows, indent=2))
-    else:
-        print_table(rows, columns)
+def cell(value):
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "-"
+    return "-" if value is None else str(value)
 
 
-def live_state(state_dir):
-    """Live node fields from a running server, or None when none runs."""
+def admin_socket_call(state_dir, noun, verb, params):
+    """Run a verb in the local running server; None when no server answers."""
     path = os.path.join(state_dir, "admin.sock")
     if not os.path.exists(path):
         return None
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
+            s.settimeout(30)
             s.connect(path)
-            s.sendall(b'{"command": "live"}\n')
+            s.sendall(json_bytes({"noun": noun, "verb": verb, "params": params}) + b"\n")
             data = b""
             while not data.endswith(b"\n"):
                 chunk = s.recv(65536)
                 if not chunk:
                     break
                 data += chunk
-        return json.loads(data)
-    except (OSError, ValueError):
+    except OSError:
         return None
+    return json.loads(data)
 
 
-def node_rows(store, state_dir):
-    users = {u.id: u.name for u in store.users()}
-    live = (live_state(state_dir) or {}).get("nodes", {})
-    rows = []
-    for n in store.nodes():
-        fields = live.get(str(n.id)) or {"online": False, "last_seen": rfc3339(n.last_seen),
-                                         "endpoints": n.endpoints, "home_derp": home_derp(n)}
-        rows.append({"id": n.id, "name": n.given_name, "hostname": n.hostname, "user": users.get(n.user_id),
-                     "ipv4": n.ipv4, "ipv6": n.ipv6, "online": fields["online"], "last_seen": fields["last_seen"],
-                     "endpoints": fields["endpoints"], "derp_home": fields["home_derp"], "tags": n.tags,
-                     "ephemeral": n.ephemeral, "expiry": rfc3339(n.expiry), "created": rfc3339(n.created),
-                     "expired": is_expired(n, now())})
-    return rows
+def api_call(url, api_key, noun, verb, params):
+    """Run a verb on a remote server through its HTTP API."""
+    scheme, _, rest = url.partition("://")
+    hostport, _, base = rest.partition("/")
+    host, port = parse_host_port(hostport, 443 if scheme == "https" else 80)
+    path = f"/{base.strip('/')}/api/v1/{noun}/{verb}".replace("//", "/") if base.strip("/") else \
+        f"/api/v1/{noun}/{verb}"
+    body = json_bytes(params)
+    request = (f"POST {path.rstrip('/')} HTTP/1.1\r\nHost: {hostport}\r\nAuthorization: Bearer {api_key}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection((host, port), timeout=30) as raw:
+        conn = ssl.create_default_context().wrap_socket(raw, server_hostname=host) if scheme == "https" else raw
+        conn.sendall(request + body)
+        data = b""
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    try:
+        status = int(head.split(b" ")[1])
+        answer = json.loads(payload)
+    except (IndexError, ValueError):
+        raise ValueError(f"unexpected answer from {url}: {head[:80]!r}") from None
+    if status == 401:
+        raise ValueError("the server refused the API key (401)")
+    return answer
 
 
-def find_node(store, ident):
-    for n in store.nodes():
-        if str(n.id) == str(ident) or n.given_name == ident:
-            return n
-    raise ValueError(f"no node {ident!r} (see: nodes list)")
+def run_verb(args, config, noun, verb, params):
+    """Run a verb remotely, in the running server, or on the state folder."""
+    if args.remote:
+        if not args.api_key:
+            raise ValueError("--remote needs --api-key (create one on the server: meshbox apikeys create)")
+        answer = api_call(args.remote, args.api_key, noun, verb, params)
+    else:
+        answer = admin_socket_call(config.state_dir, noun, verb, params)
+        if answer is None:
+            os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+            return Admin(Store(os.path.join(config.state_dir, "meshbox.db")), config).call(noun, verb, params)
+    if "error" in answer:
+        raise ValueError(answer["error"])
+    return answer["result"]
 
 
-def cmd_serve(args, config):
+# How each verb's result is shown: table columns for lists, or a printer.
+TABLES = {
+    ("users", "list"): ["id", "name", "created"],
+    ("preauthkeys", "list"): ["id", "key", "user", "reusable", "ephemeral", "used", "expiration", "valid"],
+    ("nodes", "list"): ["id", "name", "user", "ipv4", "ipv6", "online", "last_seen", "tags"],
+    ("routes", "list"): ["node_id", "node", "prefix", "advertised", "approved", "primary"],
+    ("devices", "list"): ["id", "name", "user", "ipv4", "full_tunnel", "public_key"],
+    ("apikeys", "list"): ["id", "prefix", "created", "expiration", "valid"],
+}
+
+
+def show_result(args, noun, verb, result):
+    if getattr(args, "output", "table") == "json":
+        print(json.dumps(result, indent=2))
+    elif (noun, verb) in TABLES:
+        print_table(result, TABLES[(noun, verb)])
+    elif (noun, verb) in (("preauthkeys", "create"), ("apikeys", "create")):
+        print(f"{noun[:-1]} expires {result['expiration']}; it is shown only now:", file=sys.stderr)
+        print(result["key"])
+    elif (noun, verb) == ("devices", "add"):
+        print(f"device {result['name']}: {result['ipv4']} {result['ipv6']}; keep this config secret, "
+              "its key is not stored", file=sys.stderr)
+        if args.qr:
+            import subprocess
+            subprocess.run(["qrencode", "-t", "ansiutf8"], input=result["config"].encode(), check=False)
+        sys.stdout.write(result["config"])
+    elif (noun, verb) == ("policy", "get"):
+        if result["policy"] is None:
+            print("no policy set: every node may reach every other", file=sys.stderr)
+        else:
+            print(result["policy"])
+    elif noun == "status":
+        show_status(result)
+    elif noun == "logs":
+        print("\n".join(result))
+    elif isinstance(result, dict) and set(result) == {"message"}:
+        print(result["message"])
+    else:
+        print(json.dumps(result, indent=2))
+
+
+def show_status(result):
+    rows = result["nodes"]
+    print(f"server: {'running' if result['server_running'] else 'not running'}; {len(rows)} node(s), "
+          f"{sum(1 for r in rows if r['online'])} online")
+    for r in rows:
+        r["state"] = "expired" if r["expired"] else ("online" if r["online"] else "offline")
+        handshake = (r.get("wireguard") or {}).get("last_handshake")
+        r["box_handshake"] = rfc3339(handshake) if handshake else None
+    print_table(rows, ["id", "name", "user", "ipv4", "state", "derp_home", "endpoints", "box_handshake", "last_seen"])
+
+
+def verb_params(args, noun, verb):
+    """The keyword arguments a verb takes, from the parsed command line."""
+    skip = {"command", "verb", "state", "config", "remote", "api_key", "output", "qr", "file", "topology"}
+    params = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    if noun == "policy" and verb in ("set", "check", "compile"):
+        params["policy"] = read_text_file(args.file, "policy file")
+    if noun == "policy" and verb == "compile":
+        try:
+            params["topology"] = json.loads(read_text_file(args.topology, "topology"))
+        except ValueError as e:
+            raise ValueError(f"topology {args.topology} is not JSON: {e}") from None
+    return params
+
+
+def read_text_file(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line, for log collectors."""
+
+    def format(self, record):
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                 + f".{int(record.msecs):03d}Z", "level": record.levelname.lower(), "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+class RecentLogs(logging.Handler):
+    """The last lines logged, kept for 'meshbox logs'."""
+
+    def __init__(self, size=1000):
+        super().__init__()
+        self.lines = collections.deque(maxlen=size)
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
+def log_formatter(config):
+    if config.log_format == "json":
+        return JsonLogFormatter()
+    return logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+
+
+def setup_logging(config, serving):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(log_formatter(config) if serving else logging.Formatter("%(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, str(config.log_level).upper(), logging.INFO) if serving else logging.WARNING)
+
+
+def cmd_serve(config):
     async def main():
         server = Server(config)
         await server.start()
@@ -5633,182 +6231,6 @@ def cmd_serve(args, config):
     asyncio.run(main())
 
 
-def cmd_users(args, store):
-    if args.verb == "create":
-        user = store.create_user(args.name)
-        print(f"created user {user.name} (id {user.id})")
-    elif args.verb == "delete":
-        store.delete_user(args.name)
-        print(f"deleted user {args.name}")
-    else:
-        output(args, [{"id": u.id, "name": u.name, "created": rfc3339(u.created)} for u in store.users()],
-               ["id", "name", "created"])
-
-
-def cmd_preauthkeys(args, store):
-    if args.verb == "create":
-        user = store.user_named(args.user)
-        tags = [t for t in (args.tags or "").split(",") if t]
-        for tag in tags:
-            if not tag.startswith("tag:") or len(tag) < 5:
-                raise ValueError(f"bad tag {tag!r}: tags look like tag:name")
-        expiration = now() + parse_duration(args.expiration)
-        secret = store.create_preauth_key(user.id, args.reusable, args.ephemeral, expiration, tags)
-        print(f"pre-auth key for {user.name}, {'reusable' if args.reusable else 'single use'}"
-              f"{', ephemeral' if args.ephemeral else ''}, expires {rfc3339(expiration)}:", file=sys.stderr)
-        print(secret)
-    elif args.verb == "expire":
-        store.expire_preauth_key(args.key)
-        print("pre-auth key expired")
-    else:
-        at = now()
-        rows = [{"id": k["id"], "key": k["prefix"] + "…", "user": k["user"], "reusable": bool(k["reusable"]),
-                 "ephemeral": bool(k["ephemeral"]), "used": k["used"], "tags": json.loads(k["tags"]),
-                 "expiration": rfc3339(k["expiration"]),
-                 "valid": not k["revoked"] and not (k["expiration"] and k["expiration"] <= at)
-                 and bool(k["reusable"] or not k["used"])} for k in store.preauth_keys()]
-        output(args, rows, ["id", "key", "user", "reusable", "ephemeral", "used", "expiration", "valid"])
-
-
-def cmd_nodes(args, store):
-    if args.verb == "list":
-        output(args, node_rows(store, args.state), ["id", "name", "user", "ipv4", "ipv6", "online", "last_seen", "tags"])
-        return
-    if args.verb == "register":
-        user = store.user_named(args.user)
-        with store.transaction():
-            cur = store.db.execute("UPDATE auth_requests SET user_id=? WHERE id=? AND user_id IS NULL",
-                                   (user.id, args.key))
-        if cur.rowcount != 1:
-            raise ValueError(f"no login request {args.key!r} is waiting (it may have expired, or serve is not running)")
-        print(f"approved: the device joins as {user.name} within a second")
-        return
-    node = find_node(store, args.id)
-    with store.transaction():
-        if args.verb == "delete":
-            store.delete_node(node.id)
-            message = f"deleted node {node.id} {node.given_name}"
-        elif args.verb == "expire":
-            store.update_node(node.id, expiry=now())
-            message = f"expired node {node.id} {node.given_name}: it must log in again"
-        elif args.verb == "expiry":
-            store.update_node(node.id, expiry=None)
-            message = f"node {node.id} {node.given_name}'s key no longer expires"
-        elif args.verb == "tag":
-            tags = [t.strip() for t in args.tags.split(",") if t.strip()]
-            for t in tags:
-                if not TAG_NAME.match(t):
-                    raise ValueError(f"bad tag {t!r}: tags look like tag:name")
-            store.update_node(node.id, tags=tags)
-            message = f"node {node.id} {node.given_name} tags: {', '.join(tags) or 'none'}"
-        else:
-            name = sanitize_hostname(args.name)
-            if name != args.name:
-                raise ValueError(f"bad name {args.name!r}: use a DNS label such as {name!r}")
-            if any(n.given_name == name and n.id != node.id for n in store.nodes()):
-                raise ValueError(f"name {name!r} is taken by another node")
-            store.update_node(node.id, given_name=name)
-            message = f"renamed node {node.id} to {name}"
-    print(message)
-
-
-def cmd_routes(args, store):
-    if args.verb == "list":
-        nodes = store.nodes()
-        users = {u.id: u for u in store.users()}
-        compiled = compile_policy(None, policy_topology(nodes, users))
-        primary = {p for view in compiled.values() for seen in view["peers"].values()
-                   for p in seen.get("PrimaryRoutes", [])}
-        primary_by_node = {}
-        for view in compiled.values():
-            for peer_id, seen in view["peers"].items():
-                primary_by_node.setdefault(peer_id, set()).update(seen.get("PrimaryRoutes", []))
-        rows = []
-        for n in nodes:
-            advertised = list(n.hostinfo.get("RoutableIPs") or [])
-            for prefix in sorted(set(advertised) | set(n.approved_routes)):
-                rows.append({"node_id": n.id, "node": n.given_name, "prefix": prefix,
-                             "advertised": prefix in advertised, "approved": prefix in n.approved_routes,
-                             "primary": prefix in primary_by_node.get(str(n.id), ()) and prefix in primary})
-        output(args, rows, ["node_id", "node", "prefix", "advertised", "approved", "primary"])
-        return
-    node = find_node(store, args.node)
-    try:
-        prefix = str(ipaddress.ip_network(args.prefix, strict=True))
-    except ValueError as e:
-        raise ValueError(f"bad prefix {args.prefix!r}: {e}") from None
-    approved = list(node.approved_routes)
-    if args.verb == "approve":
-        if node.kind == NODE_GATEWAY:
-            raise ValueError("the gateway's routes come from its configuration (--advertise-routes)")
-        if prefix not in (node.hostinfo.get("RoutableIPs") or []):
-            raise ValueError(f"node {node.given_name} does not advertise {prefix}")
-        if prefix not in approved:
-            approved.append(prefix)
-    else:
-        if prefix not in approved:
-            raise ValueError(f"{prefix} is not approved for {node.given_name}")
-        approved.remove(prefix)
-    with store.transaction():
-        store.update_node(node.id, approved_routes=approved)
-    print(f"{'approved' if args.verb == 'approve' else 'unapproved'} {prefix} for {node.given_name}")
-
-
-def cmd_devices(args, store, config):
-    if args.verb == "list":
-        rows = [{"id": d["id"], "name": d["name"], "user": d["user"], "ipv4": d["ipv4"], "ipv6": d["ipv6"],
-                 "full_tunnel": bool(d["full_tunnel"]), "public_key": base64.b64encode(d["public_key"]).decode(),
-                 "created": rfc3339(d["created"])} for d in store.devices()]
-        output(args, rows, ["id", "name", "user", "ipv4", "full_tunnel", "public_key"])
-        return
-    if args.verb == "remove":
-        with store.transaction():
-            if store.db.execute("DELETE FROM devices WHERE name=?", (args.name,)).rowcount != 1:
-                raise ValueError(f"no device named {args.name!r}")
-        print(f"removed device {args.name}")
-        return
-    box = next((n for n in store.nodes() if n.kind == NODE_GATEWAY), None)
-    if box is None:
-        raise ValueError("no gateway yet: run 'meshbox serve --gateway ...' once first")
-    if not box.endpoints:
-        raise ValueError("the gateway has no endpoint devices can reach: set --public-endpoint IP:PORT")
-    if args.qr:
-        import shutil
-        if not shutil.which("qrencode"):
-            raise ValueError("--qr needs qrencode (apt install qrencode / opkg install qrencode)")
-    try:
-        user = store.user_named(args.user)
-    except ValueError:
-        if args.user != GATEWAY_USER:
-            raise
-        user = store.create_user(GATEWAY_USER)
-    name = sanitize_hostname(args.name)
-    if name != args.name:
-        raise ValueError(f"bad device name {args.name!r}: use a DNS label such as {name!r}")
-    private = new_private_key()
-    tailnet = [config.prefix_v4, config.prefix_v6]
-    with store.transaction():
-        if store.db.execute("SELECT 1 FROM devices WHERE name=?", (name,)).fetchone():
-            raise ValueError(f"a device named {name!r} exists")
-        ipv4, ipv6 = allocate_addresses(*tailnet, *store.taken_addresses())
-        store.db.execute("INSERT INTO devices(name, user_id, public_key, ipv4, ipv6, full_tunnel, created)"
-                         " VALUES(?,?,?,?,?,?,?)", (name, user.id, x25519_public(private), ipv4, ipv6,
-                                                    int(args.full_tunnel), now()))
-    if args.full_tunnel:
-        allowed = list(EXIT_ROUTES)
-    else:
-        nets = [ipaddress.ip_network(p) for p in tailnet]
-        lan = [r for r in box.approved_routes if r not in EXIT_ROUTES
-               and not any(ipaddress.ip_network(r).subnet_of(n) for n in nets if n.version == ipaddress.ip_network(r).version)]
-        allowed = tailnet + lan
-    config = wg_quick_config(private, ipv4, ipv6, box.node_key, box.endpoints[0], allowed)
-    print(f"device {name}: {ipv4} {ipv6}; keep this config secret, the key is not stored", file=sys.stderr)
-    if args.qr:
-        import subprocess
-        subprocess.run(["qrencode", "-t", "ansiutf8"], input=config.encode(), check=False)
-    sys.stdout.write(config)
-
-
 def cmd_gateway_down(config):
     """Remove meshbox's interface and table, as a stopped server would."""
     gateway = Gateway(config, bytes(32))
@@ -5817,77 +6239,12 @@ def cmd_gateway_down(config):
     except GatewayError:
         gateway.wg = None
     gateway.applied_table = ""
-    if gateway.wg is not None and isinstance(gateway.wg, UserspaceWireGuard):
+    if isinstance(gateway.wg, UserspaceWireGuard):
         index = gateway.wg.ipr.link_lookup(ifname=config.wg_interface)
         if index:
             gateway.wg.ipr.link("del", index=index[0])
     gateway.down()
     print(f"removed {config.wg_interface} and the {NFT_TABLE} nftables table")
-
-
-def read_policy_file(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read policy file {path}: {e.strerror}") from None
-
-
-def checked_policy(text, topology):
-    """Parse a policy and run its tests against `topology`; PolicyError says why not."""
-    policy = parse_policy(text)
-    check_policy_tests(policy, topology)
-    return policy
-
-
-def cmd_policy(args, store):
-    topology = policy_topology(store.nodes(), {u.id: u for u in store.users()})
-    if args.verb == "get":
-        text = store.setting("policy")
-        if text is None:
-            print("no policy set: every node may reach every other", file=sys.stderr)
-        else:
-            print(text)
-        return
-    if args.verb == "clear":
-        store.set_setting("policy", None)
-        print("policy cleared: every node may reach every other")
-        return
-    text = read_policy_file(args.file)
-    if args.verb == "compile":
-        try:
-            with open(args.topology, encoding="utf-8") as f:
-                topology = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read topology {args.topology}: {e}") from None
-    try:
-        policy = checked_policy(text, topology)
-    except PolicyError as e:
-        raise ValueError(f"policy refused: {e}") from None
-    if args.verb == "set":
-        store.set_setting("policy", text)
-        print("policy set; a running server applies it within a second")
-    elif args.verb == "check":
-        print("policy is valid")
-    else:
-        compiled = compile_policy(policy, topology)
-        print(json.dumps({name: {k: view[k] for k in ("packet_filter_rules", "peers", "ssh_rules")}
-                          for name, view in compiled.items()}, indent=2))
-
-
-def cmd_status(args, store):
-    live = live_state(args.state)
-    rows = node_rows(store, args.state)
-    if getattr(args, "output", None) == "json":
-        print(json.dumps({"server_running": live is not None, "nodes": rows,
-                          "derp": (live or {}).get("derp", {}), "refusals": (live or {}).get("refusals", {})}, indent=2))
-        return
-    print(f"server: {'running' if live else 'not running'}; {len(rows)} node(s), "
-          f"{sum(1 for r in rows if r['online'])} online")
-    for r in rows:
-        r["endpoints"] = ",".join(r["endpoints"]) or "-"
-        r["state"] = "expired" if r["expired"] else ("online" if r["online"] else "offline")
-    print_table(rows, ["id", "name", "user", "ipv4", "state", "derp_home", "endpoints", "last_seen"])
 
 
 def build_parser():
@@ -5896,6 +6253,10 @@ def build_parser():
         epilog=CLI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state", default=None, help="state folder (default ./meshbox-state; env MESHBOX_STATE_DIR)")
     parser.add_argument("--config", help="JSON settings file")
+    parser.add_argument("--remote", default=os.environ.get("MESHBOX_REMOTE"),
+                        help="administer the server at this URL through its API (env MESHBOX_REMOTE)")
+    parser.add_argument("--api-key", dest="api_key", default=os.environ.get("MESHBOX_API_KEY"),
+                        help="API key for --remote (env MESHBOX_API_KEY)")
     parser.add_argument("--version", action="version", version=f"meshbox {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -5906,9 +6267,13 @@ def build_parser():
     serve.add_argument("--stun-listen", dest="stun_listen", help="STUN UDP address (default LISTEN's host:3478, or off)")
     serve.add_argument("--derp-host", dest="derp_host", help="host clients dial for DERP/STUN (default SERVER_URL's host)")
     serve.add_argument("--base-domain", dest="base_domain", help="MagicDNS domain (default mesh.internal)")
+    serve.add_argument("--nameservers", help="DNS resolvers clients use for other names, e.g. 192.0.2.53")
+    serve.add_argument("--hosts-file", dest="hosts_file",
+                       help="write the tailnet's names here for dnsmasq (default STATE_DIR/hosts)")
     serve.add_argument("--policy-file", dest="policy_file",
                        help="HuJSON ACL policy file, reloaded when it changes (default: the one set with 'policy set')")
     serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", dest="log_format", choices=["text", "json"], help="log lines as text or JSON")
     gw = serve.add_argument_group("gateway (the box as a WireGuard peer, subnet router and exit node)")
     gw.add_argument("--gateway", action="store_true", default=None, help="be a kernel-WireGuard node of the tailnet")
     gw.add_argument("--wg-interface", dest="wg_interface", help="WireGuard interface (default meshbox0)")
@@ -5944,6 +6309,7 @@ def build_parser():
 
     nodes = sub.add_parser("nodes", help="manage nodes").add_subparsers(dest="verb", required=True)
     with_output(nodes.add_parser("list", help="list nodes"))
+    nodes.add_parser("show", help="everything about one node").add_argument("id", help="node ID or name")
     nodes.add_parser("delete", help="remove a node").add_argument("id", help="node ID or name")
     nodes.add_parser("expire", help="force a node to log in again").add_argument("id", help="node ID or name")
     register = nodes.add_parser("register", help="approve a device waiting at its login URL")
@@ -5990,7 +6356,18 @@ def build_parser():
     compile_.add_argument("file")
     compile_.add_argument("--topology", required=True, help='JSON {"users": [...], "nodes": {...}}')
 
+    apikeys = sub.add_parser("apikeys", help="keys for the HTTP API (--remote)").add_subparsers(
+        dest="verb", required=True)
+    apikeys.add_parser("create", help="make an API key (shown once)").add_argument(
+        "--expiration", default="90d", help="how long it is valid (default 90d)")
+    with_output(apikeys.add_parser("list", help="list API keys"))
+    apikeys.add_parser("expire", help="revoke an API key").add_argument("prefix", help="the key or its listed prefix")
+
     with_output(sub.add_parser("status", help="the tailnet as the server sees it"))
+    sub.add_parser("netmap", help="the exact MapResponse a node receives now").add_argument(
+        "id", help="node ID or name")
+    sub.add_parser("logs", help="recent events of the running server").add_argument(
+        "--lines", type=int, default=100, help="how many (default 100)")
     return parser
 
 
@@ -5999,19 +6376,18 @@ def main(argv=None):
     if args.state is not None:
         os.environ["MESHBOX_STATE_DIR"] = args.state
     config = load_config(args)
-    args.state = config.state_dir
-    logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    setup_logging(config, serving=args.command == "serve")
     try:
         if args.command == "serve":
-            return cmd_serve(args, config)
-        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
-        store = Store(os.path.join(config.state_dir, "meshbox.db"))
+            return cmd_serve(config)
         if args.command == "gateway":
             return cmd_gateway_down(config)
-        commands = {"users": cmd_users, "preauthkeys": cmd_preauthkeys, "nodes": cmd_nodes, "routes": cmd_routes,
-                    "devices": lambda a, s: cmd_devices(a, s, config), "policy": cmd_policy, "status": cmd_status}
-        commands[args.command](args, store)
+        noun, verb = args.command, getattr(args, "verb", None)
+        if noun == "devices" and verb == "add" and args.qr:
+            import shutil
+            if not shutil.which("qrencode"):
+                raise ValueError("--qr needs qrencode (apt install qrencode / opkg install qrencode)")
+        show_result(args, noun, verb, run_verb(args, config, noun, verb, verb_params(args, noun, verb)))
     except (ValueError, StoreError, RuntimeError, OSError, GatewayError, PolicyError) as e:
         print(f"meshbox: {e}", file=sys.stderr)
         return 1
