@@ -190,6 +190,28 @@ def test_gateway_enforces_policy_on_the_lan(tmp_path):
             server.stop()
 
 
+def test_full_tunnel_device_reaches_the_internet_through_the_box(tmp_path):
+    state = tmp_path / "state"
+    with netlab.Lab(clients=("a",), direct=True) as lab:
+        wan = netlab.Netns(f"{lab.tag}-wan")
+        netlab.link(lab.hub, "wan0", wan, "eth0")
+        lab.hub.run(["ip", "addr", "add", "203.0.113.1/24", "dev", "wan0"])
+        wan.run(["ip", "addr", "add", "203.0.113.2/24", "dev", "eth0"])
+        server = start_gateway(lab, state, "--advertise-exit-node")
+        try:
+            site = serve_page(wan, "203.0.113.2", 8000, "hello from the internet", tmp_path / "wanweb")
+            config = cli(state, "devices", "add", "roamer", "--full-tunnel").stdout
+            assert "AllowedIPs = 0.0.0.0/0, ::/0" in config
+            device_up(lab["a"], "wgr", config, tmp_path)
+            assert netlab.wait_until(lambda: lab["a"].http_get("http://203.0.113.2:8000/", timeout=5)
+                                     == (200, "hello from the internet"), 15)
+            assert "203.0.113.1 - -" in site.log_text()          # masqueraded behind the box's WAN address
+            routes = json.loads(cli(state, "routes", "list", "-o", "json").stdout)
+            assert {"0.0.0.0/0", "::/0"} <= {r["prefix"] for r in routes if r["approved"]}
+        finally:
+            server.stop()
+
+
 def test_gateway_down_cleans_up_after_a_crash(tmp_path):
     state = tmp_path / "state"
     with netlab.Lab(clients=("a",), direct=True) as lab:
