@@ -406,12 +406,12 @@ def blake2s(data, key=b""):
     return hashlib.blake2s(data, key=key).digest()
 
 
-def box_seal(private, public, nonce, message):
+def _sodium_box_seal(private, public, nonce, message):
     """NaCl crypto_box (X25519 + XSalsa20-Poly1305), as DERP uses it."""
     return _require_sodium().crypto_box(message, nonce, public, private)
 
 
-def box_open(private, public, nonce, sealed):
+def _sodium_box_open(private, public, nonce, sealed):
     """Open a NaCl box or raise CryptoError."""
     try:
         return _require_sodium().crypto_box_open(sealed, nonce, public, private)
@@ -419,18 +419,171 @@ def box_open(private, public, nonce, sealed):
         raise CryptoError("NaCl box did not open") from e
 
 
-def ed25519_public(seed):
+def _sodium_ed25519_public(seed):
     """The Ed25519 public key for a 32-byte seed."""
-    if _nacl_signing is None:
-        raise RuntimeError("pynacl is required: pip install pynacl")
     return bytes(_nacl_signing.SigningKey(seed).verify_key)
 
 
-def ed25519_sign(seed, message):
+def _sodium_ed25519_sign(seed, message):
     """An Ed25519 signature (64 bytes) of message."""
-    if _nacl_signing is None:
-        raise RuntimeError("pynacl is required: pip install pynacl")
     return _nacl_signing.SigningKey(seed).sign(message).signature
+
+
+# Without pynacl (OpenWrt: the native helper serves X25519 and the AEAD),
+# the NaCl box of the DERP handshake and the Ed25519 signature of the DERP
+# certificate come from the pure-Python versions below.  They run a few
+# times per DERP connection and once per certificate, never per packet.
+# Not constant-time: the one secret they touch on a schedule an attacker
+# could time is the certificate seed, used once at startup.
+
+_MASK32 = 0xFFFFFFFF
+_SALSA20_SIGMA = struct.unpack("<4I", b"expand 32-byte k")
+# Salsa20's quarter-rounds (y0, y1, y2, y3): the four columns, then the four rows.
+_SALSA20_QUARTERS = ((0, 4, 8, 12), (5, 9, 13, 1), (10, 14, 2, 6), (15, 3, 7, 11),
+                     (0, 1, 2, 3), (5, 6, 7, 4), (10, 11, 8, 9), (15, 12, 13, 14))
+_POLY1305_P = (1 << 130) - 5
+_POLY1305_R_CLAMP = 0x0FFFFFFC0FFFFFFC0FFFFFFC0FFFFFFF
+_BOX_ZERO_NONCE = bytes(16)
+
+
+def _salsa20_doublerounds(key, block16):
+    """Salsa20's 20 rounds over (key, 16 input bytes): (final, initial) state words."""
+    k, n = struct.unpack("<8I", key), struct.unpack("<4I", block16)
+    start = [_SALSA20_SIGMA[0], *k[:4], _SALSA20_SIGMA[1], *n,
+             _SALSA20_SIGMA[2], *k[4:], _SALSA20_SIGMA[3]]
+    x = list(start)
+    for _ in range(10):
+        for a, b, c, d in _SALSA20_QUARTERS:
+            t = (x[a] + x[d]) & _MASK32
+            x[b] ^= (t << 7 | t >> 25) & _MASK32
+            t = (x[b] + x[a]) & _MASK32
+            x[c] ^= (t << 9 | t >> 23) & _MASK32
+            t = (x[c] + x[b]) & _MASK32
+            x[d] ^= (t << 13 | t >> 19) & _MASK32
+            t = (x[d] + x[c]) & _MASK32
+            x[a] ^= (t << 18 | t >> 14) & _MASK32
+    return x, start
+
+
+def hsalsa20(key, block16):
+    """HSalsa20: a 32-byte subkey from a key and 16 input bytes."""
+    x, _ = _salsa20_doublerounds(key, block16)
+    return struct.pack("<8I", *(x[i] for i in (0, 5, 10, 15, 6, 7, 8, 9)))
+
+
+def xsalsa20_stream(key, nonce, length):
+    """length bytes of XSalsa20 key stream for a 24-byte nonce."""
+    subkey, out = hsalsa20(key, nonce[:16]), bytearray()
+    for counter in range((length + 63) // 64):
+        x, start = _salsa20_doublerounds(subkey, nonce[16:24] + struct.pack("<Q", counter))
+        out += struct.pack("<16I", *((a + b) & _MASK32 for a, b in zip(x, start)))
+    return bytes(out[:length])
+
+
+def poly1305(key, message):
+    """The Poly1305 one-time authenticator (RFC 8439, 2.5) of message."""
+    r = int.from_bytes(key[:16], "little") & _POLY1305_R_CLAMP
+    s = int.from_bytes(key[16:32], "little")
+    acc = 0
+    for i in range(0, len(message), 16):
+        acc = (acc + int.from_bytes(message[i:i + 16] + b"\x01", "little")) * r % _POLY1305_P
+    return ((acc + s) & ((1 << 128) - 1)).to_bytes(16, "little")
+
+
+def _pure_box_key(private, public):
+    """crypto_box_beforenm: HSalsa20 of the X25519 shared secret."""
+    return hsalsa20(x25519(private, public), _BOX_ZERO_NONCE)
+
+
+def _pure_box_seal(private, public, nonce, message):
+    """NaCl crypto_box in pure Python: the 16-byte tag, then the ciphertext."""
+    message = bytes(message)
+    stream = xsalsa20_stream(_pure_box_key(private, public), nonce, 32 + len(message))
+    sealed = bytes(a ^ b for a, b in zip(message, stream[32:]))
+    return poly1305(stream[:32], sealed) + sealed
+
+
+def _pure_box_open(private, public, nonce, sealed):
+    """Open a pure-Python NaCl box or raise CryptoError."""
+    sealed = bytes(sealed)
+    if len(sealed) < 16:
+        raise CryptoError("NaCl box did not open")
+    stream = xsalsa20_stream(_pure_box_key(private, public), nonce, 16 + len(sealed))
+    if not hmac.compare_digest(poly1305(stream[:32], sealed[16:]), sealed[:16]):
+        raise CryptoError("NaCl box did not open")
+    return bytes(a ^ b for a, b in zip(sealed[16:], stream[32:]))
+
+
+# Ed25519 (RFC 8032) on the twisted Edwards curve -x^2 + y^2 = 1 + d x^2 y^2,
+# points in extended coordinates (X, Y, Z, T) with x = X/Z, y = Y/Z, xy = T/Z.
+_ED_P = (1 << 255) - 19
+_ED_D = -121665 * pow(121666, -1, _ED_P) % _ED_P
+_ED_ORDER = (1 << 252) + 27742317777372353535851937790883648493
+_ED_SQRT_M1 = pow(2, (_ED_P - 1) // 4, _ED_P)
+
+
+def _ed_base_point():
+    """The base point: y = 4/5 and the even x."""
+    y = 4 * pow(5, -1, _ED_P) % _ED_P
+    xx = (y * y - 1) * pow(_ED_D * y * y + 1, -1, _ED_P) % _ED_P
+    x = pow(xx, (_ED_P + 3) // 8, _ED_P)
+    if x * x % _ED_P != xx:
+        x = x * _ED_SQRT_M1 % _ED_P
+    if x & 1:
+        x = _ED_P - x
+    return (x, y, 1, x * y % _ED_P)
+
+
+_ED_BASE = _ed_base_point()
+
+
+def _ed_add(p, q):
+    """Point addition (also doubling) in extended coordinates."""
+    x1, y1, z1, t1 = p
+    x2, y2, z2, t2 = q
+    a = (y1 - x1) * (y2 - x2) % _ED_P
+    b = (y1 + x1) * (y2 + x2) % _ED_P
+    c = 2 * _ED_D * t1 * t2 % _ED_P
+    d = 2 * z1 * z2 % _ED_P
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return (e * f % _ED_P, g * h % _ED_P, f * g % _ED_P, e * h % _ED_P)
+
+
+def _ed_base_times(scalar):
+    """[scalar] times the base point, as its 32-byte encoding."""
+    result, addend = (0, 1, 1, 0), _ED_BASE
+    while scalar:
+        if scalar & 1:
+            result = _ed_add(result, addend)
+        addend = _ed_add(addend, addend)
+        scalar >>= 1
+    x, y, z, _ = result
+    zinv = pow(z, -1, _ED_P)
+    x, y = x * zinv % _ED_P, y * zinv % _ED_P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def _ed_expanded_seed(seed):
+    """The secret scalar and the nonce prefix that a 32-byte seed stands for."""
+    h = hashlib.sha512(_fixed(seed, 32, "seed")).digest()
+    a = int.from_bytes(h[:32], "little")
+    a = (a & ~7 & ((1 << 254) - 1)) | (1 << 254)
+    return a, h[32:]
+
+
+def _pure_ed25519_public(seed):
+    """The Ed25519 public key for a 32-byte seed, in pure Python."""
+    return _ed_base_times(_ed_expanded_seed(seed)[0])
+
+
+def _pure_ed25519_sign(seed, message):
+    """An Ed25519 signature (64 bytes) of message, in pure Python."""
+    a, prefix = _ed_expanded_seed(seed)
+    public = _ed_base_times(a)
+    r = int.from_bytes(hashlib.sha512(prefix + message).digest(), "little") % _ED_ORDER
+    big_r = _ed_base_times(r)
+    k = int.from_bytes(hashlib.sha512(big_r + public + message).digest(), "little") % _ED_ORDER
+    return big_r + ((r + k * a) % _ED_ORDER).to_bytes(32, "little")
 
 
 _native = load_native_crypto()
@@ -438,6 +591,18 @@ x25519_public = _native.x25519_base if _native else _sodium_x25519_public
 x25519 = _native.x25519 if _native else _sodium_x25519
 aead_seal = _native.aead_seal if _native else _sodium_aead_seal
 aead_open = _native.aead_open if _native else _sodium_aead_open
+box_seal = _sodium_box_seal if _sodium else _pure_box_seal
+box_open = _sodium_box_open if _sodium else _pure_box_open
+ed25519_public = _sodium_ed25519_public if _nacl_signing else _pure_ed25519_public
+ed25519_sign = _sodium_ed25519_sign if _nacl_signing else _pure_ed25519_sign
+
+
+def crypto_backend_problem():
+    """Why this Python cannot run meshbox's crypto, or None when it can."""
+    if _native is None and _sodium is None:
+        return ("meshbox needs pynacl (pip install pynacl) or its native helper "
+                "(build/native; the OpenWrt package carries it)")
+    return None
 
 
 # ---- Noise ----
@@ -1005,12 +1170,18 @@ class _Transaction:
                 self.db.execute("COMMIT")
                 return False
             except sqlite3.Error as e:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise StoreError(f"could not save state: {e}") from e
-        self.db.execute("ROLLBACK")
+        self._rollback()
         if isinstance(value, sqlite3.OperationalError):
             raise StoreError(f"could not save state: {value}") from value
         return False
+
+    def _rollback(self):
+        # SQLite rolls back by itself when a COMMIT fails on a full or
+        # read-only disk; a second ROLLBACK would raise and hide the cause.
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
 
 
 # ---- Addresses ----
@@ -3319,7 +3490,11 @@ class AuthRequest:
 
 def parse_go_time(text):
     """A Go time.Time JSON string to epoch seconds; None for the zero time."""
-    if not text or text.startswith("0001-01-01"):
+    if not text:
+        return None
+    if not isinstance(text, str):
+        raise ValueError(f"bad time {str(text)[:40]!r}")
+    if text.startswith("0001-01-01"):
         return None
     text = text.rstrip("Z").split("+")[0]
     base, _, frac = text.partition(".")
@@ -3328,6 +3503,35 @@ def parse_go_time(text):
     except ValueError:
         raise ValueError(f"bad time {text!r}") from None
     return ts + (float("0." + frac) if frac.isdigit() else 0)
+
+
+def json_field(obj, name, kind, default):
+    """obj[name] when it has the JSON type kind, else default: clients may send anything."""
+    value = obj.get(name)
+    return value if isinstance(value, kind) else default
+
+
+def checked_hostinfo(value):
+    """A client's Hostinfo, or None if it is not an object.  RoutableIPs keeps
+    only well-formed prefixes and RequestTags only strings: the policy
+    compiler and the CLI read them."""
+    if not isinstance(value, dict):
+        return None
+    out = dict(value)
+    if "RoutableIPs" in out:
+        routes = out["RoutableIPs"] if isinstance(out["RoutableIPs"], list) else []
+        out["RoutableIPs"] = [r for r in routes if isinstance(r, str) and _canonical_prefix_or_none(r) == r]
+    if "RequestTags" in out:
+        tags = out["RequestTags"] if isinstance(out["RequestTags"], list) else []
+        out["RequestTags"] = [t for t in tags if isinstance(t, str)]
+    return out
+
+
+def _canonical_prefix_or_none(text):
+    try:
+        return str(ipaddress.ip_network(text))
+    except ValueError:
+        return None
 
 
 class Coordinator:
@@ -3494,9 +3698,8 @@ class Coordinator:
             expiry = parse_go_time(req.get("Expiry"))
         except (ValueError, TypeError) as e:
             raise RegistrationRefused("malformed", f"malformed register request: {e}") from None
-        auth = req.get("Auth") or {}
-        secret = auth.get("AuthKey") or ""
-        hostinfo = req.get("Hostinfo") if isinstance(req.get("Hostinfo"), dict) else {}
+        secret = json_field(json_field(req, "Auth", dict, {}), "AuthKey", str, "")
+        hostinfo = checked_hostinfo(req.get("Hostinfo")) or {}
         node = self.node_by_machine(machine_key)
         holder = self.node_by_node_key(node_key)
         if holder and holder.machine_key != machine_key:
@@ -3560,9 +3763,6 @@ class Coordinator:
             if node:
                 self.store.update_node(node.id, node_key=node_key, user_id=user_id, tags=tags, ephemeral=ephemeral,
                                        auth_key_id=auth_key_id, expiry=expiry, hostinfo=hostinfo or node.hostinfo)
-                node.node_key, node.user_id, node.tags = node_key, user_id, tags
-                node.ephemeral, node.auth_key_id, node.expiry = ephemeral, auth_key_id, expiry
-                node.hostinfo = hostinfo or node.hostinfo
                 verb = "re-registered"
             else:
                 ipv4, ipv6 = allocate_addresses(self.prefix_v4, self.prefix_v6, *self.store.taken_addresses())
@@ -3573,6 +3773,10 @@ class Coordinator:
                             last_seen=at, hostinfo=hostinfo, endpoints=[], approved_routes=[], cap=0)
                 self.store.insert_node(node)
                 verb = "registered"
+        if verb == "re-registered":        # memory follows the store only once it committed
+            node.node_key, node.user_id, node.tags = node_key, user_id, tags
+            node.ephemeral, node.auth_key_id, node.expiry = ephemeral, auth_key_id, expiry
+            node.hostinfo = hostinfo or node.hostinfo
         self.nodes[node.id] = node
         self.users.setdefault(node.user_id, next(u for u in self.store.users() if u.id == node.user_id))
         log.info("%s node %d %s (%s, %s) for user %s", verb, node.id, node.given_name, node.ipv4, node.ipv6,
@@ -3682,9 +3886,9 @@ class Coordinator:
             endpoints = [str(e) for e in endpoints[:64]]
             changed |= endpoints != node.endpoints
             node.endpoints = endpoints
-        hostinfo = req.get("Hostinfo")
+        hostinfo = checked_hostinfo(req.get("Hostinfo"))
         routes_changed = False
-        if isinstance(hostinfo, dict) and hostinfo != node.hostinfo:
+        if hostinfo is not None and hostinfo != node.hostinfo:
             routes_changed = hostinfo.get("RoutableIPs") != node.hostinfo.get("RoutableIPs")
             node.hostinfo, changed = hostinfo, True
         version = req.get("Version")
@@ -3978,7 +4182,9 @@ def subject_alt_names(hostname, ips):
     try:
         addrs.insert(0, ipaddress.ip_address(hostname))
     except ValueError:
-        names.append(der(0x82, hostname.encode("idna")))
+        # ASCII names need no IDNA conversion, and the idna codec imports
+        # unicodedata, which OpenWrt's python3-light lacks.
+        names.append(der(0x82, hostname.encode("ascii" if hostname.isascii() else "idna")))
     names += [der(0x87, a.packed) for a in dict.fromkeys(addrs)]
     return der_sequence(*names)
 
@@ -4473,6 +4679,8 @@ class StunProtocol(asyncio.DatagramProtocol):
 
 EARLY_PAYLOAD_MAGIC = b"\xff\xff\xffTS"
 MAX_REQUEST_BODY = 1 << 20
+MAX_STREAMS = 16             # open requests per connection; a client uses a handful
+MAX_BUFFERED_BODIES = 2 * MAX_REQUEST_BODY   # request bytes one connection may hold before dispatch
 CONTROL_HANDSHAKE_TIMEOUT = 30
 
 
@@ -4484,6 +4692,8 @@ class ControlConnection:
         self.noise, self.peer = noise, peer
         self.machine_key = noise.peer_static
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        self.h2.local_settings.max_concurrent_streams = MAX_STREAMS
+        self.h2.local_settings.max_header_list_size = 16 << 10
         self.requests = {}       # stream id -> [headers, body]
         self.tasks = set()
         self.window_open = asyncio.Event()
@@ -4529,7 +4739,8 @@ class ControlConnection:
             if request is None:
                 return
             request[1] += event.data
-            if len(request[1]) > MAX_REQUEST_BODY:
+            if len(request[1]) > MAX_REQUEST_BODY or \
+                    sum(len(r[1]) for r in self.requests.values()) > MAX_BUFFERED_BODIES:
                 del self.requests[event.stream_id]
                 self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             elif event.stream_ended:
@@ -5149,6 +5360,7 @@ class Config:
     node_expiry: str = "180d"   # how long a node key lasts before its owner logs in again; 0: forever
     ephemeral_timeout: str = "30m"   # how long an ephemeral node may be offline before it is removed
     log_level: str = "info"
+    max_connections: int = 2048  # open TCP connections (control and DERP); more are turned away
     log_format: str = "text"    # text, or json (one object per line)
     gateway: bool = False       # be a WireGuard peer, subnet router and exit node of the tailnet
     wg_interface: str = "meshbox0"
@@ -5264,6 +5476,8 @@ class Server:
     async def start(self):
         config = self.config
         config.check()
+        if crypto_backend_problem():
+            raise RuntimeError(crypto_backend_problem())
         self.recent_logs.setFormatter(log_formatter(config))
         log.addHandler(self.recent_logs)
         self._open_state()
@@ -5449,6 +5663,12 @@ class Server:
     async def handle_http(self, reader, writer, tls=False):
         peer = writer.get_extra_info("peername")
         peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if len(self.connections) >= int(self.config.max_connections):
+            # Refused before reading a byte: a flood cannot make us buffer or parse.
+            self.metrics["connections_turned_away"] += 1
+            writer.write(http_response(503, "too many connections, try again later\n"))
+            writer.close()
+            return
         self.connections[asyncio.current_task()] = writer
         try:
             request = await asyncio.wait_for(read_http_request(reader), CONTROL_HANDSHAKE_TIMEOUT)
@@ -5602,6 +5822,8 @@ class Server:
         metric("registrations_total", "counter", "Successful registrations.", [({}, self.metrics["registrations"])])
         metric("registration_refusals_total", "counter", "Refused registrations by reason.",
                [({"reason": reason}, count) for reason, count in sorted(self.refusals.items())] or [({}, 0)])
+        metric("connections_turned_away_total", "counter", "Connections refused at max_connections.",
+               [({}, self.metrics["connections_turned_away"])])
         metric("api_refused_total", "counter", "API requests refused for a bad key.", [({}, self.metrics["api_refused"])])
         metric("derp_clients", "gauge", "Connected DERP clients.", [({}, derp.get("clients", 0))])
         metric("derp_packets_relayed_total", "counter", "Packets relayed by DERP.", [({}, derp.get("packets_relayed", 0))])
@@ -6272,6 +6494,8 @@ def build_parser():
                        help="write the tailnet's names here for dnsmasq (default STATE_DIR/hosts)")
     serve.add_argument("--policy-file", dest="policy_file",
                        help="HuJSON ACL policy file, reloaded when it changes (default: the one set with 'policy set')")
+    serve.add_argument("--max-connections", dest="max_connections", type=int,
+                       help="open connections (control and DERP) before new ones are refused (default 2048)")
     serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", dest="log_format", choices=["text", "json"], help="log lines as text or JSON")
     gw = serve.add_argument_group("gateway (the box as a WireGuard peer, subnet router and exit node)")

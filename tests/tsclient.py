@@ -5,14 +5,25 @@ initiator, speaks HTTP/2 inside the transport records (h2), registers with an
 auth key and reads the streaming map.  It makes the requests a stock client
 makes (see control/controlclient/direct.go in Tailscale's source), so many of
 them can stand in for real nodes in one process.
+
+Requests, as a stock client (1.90) sends them: ``GET /key?v=CAPVER`` once,
+``POST /ts2021`` with the initiation in ``X-Tailscale-Handshake``, then over
+HTTP/2 ``/machine/register`` (RegisterRequest, Version 1, with a Timestamp
+and Auth.AuthKey), a streaming ``/machine/map`` (KeepAlive, Compress zstd)
+and, when endpoints change, a non-streaming ``/machine/map`` with OmitPeers
+(the "lite" update).  Map messages are decoded as they arrive and kept with
+their arrival time, so hundreds of nodes cost little to watch.
 """
 
 import asyncio
 import base64
+import collections
 import json
 import os
+import random
 import struct
 import sys
+import time
 
 import h2.config
 import h2.connection
@@ -38,6 +49,14 @@ def decode_map_frames(buffer):
     return messages, buffer
 
 
+async def fetch_server_key(host, port, version=CAPABILITY_VERSION, timeout=10):
+    """The server's Noise public key from ``/key`` (a stock client caches it)."""
+    status, body = await http_get(host, port, f"/key?v={version}", timeout)
+    if status != 200:
+        raise ConnectionError(f"/key answered {status}: {body[:200]!r}")
+    return meshbox.key_bytes(json.loads(body)["publicKey"], "mkey")
+
+
 async def http_get(host, port, path, timeout=10):
     """A plain HTTP/1.1 GET: (status, body)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
@@ -54,6 +73,7 @@ class Stream:
     """One HTTP/2 request's response, as it arrives."""
 
     def __init__(self):
+        self.stream_id = None
         self.status = None
         self.data = bytearray()
         self.ended = False
@@ -69,17 +89,23 @@ class ControlClient:
         self.node_private = meshbox.new_private_key()
         self.disco_private = meshbox.new_private_key()
         self.streams = {}
+        self.unsent = {}                           # stream id -> request body bytes not yet sent
         self.early_payload = None
         self.reader_task = None
+        self.map_stream = None
+        self.map_buffer = b""
+        self.map_messages = collections.deque()   # (arrival monotonic time, message)
+        self.map_arrived = asyncio.Event()
+        self.hostinfo_extra = {}                   # e.g. {"RoutableIPs": [...]} for a subnet router
 
     @property
     def node_key(self):
         return meshbox.key_text("nodekey", meshbox.x25519_public(self.node_private))
 
-    async def connect(self, timeout=10):
-        status, body = await http_get(self.host, self.port, f"/key?v={self.version}", timeout)
-        assert status == 200, body
-        server_public = meshbox.key_bytes(json.loads(body)["publicKey"], "mkey")
+    async def connect(self, timeout=10, server_public=None):
+        """Handshake and start HTTP/2; server_public skips the ``/key`` fetch."""
+        if server_public is None:
+            server_public = await fetch_server_key(self.host, self.port, self.version, timeout)
         initiation, finish = meshbox.noise_initiate(self.machine_private, server_public, self.version)
         self.reader, self.writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout)
         self.writer.write((
@@ -120,35 +146,62 @@ class ControlClient:
                     self.on_event(event)
                 pending = b""
                 self.flush()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError, OSError):
             pass
         finally:
             for stream in self.streams.values():
                 stream.ended = True
                 stream.event.set()
+            self.map_arrived.set()
 
     def on_event(self, event):
+        if isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)) and self.unsent:
+            self.send_unsent()
         stream = self.streams.get(getattr(event, "stream_id", None))
         if stream is None:
             return
         if isinstance(event, h2.events.ResponseReceived):
             stream.status = int(dict(event.headers)[":status"])
         elif isinstance(event, h2.events.DataReceived):
-            stream.data += event.data
             self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if stream is self.map_stream:
+                self.map_buffer += event.data
+                messages, self.map_buffer = decode_map_frames(self.map_buffer)
+                arrival = time.monotonic()
+                self.map_messages.extend((arrival, m) for m in messages)
+            else:
+                stream.data += event.data
         if isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)) or getattr(event, "stream_ended", None):
             stream.ended = True
         stream.event.set()
+        if stream is self.map_stream:
+            self.map_arrived.set()
 
     def start_request(self, path, body):
         stream_id = self.h2.get_next_available_stream_id()
         data = json.dumps(body).encode()
         self.streams[stream_id] = stream = Stream()
+        stream.stream_id = stream_id
         self.h2.send_headers(stream_id, [(":method", "POST"), (":path", path), (":scheme", "http"),
                                          (":authority", self.host), ("content-type", "application/json")])
-        self.h2.send_data(stream_id, data, end_stream=True)
-        self.flush()
+        self.unsent[stream_id] = memoryview(data)
+        self.send_unsent()
         return stream
+
+    def send_unsent(self):
+        """Send request bodies as far as HTTP/2 flow control allows (the rest on WINDOW_UPDATE)."""
+        for stream_id, view in list(self.unsent.items()):
+            while view:
+                size = min(len(view), self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
+                if size <= 0:
+                    break
+                chunk, view = view[:size], view[size:]
+                self.h2.send_data(stream_id, bytes(chunk), end_stream=not view)
+            if view:
+                self.unsent[stream_id] = view
+            else:
+                del self.unsent[stream_id]
+        self.flush()
 
     async def request(self, path, body, timeout=10):
         """A non-streaming request: (status, body bytes)."""
@@ -160,12 +213,17 @@ class ControlClient:
         return stream.status, bytes(stream.data)
 
     def hostinfo(self):
-        return {"Hostname": self.hostname, "OS": "linux", "BackendLogID": "sim-" + self.hostname}
+        return {"Hostname": self.hostname, "OS": "linux", "IPNVersion": "1.90.9-sim",
+                "BackendLogID": "sim-" + self.hostname, **self.hostinfo_extra}
 
-    async def register(self, auth_key, **extra):
-        body = {"Version": self.version, "NodeKey": self.node_key, "Hostinfo": self.hostinfo(),
+    def register_request(self, auth_key, **extra):
+        """A RegisterRequest as a stock client builds it (its Version is 1, not the capability version)."""
+        return {"Version": 1, "NodeKey": self.node_key, "OldNodeKey": "", "Hostinfo": self.hostinfo(),
+                "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "Ephemeral": False,
                 "Auth": {"AuthKey": auth_key} if auth_key else None, **extra}
-        status, data = await self.request("/machine/register", body)
+
+    async def register(self, auth_key, timeout=10, **extra):
+        status, data = await self.request("/machine/register", self.register_request(auth_key, **extra), timeout)
         assert status == 200, (status, data)
         return json.loads(data)
 
@@ -173,37 +231,129 @@ class ControlClient:
         return {"Version": self.version, "KeepAlive": True, "Compress": "zstd", "Stream": stream,
                 "NodeKey": self.node_key,
                 "DiscoKey": meshbox.key_text("discokey", meshbox.x25519_public(self.disco_private)),
-                "Endpoints": list(endpoints), "Hostinfo": self.hostinfo(), **extra}
+                "Endpoints": list(endpoints), "EndpointTypes": [1] * len(endpoints),
+                "Hostinfo": self.hostinfo(), "OmitPeers": False, **extra}
 
     def open_map(self, **kw):
         """Start a streaming map; read it with next_map_message."""
-        self.map_stream = self.start_request("/machine/map", self.map_request(**kw))
+        self.map_messages.clear()
         self.map_buffer = b""
+        self.map_stream = self.start_request("/machine/map", self.map_request(**kw))
         return self.map_stream
+
+    async def next_map_entry(self, timeout=10, skip_keepalive=True):
+        """The next streaming-map message and its arrival time: (monotonic seconds, message)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                while self.map_messages:
+                    arrival, message = self.map_messages.popleft()
+                    if not (skip_keepalive and message == {"KeepAlive": True}):
+                        return arrival, message
+                if self.map_stream.ended:
+                    raise ConnectionError(f"map stream ended (status {self.map_stream.status})")
+                self.map_arrived.clear()
+                await self.map_arrived.wait()
 
     async def next_map_message(self, timeout=10, skip_keepalive=True):
         """The next message of the streaming map (or raise TimeoutError)."""
-        stream = self.map_stream
+        return (await self.next_map_entry(timeout, skip_keepalive))[1]
+
+    async def map_message_where(self, predicate, timeout=10):
+        """Skip streaming-map messages until predicate(message); returns (arrival, message)."""
         async with asyncio.timeout(timeout):
             while True:
-                self.map_buffer += bytes(stream.data)
-                stream.data.clear()
-                messages, self.map_buffer = decode_map_frames(self.map_buffer)
-                if messages:
-                    # Put back all but the first, framed again, for the next call.
-                    rest = b"".join(struct.pack("<I", len(f)) + f for f in
-                                    (zstandard.ZstdCompressor().compress(json.dumps(m).encode()) for m in messages[1:]))
-                    self.map_buffer = rest + self.map_buffer
-                    if skip_keepalive and messages[0] == {"KeepAlive": True}:
-                        continue
-                    return messages[0]
-                if stream.ended:
-                    raise ConnectionError(f"map stream ended (status {stream.status})")
-                stream.event.clear()
-                await stream.event.wait()
+                arrival, message = await self.next_map_entry(timeout)
+                if predicate(message):
+                    return arrival, message
+
+    async def update_endpoints(self, endpoints, timeout=10):
+        """Report new endpoints the way a stock client does: a non-streaming map with OmitPeers."""
+        status, body = await self.request("/machine/map", self.map_request(
+            stream=False, endpoints=endpoints, OmitPeers=True), timeout)
+        if status != 200:
+            raise ConnectionError(f"endpoint update answered {status}: {body[:200]!r}")
+
+    async def join(self, auth_key, timeout=10, server_public=None):
+        """Connect, register, open the streaming map and return its first message."""
+        await self.connect(timeout, server_public)
+        response = await self.register(auth_key, timeout)
+        if not response.get("MachineAuthorized"):
+            raise ConnectionError(f"registration refused: {response}")
+        self.open_map()
+        return await self.next_map_message(timeout)
+
+    @property
+    def connected(self):
+        return self.reader_task is not None and not self.reader_task.done()
+
+    async def rejoin(self, auth_key="", timeout=10, server_public=None):
+        """Come back after the connection dropped, as a stock client does: the
+        same machine and node keys, a new Noise channel, the streaming map
+        again, registering first only if the server refuses the map."""
+        await self.close()
+        self.streams, self.unsent, self.early_payload = {}, {}, None
+        await self.connect(timeout, server_public)
+        self.open_map()
+        try:
+            return await self.next_map_message(timeout)
+        except ConnectionError:
+            if self.map_stream.status != 401:
+                raise
+        response = await self.register(auth_key, timeout)
+        if not response.get("MachineAuthorized"):
+            raise ConnectionError(f"registration refused: {response}")
+        self.open_map()
+        return await self.next_map_message(timeout)
+
+    async def stay_connected(self, on_rejoin=None, attempts=600, backoff=(0.1, 2.0)):
+        """Rejoin whenever the map stream ends, with capped backoff and a bounded
+        number of attempts; on_rejoin(first map message) after each success."""
+        delay = backoff[0]
+        for _ in range(attempts):
+            while not self.map_stream.ended:
+                self.map_arrived.clear()
+                await self.map_arrived.wait()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            try:
+                first = await self.rejoin()
+            except (OSError, ConnectionError, TimeoutError, AssertionError, meshbox.NoiseError,
+                    asyncio.IncompleteReadError):
+                delay = min(delay * 2, backoff[1])
+                continue
+            delay = backoff[0]
+            if on_rejoin:
+                on_rejoin(first)
 
     async def close(self):
         if self.reader_task:
             self.reader_task.cancel()
+            await asyncio.gather(self.reader_task, return_exceptions=True)
         if getattr(self, "writer", None):
             self.writer.close()
+
+
+# ---- Fleet ----
+
+async def join_fleet(host, port, auth_key, count, concurrency=32, prefix="sim", timeout=30):
+    """Join count simulated nodes, at most concurrency at a time; returns (clients, first maps)."""
+    server_public = await fetch_server_key(host, port, timeout=timeout)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i):
+        client = ControlClient(host, port, f"{prefix}{i}")
+        async with gate:
+            first = await client.join(auth_key, timeout, server_public)
+        return client, first
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(count)]
+    try:
+        results = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is None:
+                await task.result()[0].close()
+        raise
+    return [c for c, _ in results], [f for _, f in results]

@@ -4,13 +4,19 @@
 
 Runs a DerpServer in its own process, a receiving client in another, and
 sends a fixed number of SendPacket frames from this one as fast as the
-socket takes them.  Prints one line, then a JSON summary as the last line.
+socket takes them.  In the same run the same bytes go through socat (a TCP
+relay in C) from this process to a receiving process, as the reference:
+mbit_s is DERP's payload rate, socat_mbit_s socat's for the same payload.
+Prints a line each, then a JSON summary as the last line.
 """
 import argparse
 import asyncio
 import json
 import multiprocessing
 import os
+import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +79,66 @@ async def send(port, pin, dst, packets, size):
     return start
 
 
+def run_sink(port_queue, total, out):
+    """Accept one connection and read total bytes; report when the last one arrived."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port_queue.put(listener.getsockname()[1])
+        conn, _ = listener.accept()
+        conn.settimeout(RECEIVE_IDLE)
+        got, last = 0, None
+        try:
+            while got < total:
+                chunk = conn.recv(1 << 20)
+                if not chunk:
+                    break
+                got, last = got + len(chunk), time.perf_counter()
+        except TimeoutError:
+            pass
+        conn.close()
+    out.put((got, last))
+
+
+def connect_when_listening(port, timeout=10):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port))
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def socat_reference(frame_data, packets):
+    """Send packets copies of frame_data through socat; returns (bytes received, seconds)."""
+    ports, result = multiprocessing.Queue(), multiprocessing.Queue()
+    sink = multiprocessing.Process(target=run_sink, args=(ports, len(frame_data) * packets, result))
+    sink.start()
+    sink_port = ports.get(timeout=10)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        relay_port = probe.getsockname()[1]
+    relay = subprocess.Popen(["socat", f"TCP-LISTEN:{relay_port},bind=127.0.0.1,reuseaddr",
+                              f"TCP:127.0.0.1:{sink_port}"])
+    try:
+        sender = connect_when_listening(relay_port)
+        batch = frame_data * 16
+        start = time.perf_counter()
+        for _ in range(packets // 16):
+            sender.sendall(batch)
+        sender.sendall(frame_data * (packets % 16))
+        sender.shutdown(socket.SHUT_WR)
+        got, last = result.get(timeout=60)
+        sender.close()
+    finally:
+        relay.terminate()
+        relay.wait(10)
+        sink.join(10)
+    return got, (last or start) - start
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packets", type=int, default=50000)
@@ -101,11 +167,23 @@ def main():
     result = {"packets": args.packets, "size": args.size, "tls": args.tls, "received": got,
               "seconds": round(seconds, 3),
               "packets_per_second": round(got / seconds) if seconds > 0 else None,
-              "mbit_per_second": round(got * args.size * 8 / seconds / 1e6, 1) if seconds > 0 else None,
+              "mbit_s": round(got * args.size * 8 / seconds / 1e6, 1) if seconds > 0 else None,
               "server": stats}
     print(f"DERP relay {'TLS' if args.tls else 'TCP'}: {got}/{args.packets} packets of "
           f"{args.size} B in {seconds:.2f} s = {result['packets_per_second']} packets/s, "
-          f"{result['mbit_per_second']} Mbit/s, {stats['packets_dropped']} dropped")
+          f"{result['mbit_s']} Mbit/s, {stats['packets_dropped']} dropped")
+    result["socat_mbit_s"] = result["ratio"] = None
+    if shutil.which("socat"):
+        frame_data = meshbox.frame(meshbox.FRAME_RECV_PACKET, bytes(meshbox.DERP_KEY_LEN + args.size))
+        socat_bytes, socat_seconds = socat_reference(frame_data, args.packets)
+        socat_packets = socat_bytes // len(frame_data)
+        result["socat_mbit_s"] = round(socat_packets * args.size * 8 / socat_seconds / 1e6, 1)
+        if result["mbit_s"]:
+            result["ratio"] = round(result["mbit_s"] / result["socat_mbit_s"], 3)
+        print(f"socat reference: {socat_packets}/{args.packets} packets in {socat_seconds:.2f} s = "
+              f"{result['socat_mbit_s']} Mbit/s; DERP reaches {result['ratio']} of it")
+    else:
+        print("socat reference: socat is not installed (apt-get install socat)")
     print(json.dumps(result))
 
 
