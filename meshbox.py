@@ -42,6 +42,7 @@ import base64
 import binascii
 import bisect
 import collections
+import collections.abc
 import dataclasses
 import hashlib
 import hmac
@@ -3368,6 +3369,53 @@ def policy_topology(nodes, users):
     }
 
 
+ALLOW_ALL_FILTER = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
+
+
+def allow_all_entries(nodes):
+    """What compile_policy(None, ...) shows of each node, computed once per
+    node instead of once per viewer: with no policy every viewer sees a peer
+    the same way (its addresses, the subnets it is primary for, its exit routes)."""
+    primaries = {}
+    for node in sorted(nodes, key=lambda n: n.id):        # HA: the first approved advertiser wins
+        for route in node.hostinfo.get("RoutableIPs") or []:
+            if route in node.approved_routes and route not in EXIT_ROUTES:
+                primaries.setdefault(route, node.id)
+    entries = {}
+    for node in nodes:
+        live = [r for r in node.hostinfo.get("RoutableIPs") or [] if r in node.approved_routes]
+        owned = [r for r in live if r not in EXIT_ROUTES and primaries.get(r) == node.id]
+        entry = {"AllowedIPs": [f"{node.ipv4}/32", f"{node.ipv6}/128"] + owned + [r for r in live if r in EXIT_ROUTES]}
+        if owned:
+            entry["PrimaryRoutes"] = owned
+        entries[str(node.id)] = entry
+    return entries
+
+
+class PeersExcept(collections.abc.Mapping):
+    """The shared peer entries as one viewer sees them: all but its own."""
+
+    def __init__(self, entries, own_id):
+        self.entries, self.own_id = entries, own_id
+
+    def __getitem__(self, key):
+        if key == self.own_id:
+            raise KeyError(key)
+        return self.entries[key]
+
+    def __iter__(self):
+        return (k for k in self.entries if k != self.own_id)
+
+    def __len__(self):
+        return len(self.entries) - (self.own_id in self.entries)
+
+
+def allow_all_view(entries, node_id):
+    """A node's view under the default policy, without copying the peer entries."""
+    return {"packet_filter_rules": ALLOW_ALL_FILTER, "peers": PeersExcept(entries, str(node_id)),
+            "ssh_rules": [], "cap_map": {}}
+
+
 def peers_in_view(view, nodes):
     """(peer node, how the viewer sees it) for each peer a compiled view shows."""
     out = []
@@ -3553,7 +3601,8 @@ class Coordinator:
         self.data_version = store.data_version()
         self.policy_text = store.setting("policy")
         self.policy = parse_policy(self.policy_text) if self.policy_text else None
-        self.views = {}              # str(node id) -> compiled policy view
+        self.views = {}              # str(node id) -> compiled policy view (with a policy)
+        self.allow_all = {}          # str(node id) -> shared peer entry (with no policy)
         self.on_change = None        # called after any change (the gateway and hosts file follow)
         self.recompile()
 
@@ -3565,15 +3614,17 @@ class Coordinator:
         return next((n for n in self.nodes.values() if n.node_key == node_key), None)
 
     # fan-out
-    def notify(self, changed=(), removed=(), full=False):
+    def notify(self, changed=(), removed=(), full=False, policy=False):
         """Tell every map session (and the gateway) which nodes changed or went away."""
         for sessions in self.sessions.values():
             for session in sessions:
-                session.owe(changed, removed, full)
+                session.owe(changed, removed, full, policy)
         if self.on_change is not None:
             self.on_change()
 
     def view_of(self, node):
+        if self.policy is None:
+            return allow_all_view(self.allow_all, node.id)
         return self.views.get(str(node.id)) or {"packet_filter_rules": None, "peers": {}, "ssh_rules": None}
 
     def map_message(self, session, at=None):
@@ -3610,7 +3661,20 @@ class Coordinator:
     def recompile(self):
         """Compile the policy for the current tailnet and tell each session
         what its view gained, lost or changed."""
-        old = self.views
+        if self.policy is None:
+            # The default policy: one shared entry per node, diffed once.
+            old, self.views = self.allow_all, {}
+            self.allow_all = allow_all_entries(self.nodes.values())
+            if not old and self.sessions:     # coming from a policy: resend everything
+                self.notify(full=True, policy=True)
+                return
+            removed = [int(k) for k in old if k not in self.allow_all]
+            changed = [int(k) for k, entry in self.allow_all.items() if old.get(k) != entry]
+            if removed or changed:
+                self.notify(changed, removed)
+            return
+        old = self.views or {str(n.id): allow_all_view(self.allow_all, n.id) for n in self.nodes.values()}
+        self.allow_all = {}
         self.views = compile_policy(self.policy, policy_topology(self.nodes.values(), self.users),
                                     self.settings.control_url)
         for node_id, sessions in self.sessions.items():

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import zstandard
 
 import meshbox
@@ -381,3 +382,27 @@ def test_expiry_ephemeral_and_requested_tags(tmp_path):
             assert tagged.tags == ["tag:prod"] and tagged.expiry is None      # tagged keys do not expire
             await a.close(), await b.close(), await d.close()
     asyncio.run(main())
+
+
+ROUTES = ["10.1.0.0/24", "10.2.0.0/16", "192.0.2.0/24", "0.0.0.0/0", "::/0"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.sampled_from(ROUTES), unique=True),
+                          st.lists(st.sampled_from(ROUTES), unique=True)), min_size=1, max_size=8))
+def test_default_policy_fast_path_matches_the_compiler(routes):
+    """allow_all_entries (O(N)) gives every viewer what compile_policy(None) gives it."""
+    users = {1: meshbox.User(1, "u", 0)}
+    nodes = []
+    for i, (advertised, approved) in enumerate(routes, start=1):
+        nodes.append(meshbox.Node(
+            id=i, machine_key=bytes([i]) * 32, node_key=bytes([i + 100]) * 32, disco_key=b"", user_id=1,
+            hostname=f"n{i}", given_name=f"n{i}", ipv4=f"100.64.0.{i}", ipv6=f"fd7a:115c:a1e0::{i}", tags=[],
+            ephemeral=False, auth_key_id=None, expiry=None, created=0, last_seen=0,
+            hostinfo={"RoutableIPs": advertised}, endpoints=[], approved_routes=approved, cap=0))
+    compiled = meshbox.compile_policy(None, meshbox.policy_topology(nodes, users))
+    entries = meshbox.allow_all_entries(nodes)
+    for node in nodes:
+        fast = meshbox.allow_all_view(entries, node.id)
+        assert dict(fast["peers"]) == compiled[str(node.id)]["peers"]
+        assert fast["packet_filter_rules"] == compiled[str(node.id)]["packet_filter_rules"]
