@@ -3603,6 +3603,8 @@ class Coordinator:
         self.policy = parse_policy(self.policy_text) if self.policy_text else None
         self.views = {}              # str(node id) -> compiled policy view (with a policy)
         self.allow_all = {}          # str(node id) -> shared peer entry (with no policy)
+        self.generation = 0          # counts notifications: a shared delta is valid for one
+        self.shared_deltas = {}      # (generation, changed, removed) -> message
         self.on_change = None        # called after any change (the gateway and hosts file follow)
         self.recompile()
 
@@ -3616,6 +3618,7 @@ class Coordinator:
     # fan-out
     def notify(self, changed=(), removed=(), full=False, policy=False):
         """Tell every map session (and the gateway) which nodes changed or went away."""
+        self.generation += 1
         for sessions in self.sessions.values():
             for session in sessions:
                 session.owe(changed, removed, full, policy)
@@ -3639,6 +3642,14 @@ class Coordinator:
             session.full = session.self_changed = session.policy_changed = False
             session.changed.clear(), session.removed.clear()
             return map_response_for(node, view, self.nodes, self.users, self.settings, at)
+        # Under the default policy every session owed the same changes gets
+        # the same message: build it once per change (and the server encodes
+        # it once), not once per session.
+        shared = self.policy is None and not session.self_changed and not session.policy_changed
+        key = (self.generation, frozenset(session.changed), frozenset(session.removed))
+        if shared and key in self.shared_deltas:
+            session.changed.clear(), session.removed.clear()
+            return self.shared_deltas[key]
         msg = {}
         changed = [(self.nodes[i], view["peers"][str(i)]) for i in sorted(session.changed)
                    if str(i) in view["peers"] and i in self.nodes]
@@ -3655,6 +3666,10 @@ class Coordinator:
             msg["SSHPolicy"] = {"rules": view["ssh_rules"] or []}
         session.changed.clear(), session.removed.clear()
         session.self_changed = session.policy_changed = False
+        if shared and msg:
+            if len(self.shared_deltas) >= 64:
+                self.shared_deltas.clear()
+            self.shared_deltas[key] = msg
         return msg or None
 
     # policy
@@ -4906,8 +4921,14 @@ class ControlConnection:
         compress = request.get("Compress") == "zstd"
 
         def encode(message):
-            if compress:
+            cached = self.server.frames.get(id(message))
+            if cached is not None and cached[0] is message:    # a delta shared by many sessions
+                frame = cached[1]
+            elif compress:
                 frame = map_frame(message)
+                if len(self.server.frames) >= 64:
+                    self.server.frames.clear()
+                self.server.frames[id(message)] = (message, frame)
             else:
                 body = json_bytes(message)
                 frame = struct.pack("<I", len(body)) + body
@@ -5509,6 +5530,7 @@ class Server:
         self.hosts_written = None
         self.wireguard_stats = {}   # node key -> the gateway's handshake and byte counters
         self.metrics = collections.Counter()
+        self.frames = {}            # id(map message) -> (message, its zstd frame)
         self.recent_logs = RecentLogs()
         self.stopping = asyncio.Event()
 
