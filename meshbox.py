@@ -27,6 +27,7 @@ comment ``# ---- Name ----``):
   Control server  ts2021 over HTTP/2 (h2): register, map
   Gateway plan    pure: the box's WireGuard peers and nftables rules
   Gateway         kernel or userspace WireGuard, routes, nftables
+  OIDC            sign-in through an OpenID provider (authorization code, PKCE)
   Server          listeners and lifetime of ``serve``
   CLI             argument parsing and the commands
 """
@@ -3895,6 +3896,16 @@ class Coordinator:
         del self.auth_requests[request_id]
         return request.result
 
+    def user_signing_in(self, name):
+        """The user an identity provider vouched for, created at its first sign-in."""
+        try:
+            user = self.store.user_named(name)
+        except ValueError:
+            user = self.store.create_user(name)
+            log.info("created user %s at its first sign-in", name)
+        self.users[user.id] = user
+        return user
+
     def expire_auth_requests(self, at):
         for request in [r for r in self.auth_requests.values() if r.created + AUTH_REQUEST_TTL <= at]:
             request.result = {"Error": "login request expired before anyone approved it: log in again"}
@@ -4083,7 +4094,7 @@ class Coordinator:
 
 MAX_HEADER_LINE = 8192
 MAX_HEADERS = 64
-HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 204: "No Content", 400: "Bad Request",
+HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 204: "No Content", 302: "Found", 400: "Bad Request",
                 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
                 413: "Payload Too Large", 426: "Upgrade Required", 500: "Internal Server Error",
                 501: "Not Implemented", 503: "Service Unavailable"}
@@ -5415,6 +5426,302 @@ class Gateway:
         log.info("gateway down: %s removed", self.config.wg_interface)
 
 
+# ---- OIDC ----
+# Interactive login through an OpenID provider (OpenID Connect Core 1.0,
+# authorization code flow, with PKCE, RFC 7636).  A client's AuthURL sends
+# the person to the provider; the provider sends them back to
+# /oidc/callback with a code, which meshbox trades for an ID token at the
+# token endpoint.  That token comes straight from the provider over TLS
+# (certificate and host name checked), so its claims are read without
+# checking its signature (Core 3.1.3.7, step 6): no RSA code is needed.
+# Issuer, audience, authorized party, expiry and nonce are still checked.
+
+OIDC_SCOPES = "openid email profile"
+OIDC_CLOCK_SKEW = 120          # seconds the provider's clock may be ahead or behind
+OIDC_HTTP_TIMEOUT = 10         # seconds for one request to the provider
+OIDC_MAX_RESPONSE = 1 << 20    # bytes of one answer from the provider
+OIDC_MAX_PENDING = 1000        # sign-ins in flight; the oldest give way
+OIDC_METADATA_TTL = 3600       # seconds the discovery document is kept
+_URL_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+class OidcError(Exception):
+    """A sign-in that failed; the message says why, for the person signing in."""
+
+
+def percent_encode(text):
+    """RFC 3986 percent-encoding of everything but the unreserved characters."""
+    return "".join(chr(b) if b in _URL_UNRESERVED else f"%{b:02X}" for b in str(text).encode())
+
+
+def form_encode(fields):
+    """A dict as ``a=1&b=2``, for a URL's query or a form body."""
+    return "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in fields.items())
+
+
+def base64url(raw):
+    """Unpadded base64url text, as JWTs and PKCE use."""
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def pkce_pair():
+    """A PKCE code verifier and its S256 code challenge."""
+    verifier = secrets.token_urlsafe(48)
+    return verifier, base64url(hashlib.sha256(verifier.encode()).digest())
+
+
+def split_https_url(url):
+    """``https://host[:port]/path?query`` into (host, port, Host header, request target)."""
+    match = re.fullmatch(r"https://([^/?#@]+)([^#]*)(#.*)?", url) if isinstance(url, str) else None
+    if not match:
+        raise OidcError(f"the identity provider gave a URL that is not https://: {str(url)[:100]!r}")
+    if not match[1].isascii():
+        raise OidcError(f"write the identity provider's host name in its ASCII (xn--) form: {match[1]!r}")
+    try:
+        host, port = parse_host_port(match[1], 443)
+    except ValueError as e:
+        raise OidcError(f"the identity provider gave a bad URL: {e}") from None
+    target = match[2] if match[2].startswith("/") else "/" + match[2]
+    return host, port, match[1], target
+
+
+def dechunk(body):
+    """The payload of a chunked transfer coding (RFC 9112 7.1); ValueError if cut short."""
+    out = bytearray()
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return bytes(out)
+        if len(body) < size + 2:
+            raise ValueError("truncated chunk")
+        out += body[:size]
+        body = body[size + 2:]
+
+
+def parse_http_answer(data):
+    """Status and body of a complete HTTP/1.1 response, read to its end."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = lines[0].split(" ")
+    if not sep or len(status) < 2 or not status[1].isdigit():
+        raise ValueError("not an HTTP response")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = dechunk(body)
+    elif headers.get("content-length", "").isdigit():
+        body = body[:int(headers["content-length"])]
+    return int(status[1]), body
+
+
+async def _https_exchange(context, host, port, request):
+    # The name as bytes: ssl would encode a str with the idna codec, which
+    # needs unicodedata, a package OpenWrt's python3-light leaves out.
+    reader, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname=host.encode())
+    try:
+        writer.write(request)
+        data = b""
+        while len(data) <= OIDC_MAX_RESPONSE:
+            chunk = await reader.read(65536)
+            if not chunk:
+                return data
+            data += chunk
+        raise OidcError(f"the identity provider's answer is larger than {OIDC_MAX_RESPONSE} bytes")
+    finally:
+        writer.close()
+
+
+async def https_json(context, url, form=None, headers=()):
+    """GET an https:// URL, or POST `form` to it; (status, the JSON object answered)."""
+    host, port, host_header, target = split_https_url(url)
+    body = form_encode(form).encode() if form is not None else b""
+    lines = [f"{'GET' if form is None else 'POST'} {target} HTTP/1.1", f"Host: {host_header}",
+             "Accept: application/json", f"User-Agent: meshbox/{VERSION}", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    if form is not None:
+        lines += ["Content-Type: application/x-www-form-urlencoded", f"Content-Length: {len(body)}"]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+    try:
+        data = await asyncio.wait_for(_https_exchange(context, host, port, request), OIDC_HTTP_TIMEOUT)
+    except ssl.SSLCertVerificationError as e:
+        raise OidcError(f"the identity provider at {host_header} has a certificate meshbox does not trust "
+                        f"({e.verify_message}); set oidc_ca_file to its CA") from None
+    except (OSError, asyncio.TimeoutError) as e:
+        raise OidcError(f"cannot reach the identity provider at {host_header}: {e or 'timed out'}") from None
+    try:
+        status, payload = parse_http_answer(data)
+        answer = json.loads(payload)
+    except ValueError:
+        raise OidcError(f"the identity provider at {host_header} answered {url} with something that is not JSON") \
+            from None
+    if not isinstance(answer, dict):
+        raise OidcError(f"the identity provider at {host_header} answered {url} with JSON that is not an object")
+    return status, answer
+
+
+def id_token_claims(token):
+    """The claims of a JWT (its middle part, base64url JSON), unverified."""
+    parts = token.split(".") if isinstance(token, str) else ()
+    try:
+        if len(parts) != 3:
+            raise ValueError("not three parts")
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        raise OidcError("the identity provider sent an ID token that is not a JWT") from None
+    if not isinstance(claims, dict):
+        raise OidcError("the identity provider sent an ID token whose claims are not a JSON object")
+    return claims
+
+
+def check_id_token(claims, issuer, client_id, nonce, at):
+    """Refuse an ID token that is not for this sign-in (Core 3.1.3.7)."""
+    if claims.get("iss") != issuer:
+        raise OidcError(f"the ID token was issued by {claims.get('iss')!r}, not by the configured issuer {issuer}")
+    audience = claims.get("aud")
+    audience = [audience] if isinstance(audience, str) else audience if isinstance(audience, list) else []
+    if client_id not in audience:
+        raise OidcError(f"the ID token is meant for another client ({', '.join(map(str, audience)) or 'none'}), "
+                        f"not for this meshbox ({client_id})")
+    if (len(audience) > 1 or "azp" in claims) and claims.get("azp") != client_id:
+        raise OidcError(f"the ID token was handed to another client ({claims.get('azp')!r}), not to {client_id}")
+    expiry = claims.get("exp")
+    if not isinstance(expiry, (int, float)) or isinstance(expiry, bool) or expiry + OIDC_CLOCK_SKEW < at:
+        raise OidcError("the ID token has expired (are the clocks of meshbox and the identity provider right?)")
+    if not isinstance(claims.get("nonce"), str) or not hmac.compare_digest(claims["nonce"].encode(), nonce.encode()):
+        raise OidcError("the ID token belongs to another sign-in (its nonce does not match): start again")
+    if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+        raise OidcError("the ID token names no subject")
+
+
+def oidc_identity(claims):
+    """The person the provider vouches for: meshbox user name, display name, email and groups.
+    The user name is the email address (only a verified one), else the
+    preferred_username, else the subject."""
+    email = claims.get("email") if claims.get("email_verified") is not False else None
+    email = email if isinstance(email, str) and "@" in email else ""
+    username = claims.get("preferred_username") if isinstance(claims.get("preferred_username"), str) else ""
+    groups = claims.get("groups")
+    groups = [groups] if isinstance(groups, str) else groups if isinstance(groups, list) else []
+    name = email or username or claims["sub"]
+    display = claims.get("name") if isinstance(claims.get("name"), str) and claims.get("name") else name
+    return {"name": name, "display_name": display, "email": email, "groups": [g for g in groups if isinstance(g, str)]}
+
+
+def check_allowed(identity, domains, users, groups):
+    """Apply the allowed domains, users and groups.  A person passes the first
+    two when either lists them (or both are empty); when groups are set,
+    they must also be in one of them."""
+    name = identity["name"]
+    domain = identity["email"].rpartition("@")[2].lower()
+    in_domain = bool(domain) and domain in {d.lower().lstrip("@") for d in domains}
+    if (domains or users) and not in_domain and name.lower() not in {u.lower() for u in users}:
+        raise OidcError(f"{name} may not sign in to this meshbox: neither the user nor the email domain "
+                        f"is allowed (ask an administrator)")
+    if groups and not set(groups) & set(identity["groups"]):
+        raise OidcError(f"{name} may not sign in to this meshbox: not in any allowed group ({', '.join(groups)})")
+
+
+class OidcLogin:
+    """Sign-ins through one OpenID provider: the way there and the way back."""
+
+    def __init__(self, config):
+        if ssl is None:
+            raise ValueError("OIDC needs TLS but this Python has no ssl module (OpenWrt: opkg install python3-openssl)")
+        self.issuer = config.oidc_issuer
+        self.client_id = config.oidc_client_id
+        self.client_secret = config.oidc_client_secret
+        self.allowed = (list(config.oidc_allowed_domains), list(config.oidc_allowed_users),
+                        list(config.oidc_allowed_groups))
+        self.redirect_uri = config.public_url() + "/oidc/callback"
+        try:
+            self.context = ssl.create_default_context(cafile=config.oidc_ca_file or None)
+        except OSError as e:
+            raise ValueError(f"cannot load oidc_ca_file {config.oidc_ca_file}: {e}") from None
+        self.metadata, self.metadata_at = None, 0
+        self.pending = {}   # state -> (login request id, nonce, PKCE verifier, created)
+
+    async def provider_metadata(self):
+        """The provider's discovery document, fetched again after an hour."""
+        if self.metadata and self.metadata_at + OIDC_METADATA_TTL > now():
+            return self.metadata
+        url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        status, metadata = await https_json(self.context, url)
+        if status != 200:
+            raise OidcError(f"the identity provider's discovery document {url} is unavailable (HTTP {status})")
+        if str(metadata.get("issuer", "")).rstrip("/") != self.issuer.rstrip("/"):
+            raise OidcError(f"the identity provider calls itself {metadata.get('issuer')!r}, "
+                            f"not the configured issuer {self.issuer}")
+        for name in ("authorization_endpoint", "token_endpoint"):
+            split_https_url(metadata.get(name))
+        self.metadata, self.metadata_at = metadata, now()
+        return metadata
+
+    async def authorization_url(self, request_id):
+        """Where to send the person who opened login request `request_id`."""
+        metadata = await self.provider_metadata()
+        at = now()
+        for state in [s for s, p in self.pending.items() if p[3] + AUTH_REQUEST_TTL <= at]:
+            del self.pending[state]
+        while len(self.pending) >= OIDC_MAX_PENDING:
+            del self.pending[next(iter(self.pending))]
+        state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        verifier, challenge = pkce_pair()
+        self.pending[state] = (request_id, nonce, verifier, at)
+        scope = OIDC_SCOPES + (" groups" if self.allowed[2] else "")
+        query = form_encode({"response_type": "code", "client_id": self.client_id, "redirect_uri": self.redirect_uri,
+                             "scope": scope, "state": state, "nonce": nonce, "code_challenge": challenge,
+                             "code_challenge_method": "S256"})
+        endpoint = metadata["authorization_endpoint"]
+        return endpoint + ("&" if "?" in endpoint else "?") + query
+
+    async def finish(self, query):
+        """The provider's answer at /oidc/callback: (login request id, identity), or OidcError."""
+        pending = self.pending.pop(str(query.get("state", "")), None)
+        if pending is None or pending[3] + AUTH_REQUEST_TTL <= now():
+            raise OidcError("this sign-in is unknown, was already used or has expired: start again from the device")
+        request_id, nonce, verifier, _ = pending
+        if "error" in query:
+            raise OidcError(f"the identity provider refused the sign-in: {query['error']} "
+                            f"{query.get('error_description', '')}".strip())
+        metadata = await self.provider_metadata()
+        if "iss" in query and query["iss"] != metadata["issuer"]:   # RFC 9207: a mix-up of providers
+            raise OidcError(f"the answer came from {query['iss']!r}, not from the configured issuer {self.issuer}")
+        if not query.get("code"):
+            raise OidcError("the identity provider sent no authorization code")
+        tokens = await self.redeem(metadata, query["code"], verifier)
+        claims = id_token_claims(tokens["id_token"])
+        check_id_token(claims, metadata["issuer"], self.client_id, nonce, now())
+        if metadata.get("userinfo_endpoint") and isinstance(tokens.get("access_token"), str):
+            # Many providers put email, name and groups only here.
+            status, info = await https_json(self.context, metadata["userinfo_endpoint"],
+                                            headers=[("Authorization", "Bearer " + tokens["access_token"])])
+            if status != 200 or info.get("sub") != claims["sub"]:
+                raise OidcError(f"the identity provider's user info does not match the ID token (HTTP {status})")
+            claims = {**info, **claims}
+        identity = oidc_identity(claims)
+        check_allowed(identity, *self.allowed)
+        return request_id, identity
+
+    async def redeem(self, metadata, code, verifier):
+        """Trade the authorization code for tokens, authenticating as the client."""
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": self.redirect_uri,
+                "code_verifier": verifier}
+        headers = []
+        methods = metadata.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+        if self.client_secret and "client_secret_basic" in methods:
+            credentials = f"{percent_encode(self.client_id)}:{percent_encode(self.client_secret)}"
+            headers.append(("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode()))
+        else:
+            form["client_id"] = self.client_id
+            if self.client_secret:
+                form["client_secret"] = self.client_secret
+        status, tokens = await https_json(self.context, metadata["token_endpoint"], form, headers)
+        if status != 200 or not isinstance(tokens.get("id_token"), str):
+            reason = " ".join(str(tokens.get(k, "")) for k in ("error", "error_description")).strip() or "no ID token"
+            raise OidcError(f"the identity provider did not accept the sign-in (HTTP {status}: {reason})")
+        return tokens
+
+
 # ---- Server ----
 # ``serve``: the listeners (control HTTP, DERP over TLS, STUN, the local
 # admin socket), the background upkeep, and a clean stop.
@@ -5455,6 +5762,13 @@ class Config:
     advertise_routes: list = dataclasses.field(default_factory=list)  # LAN prefixes behind the box
     advertise_exit_node: bool = False
     snat_subnet_routes: bool = True   # masquerade tailnet traffic into the LAN
+    oidc_issuer: str = ""       # sign in at this OpenID provider (https://...) instead of an admin approving
+    oidc_client_id: str = ""    # meshbox's client at the provider, whose redirect URI is SERVER_URL/oidc/callback
+    oidc_client_secret: str = ""
+    oidc_allowed_domains: list = dataclasses.field(default_factory=list)   # email domains that may sign in
+    oidc_allowed_users: list = dataclasses.field(default_factory=list)     # and users (emails) outside them
+    oidc_allowed_groups: list = dataclasses.field(default_factory=list)    # when set, one of them is required
+    oidc_ca_file: str = ""      # CA bundle for the provider's TLS (default: the system's)
 
     def control_address(self):
         return parse_host_port(self.listen, 8080)
@@ -5510,6 +5824,12 @@ class Config:
                 raise ValueError(f"bad WireGuard backend {self.wg_backend!r}: use auto, kernel or userspace")
             if not 0 < int(self.wg_port) < 65536:
                 raise ValueError(f"bad WireGuard port {self.wg_port}")
+        if self.oidc_issuer:
+            if not self.oidc_issuer.startswith("https://"):
+                raise ValueError(f"OIDC issuer must be an https:// URL, got {self.oidc_issuer!r}")
+            if not self.oidc_client_id:
+                raise ValueError("OIDC needs oidc_client_id: register meshbox as a client at the provider, with "
+                                 f"the redirect URI {self.public_url()}/oidc/callback")
 
     def gateway_routes(self):
         """The routes the box advertises (checked), with the exit routes when it is an exit node."""
@@ -5562,6 +5882,7 @@ class Server:
     async def start(self):
         config = self.config
         config.check()
+        self.oidc = OidcLogin(config) if config.oidc_issuer else None
         if crypto_backend_problem():
             raise RuntimeError(crypto_backend_problem())
         self.recent_logs.setFormatter(log_formatter(config))
@@ -5792,7 +6113,9 @@ class Server:
             extra = [("X-Tailscale-Response", "response " + challenge)] if challenge.isalnum() and len(challenge) < 64 else []
             writer.write(http_response(204, b"", headers=extra))
         elif path.startswith("/register/") and request.method == "GET":
-            writer.write(http_response(200, register_page(path.rsplit("/", 1)[-1]), "text/html; charset=utf-8"))
+            await self.show_login_request(path.rsplit("/", 1)[-1], writer)
+        elif path == "/oidc/callback" and request.method == "GET" and self.oidc:
+            await self.finish_oidc_login(request.query, writer, peer)
         elif path.startswith("/api/v1/"):
             await self.handle_api(request, reader, writer)
         elif path == "/metrics":
@@ -5837,6 +6160,40 @@ class Server:
         challenge = json_bytes({"nodeKeyChallenge": key_text("chalpub", x25519_public(self.challenge_private))})
         early = EARLY_PAYLOAD_MAGIC + struct.pack(">I", len(challenge)) + challenge
         await ControlConnection(self, stream, out, noise, peer).run(early)
+
+    # interactive login: the AuthURL shows the approve command, or sends the
+    # person to the identity provider, who sends them back to /oidc/callback
+    async def show_login_request(self, request_id, writer):
+        if self.oidc is None:
+            writer.write(http_response(200, register_page(request_id), "text/html; charset=utf-8"))
+            return
+        if request_id not in self.coordinator.auth_requests:
+            raise HttpError(404, "this login request is unknown or has expired: log in again on the device")
+        try:
+            url = await self.oidc.authorization_url(request_id)
+        except OidcError as e:
+            log.error("OIDC sign-in unavailable: %s", e)
+            writer.write(http_response(503, message_page("Sign-in is unavailable", str(e)), "text/html; charset=utf-8"))
+            return
+        writer.write(http_response(302, b"", headers=[("Location", url)]))
+
+    async def finish_oidc_login(self, query, writer, peer):
+        try:
+            request_id, identity = await self.oidc.finish(query)
+            if request_id not in self.coordinator.auth_requests:
+                raise OidcError("the device's login request has expired: log in again on the device")
+            user = self.coordinator.user_signing_in(identity["name"])
+            result = self.coordinator.approve(request_id, user.id)
+            if "Error" in result:
+                raise OidcError(result["Error"])
+        except (OidcError, ValueError) as e:
+            log.warning("OIDC sign-in from %s refused: %s", peer, e)
+            writer.write(http_response(403, message_page("Sign-in refused", str(e)), "text/html; charset=utf-8"))
+            return
+        log.info("OIDC: %s (%s) signed in and approved login request %s", user.name, identity["display_name"],
+                 request_id)
+        writer.write(http_response(200, message_page("Signed in", f"Signed in as {user.name}; the device is joining."),
+                                   "text/html; charset=utf-8"))
 
     # local admin socket: live state for the CLI
     async def run_admin(self, noun, verb, params):
@@ -5932,6 +6289,18 @@ def register_page(request_id):
 <p>An administrator of this meshbox approves the device with:</p>
 <pre>meshbox nodes register --user USER --key {safe}</pre>
 <p>The device joins as soon as the command runs; the request expires in {AUTH_REQUEST_TTL // 60} minutes.</p>"""
+
+
+def html_text(text):
+    """Text made safe to place in HTML."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def message_page(title, message):
+    """A small HTML page: a heading and one message."""
+    return f"""<!doctype html><title>meshbox: {html_text(title)}</title>
+<h1>{html_text(title)}</h1>
+<p>{html_text(message)}</p>"""
 
 
 def landing_page(url):
@@ -6381,7 +6750,7 @@ def api_call(url, api_key, noun, verb, params):
     request = (f"POST {path.rstrip('/')} HTTP/1.1\r\nHost: {hostport}\r\nAuthorization: Bearer {api_key}\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     with socket.create_connection((host, port), timeout=30) as raw:
-        conn = ssl.create_default_context().wrap_socket(raw, server_hostname=host) if scheme == "https" else raw
+        conn = ssl.create_default_context().wrap_socket(raw, server_hostname=host.encode()) if scheme == "https" else raw
         conn.sendall(request + body)
         data = b""
         while True:
