@@ -3668,8 +3668,8 @@ class Coordinator:
         session.changed.clear(), session.removed.clear()
         session.self_changed = session.policy_changed = False
         if shared and msg:
-            if len(self.shared_deltas) >= 64:
-                self.shared_deltas.clear()
+            if any(k[0] != self.generation for k in self.shared_deltas):
+                self.shared_deltas.clear()        # only this generation's deltas can be reused
             self.shared_deltas[key] = msg
         return msg or None
 
@@ -4937,7 +4937,7 @@ class ControlConnection:
                 frame = cached[1]
             elif compress:
                 frame = map_frame(message)
-                if len(self.server.frames) >= 64:
+                if len(self.server.frames) >= 4:   # a burst shares a frame or two; keep memory flat
                     self.server.frames.clear()
                 self.server.frames[id(message)] = (message, frame)
             else:
@@ -5127,27 +5127,126 @@ def _import_pyroute2():
     try:
         import pyroute2
     except ImportError:
-        raise GatewayError("the gateway needs pyroute2: pip install pyroute2 (OpenWrt: python3-pyroute2)") from None
+        return None
     return pyroute2
 
 
-class KernelWireGuard:
+def run_command(argv, what, input=None):
+    """Run a system tool; GatewayError with its message on failure."""
+    import subprocess
+    try:
+        result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise GatewayError(f"{argv[0]} not found: install it ({what})") from None
+    if result.returncode != 0:
+        raise GatewayError(f"{' '.join(argv[:4])}: {result.stderr.strip() or 'failed'}")
+    return result.stdout
+
+
+class NetlinkLinks:
+    """Links, addresses and routes over netlink (pyroute2)."""
+
+    def __init__(self, pyroute2):
+        self.ipr = pyroute2.IPRoute()
+
+    def exists(self, ifname):
+        return bool(self.ipr.link_lookup(ifname=ifname))
+
+    def add_wireguard(self, ifname):
+        try:
+            self.ipr.link("add", ifname=ifname, kind="wireguard")
+        except Exception as e:    # NetlinkError: no wireguard module
+            raise GatewayError(f"cannot create a kernel WireGuard interface: {e}") from None
+
+    def delete(self, ifname):
+        index = self.ipr.link_lookup(ifname=ifname)
+        if index:
+            self.ipr.link("del", index=index[0])
+
+    def add_address(self, ifname, address, prefixlen):
+        """Add an address; False when the system refuses it (IPv6 disabled)."""
+        try:
+            self.ipr.addr("add", index=self.ipr.link_lookup(ifname=ifname)[0], address=address, prefixlen=prefixlen)
+        except Exception as e:
+            if "exists" not in str(e).lower():
+                log.warning("gateway: cannot add %s to %s: %s", address, ifname, e)
+                return False
+        return True
+
+    def up(self, ifname):
+        self.ipr.link("set", index=self.ipr.link_lookup(ifname=ifname)[0], state="up")
+
+    def route(self, prefix, ifname):
+        net = ipaddress.ip_network(prefix)
+        try:
+            self.ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen,
+                           oif=self.ipr.link_lookup(ifname=ifname)[0],
+                           family=socket.AF_INET if net.version == 4 else socket.AF_INET6)
+        except Exception as e:
+            raise GatewayError(f"cannot route {prefix} to {ifname}: {e}") from None
+
+    def addresses(self):
+        return [msg.get_attr("IFA_ADDRESS") for msg in self.ipr.get_addr()]
+
+    def close(self):
+        self.ipr.close()
+
+
+class IpCommandLinks:
+    """Links, addresses and routes through the ip command (routers without pyroute2)."""
+
+    def exists(self, ifname):
+        try:
+            run_command(["ip", "link", "show", "dev", ifname], "iproute2")
+            return True
+        except GatewayError:
+            return False
+
+    def add_wireguard(self, ifname):
+        try:
+            run_command(["ip", "link", "add", "dev", ifname, "type", "wireguard"], "ip-full or iproute2")
+        except GatewayError as e:
+            raise GatewayError(f"cannot create a kernel WireGuard interface: {e}") from None
+
+    def delete(self, ifname):
+        if self.exists(ifname):
+            run_command(["ip", "link", "del", "dev", ifname], "iproute2")
+
+    def add_address(self, ifname, address, prefixlen):
+        try:
+            run_command(["ip", "addr", "add", f"{address}/{prefixlen}", "dev", ifname], "iproute2")
+        except GatewayError as e:
+            if "exists" not in str(e).lower():
+                log.warning("gateway: cannot add %s to %s: %s", address, ifname, e)
+                return False
+        return True
+
+    def up(self, ifname):
+        run_command(["ip", "link", "set", "dev", ifname, "up"], "iproute2")
+
+    def route(self, prefix, ifname):
+        run_command(["ip", "route", "replace", prefix, "dev", ifname], "iproute2")
+
+    def addresses(self):
+        out = run_command(["ip", "-o", "addr", "show"], "iproute2")
+        return [line.split()[3].split("/")[0] for line in out.splitlines() if len(line.split()) > 3]
+
+    def close(self):
+        pass
+
+
+class NetlinkWireGuard:
     """Kernel WireGuard configured over netlink (pyroute2)."""
 
     name = "kernel"
 
-    def __init__(self, ifname):
-        self.ifname = ifname
-        pyroute2 = _import_pyroute2()
-        self.ipr = pyroute2.IPRoute()
+    def __init__(self, ifname, links, pyroute2):
+        self.ifname, self.links = ifname, links
         self.wg = pyroute2.WireGuard()
 
     def create(self):
-        if not self.ipr.link_lookup(ifname=self.ifname):
-            try:
-                self.ipr.link("add", ifname=self.ifname, kind="wireguard")
-            except Exception as e:    # NetlinkError: no wireguard module
-                raise GatewayError(f"cannot create a kernel WireGuard interface: {e}") from None
+        if not self.links.exists(self.ifname):
+            self.links.add_wireguard(self.ifname)
 
     def configure(self, private_key, port):
         self.wg.set(self.ifname, private_key=base64.b64encode(private_key).decode(), listen_port=port)
@@ -5176,11 +5275,55 @@ class KernelWireGuard:
         return out
 
     def destroy(self):
-        index = self.ipr.link_lookup(ifname=self.ifname)
-        if index:
-            self.ipr.link("del", index=index[0])
+        self.links.delete(self.ifname)
         self.wg.close()
-        self.ipr.close()
+        self.links.close()
+
+
+class WgCommandWireGuard:
+    """Kernel WireGuard configured with the wg command (routers without pyroute2)."""
+
+    name = "kernel"
+
+    def __init__(self, ifname, links):
+        self.ifname, self.links = ifname, links
+
+    def wg(self, *args, input=None):
+        return run_command(["wg", *args], "wireguard-tools", input=input)
+
+    def create(self):
+        if not self.links.exists(self.ifname):
+            self.links.add_wireguard(self.ifname)
+
+    def configure(self, private_key, port):
+        # The key goes through a pipe, never the command line.
+        self.wg("set", self.ifname, "listen-port", str(port), "private-key", "/dev/stdin",
+                input=base64.b64encode(private_key).decode() + "\n")
+
+    def set_peer(self, public_key, allowed_ips, endpoint):
+        args = ["set", self.ifname, "peer", base64.b64encode(public_key).decode(),
+                "persistent-keepalive", str(PERSISTENT_KEEPALIVE), "allowed-ips", ",".join(allowed_ips)]
+        if endpoint:
+            host, port = endpoint
+            args += ["endpoint", f"{'[' + host + ']' if ':' in host else host}:{port}"]
+        self.wg(*args)
+
+    def remove_peer(self, public_key):
+        self.wg("set", self.ifname, "peer", base64.b64encode(public_key).decode(), "remove")
+
+    def peer_stats(self):
+        out = {}
+        for line in self.wg("show", self.ifname, "dump").splitlines()[1:]:
+            fields = line.split("\t")
+            if len(fields) >= 7:
+                out[base64.b64decode(fields[0])] = {
+                    "last_handshake": int(fields[4]) or None, "rx_bytes": int(fields[5]), "tx_bytes": int(fields[6]),
+                    "endpoint": None if fields[2] == "(none)" else fields[2]}
+        return out
+
+    def destroy(self):
+        self.links.delete(self.ifname)
+        self.links.close()
 
 
 class UserspaceWireGuard:
@@ -5188,12 +5331,10 @@ class UserspaceWireGuard:
 
     name = "userspace"
 
-    def __init__(self, ifname, program):
-        self.ifname, self.program = ifname, program
+    def __init__(self, ifname, links, program):
+        self.ifname, self.links, self.program = ifname, links, program
         self.process = None
         self.socket_path = os.path.join(UAPI_DIR, ifname + ".sock")
-        self.ipr = _import_pyroute2().IPRoute()
-
     def create(self):
         import subprocess
         if os.path.exists(self.socket_path):
@@ -5268,7 +5409,8 @@ class UserspaceWireGuard:
                 self.process.wait(5)
             except Exception:
                 self.process.kill()
-        self.ipr.close()
+        self.links.delete(self.ifname)
+        self.links.close()
 
 
 def find_userspace_wireguard():
@@ -5291,26 +5433,35 @@ def kernel_has_wireguard():
     return False
 
 
-def open_wireguard(ifname, backend="auto"):
+def open_links(tools="auto"):
+    """Netlink through pyroute2 when it is there (or asked for), else the ip command."""
+    pyroute2 = _import_pyroute2() if tools != "commands" else None
+    if tools == "pyroute2" and pyroute2 is None:
+        raise GatewayError("pyroute2 is not installed: pip install pyroute2, or use the ip and wg commands")
+    return NetlinkLinks(pyroute2) if pyroute2 else IpCommandLinks()
+
+
+def open_wireguard(ifname, backend="auto", tools="auto"):
     """The WireGuard backend to use, or GatewayError saying what to install."""
+    links = open_links(tools)
     if backend in ("auto", "kernel") and (backend == "kernel" or kernel_has_wireguard()):
-        return KernelWireGuard(ifname)
+        if isinstance(links, NetlinkLinks):
+            return NetlinkWireGuard(ifname, links, _import_pyroute2())
+        return WgCommandWireGuard(ifname, links)
     program = find_userspace_wireguard()
     if backend in ("auto", "userspace") and program:
-        return UserspaceWireGuard(ifname, program)
+        return UserspaceWireGuard(ifname, links, program)
+    links.close()
     raise GatewayError("no WireGuard here: the kernel has no wireguard module and no userspace WireGuard "
                        "is installed (OpenWrt: opkg install kmod-wireguard; Debian: apt install wireguard-go)")
 
 
 def run_nft(script):
-    """Feed a script to nft; GatewayError with nft's message on failure."""
-    import subprocess
+    """Feed a script to nft; it applies it atomically, or refuses it whole."""
     try:
-        result = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise GatewayError("nft not found: install nftables") from None
-    if result.returncode != 0:
-        raise GatewayError(f"nft refused the rules: {result.stderr.strip()}")
+        run_command(["nft", "-f", "-"], "nftables", input=script)
+    except GatewayError as e:
+        raise GatewayError(f"nft refused the rules: {e}") from None
 
 
 def write_sysctl(name, value):
@@ -5336,49 +5487,35 @@ class Gateway:
         """The box's own addresses inside the LAN routes it advertises, with the WireGuard port."""
         out = []
         nets = [ipaddress.ip_network(r) for r in routes]
-        for msg in self.wg.ipr.get_addr():
-            addr = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
+        for text in self.wg.links.addresses():
+            addr = ipaddress.ip_address(text)
             if any(addr in net for net in nets):
                 out.append(f"{addr}:{self.config.wg_port}" if addr.version == 4 else f"[{addr}]:{self.config.wg_port}")
         return out
 
     def up(self, node):
         """Create and address the interface and install routes and the table."""
-        config = self.config
-        self.wg = open_wireguard(config.wg_interface, config.wg_backend)
+        config, ifname = self.config, self.config.wg_interface
+        self.wg = open_wireguard(ifname, config.wg_backend, config.netlink_tools)
         try:
             self.wg.create()
             self.wg.configure(self.private_key, config.wg_port)
-            ipr = self.wg.ipr
-            index = ipr.link_lookup(ifname=config.wg_interface)[0]
+            links = self.wg.links
             ipv6 = os.path.exists("/proc/sys/net/ipv6/conf/all/forwarding")
             if ipv6:   # new links inherit disable_ipv6 from "default"; ours needs IPv6
                 try:
-                    write_sysctl(f"net.ipv6.conf.{config.wg_interface}.disable_ipv6", "0")
+                    write_sysctl(f"net.ipv6.conf.{ifname}.disable_ipv6", "0")
                 except OSError:
                     pass
-            try:
-                ipr.addr("add", index=index, address=node.ipv4, prefixlen=32)
-            except Exception as e:
-                if "exists" not in str(e).lower():
-                    raise GatewayError(f"cannot address {config.wg_interface}: {e}") from None
-            if ipv6:
-                try:
-                    ipr.addr("add", index=index, address=node.ipv6, prefixlen=128)
-                except Exception as e:   # IPv6 disabled (EACCES) or the address exists
-                    if "exists" not in str(e).lower():
-                        log.warning("gateway: no IPv6 on %s (%s); serving IPv4 only", config.wg_interface, e)
-                        ipv6 = False
-            ipr.link("set", index=index, state="up")
+            if not links.add_address(ifname, node.ipv4, 32):
+                raise GatewayError(f"cannot address {ifname} with {node.ipv4}")
+            if ipv6 and not links.add_address(ifname, node.ipv6, 128):
+                log.warning("gateway: no IPv6 on %s; serving IPv4 only", ifname)
+                ipv6 = False
+            links.up(ifname)
             for prefix in (config.prefix_v4, config.prefix_v6):
-                net = ipaddress.ip_network(prefix)
-                if net.version == 6 and not ipv6:
-                    continue
-                try:
-                    ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen, oif=index,
-                              family=socket.AF_INET if net.version == 4 else socket.AF_INET6)
-                except Exception as e:
-                    raise GatewayError(f"cannot route {prefix} to {config.wg_interface}: {e}") from None
+                if ipaddress.ip_network(prefix).version == 4 or ipv6:
+                    links.route(prefix, ifname)
             write_sysctl("net.ipv4.ip_forward", "1")
             if ipv6:
                 write_sysctl("net.ipv6.conf.all.forwarding", "1")
@@ -5386,7 +5523,8 @@ class Gateway:
         except Exception:
             self.down()
             raise
-        log.info("gateway up: %s (%s WireGuard) port %d, %s %s", config.wg_interface, self.wg.name,
+        log.info("gateway up: %s (%s WireGuard, %s) port %d, %s %s", ifname, self.wg.name,
+                 "netlink" if isinstance(self.wg.links, NetlinkLinks) else "ip/wg commands",
                  config.wg_port, node.ipv4, node.ipv6)
 
     def apply_table(self, acl_rules):
@@ -5762,6 +5900,7 @@ class Config:
     advertise_routes: list = dataclasses.field(default_factory=list)  # LAN prefixes behind the box
     advertise_exit_node: bool = False
     snat_subnet_routes: bool = True   # masquerade tailnet traffic into the LAN
+    netlink_tools: str = "auto"  # pyroute2, or the ip and wg commands (OpenWrt without python3-pyroute2)
     oidc_issuer: str = ""       # sign in at this OpenID provider (https://...) instead of an admin approving
     oidc_client_id: str = ""    # meshbox's client at the provider, whose redirect URI is SERVER_URL/oidc/callback
     oidc_client_secret: str = ""
@@ -5822,6 +5961,8 @@ class Config:
                     raise ValueError(f"bad public endpoint {endpoint!r}: use IP:PORT")
             if self.wg_backend not in ("auto", "kernel", "userspace"):
                 raise ValueError(f"bad WireGuard backend {self.wg_backend!r}: use auto, kernel or userspace")
+            if self.netlink_tools not in ("auto", "pyroute2", "commands"):
+                raise ValueError(f"bad netlink_tools {self.netlink_tools!r}: use auto, pyroute2 or commands")
             if not 0 < int(self.wg_port) < 65536:
                 raise ValueError(f"bad WireGuard port {self.wg_port}")
         if self.oidc_issuer:
@@ -6911,15 +7052,13 @@ def cmd_serve(config):
 def cmd_gateway_down(config):
     """Remove meshbox's interface and table, as a stopped server would."""
     gateway = Gateway(config, bytes(32))
-    try:
-        gateway.wg = open_wireguard(config.wg_interface, config.wg_backend)
-    except GatewayError:
-        gateway.wg = None
     gateway.applied_table = ""
-    if isinstance(gateway.wg, UserspaceWireGuard):
-        index = gateway.wg.ipr.link_lookup(ifname=config.wg_interface)
-        if index:
-            gateway.wg.ipr.link("del", index=index[0])
+    try:
+        gateway.wg = open_wireguard(config.wg_interface, config.wg_backend, config.netlink_tools)
+    except GatewayError:
+        links = open_links(config.netlink_tools)       # no WireGuard left to drive: remove the link alone
+        links.delete(config.wg_interface)
+        links.close()
     gateway.down()
     print(f"removed {config.wg_interface} and the {NFT_TABLE} nftables table")
 
@@ -6966,6 +7105,8 @@ def build_parser():
                     help="offer the box as an exit node to the internet")
     gw.add_argument("--snat-subnet-routes", dest="snat_subnet_routes", choices=["true", "false"],
                     help="masquerade tailnet traffic into the LAN (default true)")
+    gw.add_argument("--netlink-tools", dest="netlink_tools", choices=["auto", "pyroute2", "commands"],
+                    help="configure links with pyroute2 or the ip and wg commands (default auto)")
 
     def with_output(p):
         p.add_argument("--output", "-o", choices=["table", "json"], default="table")

@@ -99,12 +99,16 @@ def start_gateway(lab, state, *extra):
     return proc
 
 
-def test_gateway_end_to_end(tmp_path):
+@pytest.mark.parametrize("tools", ["pyroute2", "commands"])
+def test_gateway_end_to_end(tmp_path, tools):
+    """The whole gateway, with netlink through pyroute2 and through the ip
+    and wg commands (what an OpenWrt router without python3-pyroute2 uses)."""
     state = tmp_path / "state"
     with netlab.Lab(clients=("a", "b"), direct=True) as lab:
         lan = add_lan(lab)
         cli(state, "users", "create", "alice")
-        server = start_gateway(lab, state)
+        server = start_gateway(lab, state, "--netlink-tools", tools)
+        server.wait_for_log("netlink" if tools == "pyroute2" else "ip/wg commands", 1)
         try:
             serve_page(lan, LAN_HOST, 8000, "hello from the LAN", tmp_path / "lanweb")
             serve_page(lab.hub, "0.0.0.0", 8090, "hello from the box", tmp_path / "boxweb")

