@@ -45,6 +45,7 @@ import bisect
 import collections
 import collections.abc
 import dataclasses
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -111,7 +112,12 @@ def rfc3339(ts):
     """Go's time.Time JSON form, UTC with second precision; None for zero."""
     if not ts:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    return _rfc3339_seconds(int(ts))
+
+
+@functools.lru_cache(maxsize=4096)       # the same few times recur in every netmap
+def _rfc3339_seconds(seconds):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def json_bytes(obj):
@@ -3435,13 +3441,13 @@ def self_node_json(node, view, base_domain, at):
     return out
 
 
-def map_response_for(node, view, nodes, users, settings, at):
+def map_response_for(node, view, nodes, users, settings, at, peer_json=node_json):
     """The full MapResponse for one node, from its compiled policy view."""
     peers = peers_in_view(view, nodes)
     user_ids = {node.user_id} | {p.user_id for p, _ in peers}
     return {
         "Node": self_node_json(node, view, settings.base_domain, at),
-        "Peers": [node_json(p, settings.base_domain, at, seen_as) for p, seen_as in peers],
+        "Peers": [peer_json(p, settings.base_domain, at, seen_as) for p, seen_as in peers],
         "DERPMap": settings.derp_map,
         "DNSConfig": settings.dns_config,
         "Domain": settings.base_domain,
@@ -3606,6 +3612,7 @@ class Coordinator:
         self.allow_all = {}          # str(node id) -> shared peer entry (with no policy)
         self.generation = 0          # counts notifications: a shared delta is valid for one
         self.shared_deltas = {}      # (generation, changed, removed) -> message
+        self.json_cache = {}         # node id -> node_json as itself (peers' views add their AllowedIPs)
         self.on_change = None        # called after any change (the gateway and hosts file follow)
         self.recompile()
 
@@ -3620,11 +3627,26 @@ class Coordinator:
     def notify(self, changed=(), removed=(), full=False, policy=False):
         """Tell every map session (and the gateway) which nodes changed or went away."""
         self.generation += 1
+        for node_id in (*changed, *removed):
+            self.json_cache.pop(node_id, None)
+        if full:
+            self.json_cache.clear()
         for sessions in self.sessions.values():
             for session in sessions:
                 session.owe(changed, removed, full, policy)
         if self.on_change is not None:
             self.on_change()
+
+    def peer_json(self, node, base_domain, at, seen_as):
+        """node_json for a peer, from a per-node cache that notify() invalidates."""
+        base = self.json_cache.get(node.id)
+        if base is None or (is_expired(node, at) and not base.get("Expired")):
+            base = self.json_cache[node.id] = node_json(node, base_domain, at)
+        out = dict(base)
+        out["AllowedIPs"] = seen_as["AllowedIPs"]
+        if seen_as.get("PrimaryRoutes"):
+            out["PrimaryRoutes"] = seen_as["PrimaryRoutes"]
+        return out
 
     def view_of(self, node):
         if self.policy is None:
@@ -3642,7 +3664,7 @@ class Coordinator:
         if session.full:
             session.full = session.self_changed = session.policy_changed = False
             session.changed.clear(), session.removed.clear()
-            return map_response_for(node, view, self.nodes, self.users, self.settings, at)
+            return map_response_for(node, view, self.nodes, self.users, self.settings, at, self.peer_json)
         # Under the default policy every session owed the same changes gets
         # the same message: build it once per change (and the server encodes
         # it once), not once per session.
@@ -3655,7 +3677,7 @@ class Coordinator:
         changed = [(self.nodes[i], view["peers"][str(i)]) for i in sorted(session.changed)
                    if str(i) in view["peers"] and i in self.nodes]
         if changed:
-            msg["PeersChanged"] = [node_json(p, self.settings.base_domain, at, seen_as) for p, seen_as in changed]
+            msg["PeersChanged"] = [self.peer_json(p, self.settings.base_domain, at, seen_as) for p, seen_as in changed]
             new_users = {p.user_id for p, _ in changed}
             msg["UserProfiles"] = [user_profile(self.users[u]) for u in sorted(new_users) if u in self.users]
         if session.removed:

@@ -37,16 +37,21 @@ CAPABILITY_VERSION = 130
 _zstd = zstandard.ZstdDecompressor()
 
 
-def decode_map_frames(buffer):
-    """Split a map stream buffer into (messages, rest)."""
-    messages = []
+def split_map_frames(buffer):
+    """Split a map stream buffer into (zstd frames, rest)."""
+    frames = []
     while len(buffer) >= 4:
         size = struct.unpack("<I", buffer[:4])[0]
         if len(buffer) < 4 + size:
             break
-        frame, buffer = buffer[4:4 + size], buffer[4 + size:]
-        messages.append(json.loads(_zstd.decompress(frame, max_output_size=64 << 20)))
-    return messages, buffer
+        frames.append(buffer[4:4 + size])
+        buffer = buffer[4 + size:]
+    return frames, buffer
+
+
+def decode_map_frame(frame):
+    return json.loads(_zstd.decompress(frame, max_output_size=64 << 20))
+
 
 
 async def fetch_server_key(host, port, version=CAPABILITY_VERSION, timeout=10):
@@ -165,10 +170,12 @@ class ControlClient:
         elif isinstance(event, h2.events.DataReceived):
             self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             if stream is self.map_stream:
+                # Decoded only when read: a fleet of simulated nodes that
+                # nobody reads should not spend the load generator's CPU.
                 self.map_buffer += event.data
-                messages, self.map_buffer = decode_map_frames(self.map_buffer)
+                frames, self.map_buffer = split_map_frames(self.map_buffer)
                 arrival = time.monotonic()
-                self.map_messages.extend((arrival, m) for m in messages)
+                self.map_messages.extend((arrival, f) for f in frames)
             else:
                 stream.data += event.data
         if isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)) or getattr(event, "stream_ended", None):
@@ -246,7 +253,8 @@ class ControlClient:
         async with asyncio.timeout(timeout):
             while True:
                 while self.map_messages:
-                    arrival, message = self.map_messages.popleft()
+                    arrival, frame = self.map_messages.popleft()
+                    message = decode_map_frame(frame)
                     if not (skip_keepalive and message == {"KeepAlive": True}):
                         return arrival, message
                 if self.map_stream.ended:
