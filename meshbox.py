@@ -907,6 +907,17 @@ class WebSocketStream:
         del self.buffer[:n]
         return out
 
+    async def read(self, n):
+        """Up to n bytes: what is buffered, else the next message's; b"" at close."""
+        if not self.buffer:
+            try:
+                self.buffer += await self._read_message()
+            except asyncio.IncompleteReadError:
+                return b""
+        out = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return out
+
     def write(self, data):
         self.writer.write(websocket_frame(WS_OP_BINARY, data))
 
@@ -4375,6 +4386,7 @@ DERP_KEEPALIVE = 60.0
 DERP_HANDSHAKE_TIMEOUT = 10.0
 # Bytes that may wait for one client before its packets drop; disco and
 # control frames get a little more room than bulk data.
+DERP_READ_SIZE = 256 * 1024          # one socket read: many frames handled together
 DERP_SEND_BUFFER = 256 << 10
 DERP_DISCO_BUFFER = DERP_SEND_BUFFER + (64 << 10)
 DERP_PEER_GONE_BURST = 3                         # NotHere replies per client: 3, then 1/s
@@ -4423,7 +4435,7 @@ def address_text(peername):
 def looks_like_disco(packet):
     """Whether a relayed packet is a disco message (magic, key, nonce)."""
     return len(packet) >= len(DISCO_MAGIC) + DERP_KEY_LEN + DERP_NONCE_LEN and \
-        packet.startswith(DISCO_MAGIC)
+        packet[:len(DISCO_MAGIC)] == DISCO_MAGIC
 
 
 # Reading
@@ -4623,27 +4635,51 @@ class DerpServer:
             log.info("derp: %s from %s disconnected: %s", short_key(client_key), remote, reason)
 
     async def _receive_loop(self, conn, reader):
+        """Frames as they come, a whole socket read at a time: the frames of
+        one read are handled together and each destination gets one write."""
+        pending = b""
         while True:
-            frame_type, body = await read_frame(reader, DERP_MAX_FRAME)
+            chunk = await reader.read(DERP_READ_SIZE)
+            if not chunk:
+                if pending:
+                    raise DerpError("connection closed inside a frame")
+                raise EOFError("connection closed")
+            data = pending + chunk if pending else chunk
+            view, offset, outgoing = memoryview(data), 0, {}
+            while len(data) - offset >= DERP_FRAME_HEADER_LEN:
+                frame_type, length = struct.unpack_from(">BI", data, offset)
+                if length > DERP_MAX_FRAME:
+                    raise DerpError(f"frame 0x{frame_type:02x} of {length} bytes, limit {DERP_MAX_FRAME}")
+                end = offset + DERP_FRAME_HEADER_LEN + length
+                if end > len(data):
+                    break
+                self._handle_frame(conn, frame_type, view[offset + DERP_FRAME_HEADER_LEN:end], outgoing)
+                offset = end
+            pending = data[offset:]
+            for dst, (frames, _) in outgoing.items():
+                dst.writer.write(b"".join(frames))
             self._note_activity(conn)
-            if frame_type == FRAME_SEND_PACKET:
-                self._relay(conn, body)
-            elif frame_type == FRAME_PING:
-                if not 8 <= len(body) <= 1000:
-                    raise DerpError(f"ping of {len(body)} bytes")
-                conn.send(frame(FRAME_PONG, body[:8]), DERP_DISCO_BUFFER)
-            elif frame_type == FRAME_NOTE_PREFERRED:
-                if len(body) != 1:
-                    raise DerpError("NotePreferred is not 1 byte")
-                conn.preferred = body != b"\x00"
-            elif frame_type in MESH_FRAMES:
-                raise DerpError(f"mesh frame 0x{frame_type:02x} without a mesh key")
-            # KeepAlive, Pong and frames from newer clients are ignored.
 
-    def _relay(self, src, body):
+    def _handle_frame(self, conn, frame_type, body, outgoing):
+        if frame_type == FRAME_SEND_PACKET:
+            self._relay(conn, body, outgoing)
+        elif frame_type == FRAME_PING:
+            if not 8 <= len(body) <= 1000:
+                raise DerpError(f"ping of {len(body)} bytes")
+            conn.send(frame(FRAME_PONG, bytes(body[:8])), DERP_DISCO_BUFFER)
+        elif frame_type == FRAME_NOTE_PREFERRED:
+            if len(body) != 1:
+                raise DerpError("NotePreferred is not 1 byte")
+            conn.preferred = body != b"\x00"
+        elif frame_type in MESH_FRAMES:
+            raise DerpError(f"mesh frame 0x{frame_type:02x} without a mesh key")
+        # KeepAlive, Pong and frames from newer clients are ignored.
+
+    def _relay(self, src, body, outgoing):
+        """Queue one packet for its destination (in `outgoing`), or drop it."""
         if len(body) < DERP_KEY_LEN:
             raise DerpError("short SendPacket")
-        dst_key, packet = body[:DERP_KEY_LEN], body[DERP_KEY_LEN:]
+        dst_key, packet = bytes(body[:DERP_KEY_LEN]), body[DERP_KEY_LEN:]
         disco = looks_like_disco(packet)
         conns = self._clients.get(dst_key)
         if not conns:
@@ -4654,10 +4690,12 @@ class DerpServer:
                 src.send(peer_gone_frame(dst_key, PEER_GONE_NOT_HERE), DERP_DISCO_BUFFER)
             return
         dst = conns[-1]
-        if not dst.send(frame(FRAME_RECV_PACKET, src.key + packet),
-                        DERP_DISCO_BUFFER if disco else DERP_SEND_BUFFER):
+        queued, size = outgoing.get(dst) or ([], dst.transport.get_write_buffer_size())
+        if size > (DERP_DISCO_BUFFER if disco else DERP_SEND_BUFFER):
             self.packets_dropped += 1
             return
+        queued.append(struct.pack(">BI", FRAME_RECV_PACKET, DERP_KEY_LEN + len(packet)) + src.key + packet)
+        outgoing[dst] = (queued, size + DERP_FRAME_HEADER_LEN + DERP_KEY_LEN + len(packet))
         self.packets_relayed += 1
         self.bytes_relayed += len(packet)
         if src.key not in dst.senders:

@@ -378,11 +378,12 @@ def test_disco_and_bulk_limits():
         derp._register(src)
         derp._register(dst)
         dst.transport.size = meshbox.DERP_SEND_BUFFER + 1
-        derp._relay(src, dst.key + b"bulk")          # dropped
-        derp._relay(src, dst.key + DISCO_LIKE)      # still has room
-        assert dst.writer.frames == [frame(FRAME_RECV_PACKET, src.key + DISCO_LIKE)]
+        outgoing = {}
+        derp._relay(src, dst.key + b"bulk", outgoing)          # dropped
+        derp._relay(src, dst.key + DISCO_LIKE, outgoing)      # still has room
+        assert outgoing[dst][0] == [frame(FRAME_RECV_PACKET, src.key + DISCO_LIKE)]
         dst.transport.size = meshbox.DERP_DISCO_BUFFER + 1
-        derp._relay(src, dst.key + DISCO_LIKE)      # dropped
+        derp._relay(src, dst.key + DISCO_LIKE, {})      # dropped
         assert derp.packets_dropped == 2 and derp.packets_relayed == 1
         assert not src.writer.frames
     run(main())
