@@ -2802,11 +2802,16 @@ class PeerView:
         self.primaries = primaries
         self.no_ipv4 = set(no_ipv4)
         self.steering = list(steering) if any(g.via for g in steering) else []
+        self.plain = {}          # peer name -> its entry for every viewer, when it has no routes
 
     def entry(self, viewer, peer, matchers):
         """A peer as the viewer sees it: its addresses plus the routes the viewer may use."""
         if not peer.has_routes() and not self.no_ipv4:
-            return {"AllowedIPs": peer.prefixes()}
+            # The same for every viewer: built once and shared (N, not N x N, entries).
+            shared = self.plain.get(peer.name)
+            if shared is None:
+                shared = self.plain[peer.name] = {"AllowedIPs": peer.prefixes()}
+            return shared
         owned = [r for r in peer.subnet_routes if self.primaries.get(r) == peer.name]
         include, exclude, use_primary = self._via_steering(viewer, peer)
         routes = [r for r in owned + peer.exit_routes if r not in exclude
