@@ -49,10 +49,20 @@ def auth_key(state_dir, user="alice", reusable=True, ephemeral=False, tags=()):
         store.db.close()
 
 
+def compile_bytecode(folder):
+    """meshbox.py compiled to FOLDER/meshbox.pyc, which Python imports without the
+    source: how OpenWrt's packages (and pip's installs) run it, with no compile at start."""
+    import py_compile
+    py_compile.compile(MESHBOX, cfile=os.path.join(folder, "meshbox.pyc"), doraise=True)
+    return folder
+
+
 class MeshboxProcess:
     """One ``meshbox.py serve`` process on loopback; DERP and STUN off unless asked."""
 
-    def __init__(self, state_dir, port=None, derp_port=None, log_path=None, extra_args=(), env=None):
+    def __init__(self, state_dir, port=None, derp_port=None, log_path=None, extra_args=(), env=None,
+                 bytecode_dir=None):
+        self.bytecode_dir = bytecode_dir   # run meshbox.pyc from here, as installed packages do
         self.state_dir = str(state_dir)
         self.port = port or free_port()
         self.derp_port = derp_port
@@ -64,7 +74,9 @@ class MeshboxProcess:
 
     def argv(self):
         derp = f"127.0.0.1:{self.derp_port}" if self.derp_port else "off"
-        return [sys.executable, MESHBOX, "--state", self.state_dir, "serve", "--listen", f"127.0.0.1:{self.port}",
+        program = [MESHBOX] if not self.bytecode_dir else [
+            "-c", f"import sys; sys.path.insert(0, {self.bytecode_dir!r}); import meshbox; sys.exit(meshbox.main())"]
+        return [sys.executable, *program, "--state", self.state_dir, "serve", "--listen", f"127.0.0.1:{self.port}",
                 "--derp-listen", derp, "--stun-listen", "off", *self.extra_args]
 
     def start(self, timeout=20):
