@@ -406,3 +406,26 @@ def test_default_policy_fast_path_matches_the_compiler(routes):
         fast = meshbox.allow_all_view(entries, node.id)
         assert dict(fast["peers"]) == compiled[str(node.id)]["peers"]
         assert fast["packet_filter_rules"] == compiled[str(node.id)]["packet_filter_rules"]
+
+
+def test_steady_state_leaves_the_state_file_alone(tmp_path):
+    """Endpoint churn stays in memory: nothing is committed within the flush interval."""
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            a, _ = await joined(port, key, "mover")
+            b, _ = await joined(port, key, "watcher")
+            observer = meshbox.Store(os.path.join(str(tmp_path), "meshbox.db"))
+            version = observer.data_version()
+            for i in range(20):
+                status, _ = await a.request("/machine/map", a.map_request(
+                    stream=False, OmitPeers=True, endpoints=[f"198.51.100.{i + 1}:4000"]))
+                assert status == 200
+                await asyncio.sleep(0.05)
+            message = await until(b, "PeersChanged")
+            assert message["PeersChanged"][0]["Endpoints"][0].startswith("198.51.100.")
+            assert observer.data_version() == version          # no commit reached the file
+            server.coordinator.flush_live()                      # the minute is up: one write
+            assert observer.data_version() != version
+            await a.close(), await b.close()
+    asyncio.run(main())
