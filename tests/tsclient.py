@@ -79,6 +79,7 @@ class Stream:
 
     def __init__(self):
         self.stream_id = None
+        self.broken = False
         self.status = None
         self.data = bytearray()
         self.ended = False
@@ -155,6 +156,7 @@ class ControlClient:
             pass
         finally:
             for stream in self.streams.values():
+                stream.broken = not stream.ended     # the connection went before the response did
                 stream.ended = True
                 stream.event.set()
             self.map_arrived.set()
@@ -217,6 +219,8 @@ class ControlClient:
             while not stream.ended:
                 stream.event.clear()
                 await stream.event.wait()
+        if stream.broken:
+            raise ConnectionError(f"connection closed before the answer to {path} was complete")
         return stream.status, bytes(stream.data)
 
     def hostinfo(self):
