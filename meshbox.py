@@ -838,8 +838,9 @@ else:
 
 
 def map_frame(message):
-    """One map-stream message: little-endian length, then the zstd frame."""
-    body = zstd_compress(json_bytes(message))
+    """One map-stream message (a dict, or its JSON already encoded):
+    little-endian length, then the zstd frame."""
+    body = zstd_compress(message if isinstance(message, bytes) else json_bytes(message))
     return struct.pack("<I", len(body)) + body
 
 
@@ -1214,14 +1215,14 @@ RESERVED_V4 = ipaddress.ip_network("100.100.100.0/24")
 def allocate_addresses(prefix_v4, prefix_v6, taken_v4, taken_v6):
     """The lowest free IPv4 in the prefix and the IPv6 at the same offset."""
     net4, net6 = ipaddress.ip_network(prefix_v4), ipaddress.ip_network(prefix_v6)
+    base4, base6 = int(net4.network_address), int(net6.network_address)
+    used4 = {int(ipaddress.IPv4Address(a)) - base4 for a in taken_v4}
+    used6 = {int(ipaddress.IPv6Address(a)) - base6 for a in taken_v6}
+    reserved = range(int(RESERVED_V4.network_address) - base4, int(RESERVED_V4.broadcast_address) - base4 + 1)
     for offset in range(1, net4.num_addresses - 1):
-        addr4 = net4.network_address + offset
-        if addr4 in RESERVED_V4 or str(addr4) in taken_v4:
+        if offset in used4 or offset in used6 or offset in reserved:
             continue
-        addr6 = net6.network_address + offset
-        if str(addr6) in taken_v6:
-            continue
-        return str(addr4), str(addr6)
+        return str(ipaddress.IPv4Address(base4 + offset)), str(ipaddress.IPv6Address(base6 + offset))
     raise ValueError(f"address pool {prefix_v4} is exhausted")
 
 
@@ -3629,6 +3630,8 @@ class Coordinator:
         self.generation = 0          # counts notifications: a shared delta is valid for one
         self.shared_deltas = {}      # (generation, changed, removed) -> message
         self.json_cache = {}         # node id -> node_json as itself (peers' views add their AllowedIPs)
+        self.peer_texts = {}         # node id -> its JSON as a peer (default policy: one for all viewers)
+        self.known_expired = set()   # node ids whose expiry peers have been told of
         self.on_change = None        # called after any change (the gateway and hosts file follow)
         self.recompile()
 
@@ -3645,8 +3648,10 @@ class Coordinator:
         self.generation += 1
         for node_id in (*changed, *removed):
             self.json_cache.pop(node_id, None)
+            self.peer_texts.pop(node_id, None)
         if full:
             self.json_cache.clear()
+            self.peer_texts.clear()
         for sessions in self.sessions.values():
             for session in sessions:
                 session.owe(changed, removed, full, policy)
@@ -3664,6 +3669,21 @@ class Coordinator:
             out["PrimaryRoutes"] = seen_as["PrimaryRoutes"]
         return out
 
+    def encoded_full_map(self, node, view, at):
+        """The full map as JSON bytes, with each peer's JSON encoded once and
+        reused: under the default policy every viewer sees a peer the same way."""
+        message = map_response_for(node, view, self.nodes, self.users, self.settings, at,
+                                   peer_json=lambda peer, *_: peer.id)
+        texts = []
+        for peer_id in message.pop("Peers"):
+            text = self.peer_texts.get(peer_id)
+            if text is None:
+                peer = self.nodes[peer_id]
+                text = self.peer_texts[peer_id] = json_bytes(
+                    self.peer_json(peer, self.settings.base_domain, at, view["peers"][str(peer_id)]))
+            texts.append(text)
+        return json_bytes(message)[:-1] + b',"Peers":[' + b",".join(texts) + b"]}"
+
     def view_of(self, node):
         if self.policy is None:
             return allow_all_view(self.allow_all, node.id)
@@ -3680,6 +3700,8 @@ class Coordinator:
         if session.full:
             session.full = session.self_changed = session.policy_changed = False
             session.changed.clear(), session.removed.clear()
+            if self.policy is None:
+                return self.encoded_full_map(node, view, at)
             return map_response_for(node, view, self.nodes, self.users, self.settings, at, self.peer_json)
         # Under the default policy every session owed the same changes gets
         # the same message: build it once per change (and the server encodes
@@ -3957,12 +3979,15 @@ class Coordinator:
         """Time-driven changes: node keys that just expired lose their map
         sessions; ephemeral nodes offline too long are removed."""
         for node in list(self.nodes.values()):
-            if node.expiry and node.expiry <= at and node.id in self.sessions:
+            if not is_expired(node, at):
+                self.known_expired.discard(node.id)
+            elif node.id not in self.known_expired:      # just expired: tell its peers once
+                self.known_expired.add(node.id)
                 log.info("node key expired: node %d %s", node.id, node.given_name)
-                for session in list(self.sessions[node.id]):
+                for session in list(self.sessions.get(node.id, ())):
                     session.close()
                 self.notify(changed=[node.id])
-            elif node.ephemeral and not node.online and node.last_seen and \
+            if node.ephemeral and not node.online and node.last_seen and \
                     node.last_seen + ephemeral_timeout <= at:
                 log.info("removing ephemeral node %d %s, offline since %s", node.id, node.given_name,
                          rfc3339(node.last_seen))
@@ -5006,7 +5031,7 @@ class ControlConnection:
                     self.server.frames.clear()
                 self.server.frames[id(message)] = (message, frame)
             else:
-                body = json_bytes(message)
+                body = message if isinstance(message, bytes) else json_bytes(message)
                 frame = struct.pack("<I", len(body)) + body
             self.server.metrics["map_messages"] += 1
             self.server.metrics["map_bytes"] += len(frame)
