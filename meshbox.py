@@ -2,8 +2,10 @@
 """meshbox: a self-hosted Tailscale control plane and gateway in one file.
 
 Stock Tailscale clients join with ``--login-server``; meshbox registers them,
-hands out addresses, serves their network maps, relays their traffic (DERP)
-and answers STUN.  Run ``python3 meshbox.py --help`` to start.
+hands out addresses, serves their network maps, compiles the ACL policy into
+their packet filters, relays their traffic (DERP) and answers STUN.  With
+``--gateway`` the box itself is a WireGuard peer, subnet router and exit node
+of the tailnet.  Run ``python3 meshbox.py --help`` to start.
 
 Map of this file (sections in dependency order, each opened by a banner
 comment ``# ---- Name ----``):
@@ -15,7 +17,7 @@ comment ``# ---- Name ----``):
   Noise           Noise_IK handshake and transport records (ts2021)
   Zstd framing    map-response compression
   WebSocket       the small RFC 6455 framing for browser-style upgrades
-  Store           SQLite: users, pre-auth keys, nodes, server secrets
+  Store           SQLite: users, keys, nodes, devices, policy, server secrets
   Addresses       tailnet IPv4/IPv6 allocation
   Policy          Tailscale's ACL language: parse, compile per node, check tests
   Map builder     pure: node records in, MapResponse JSON out
@@ -28,8 +30,9 @@ comment ``# ---- Name ----``):
   Gateway plan    pure: the box's WireGuard peers and nftables rules
   Gateway         kernel or userspace WireGuard, routes, nftables
   OIDC            sign-in through an OpenID provider (authorization code, PKCE)
-  Server          listeners and lifetime of ``serve``
-  CLI             argument parsing and the commands
+  Server          listeners, admin socket, API, metrics, lifetime of ``serve``
+  Admin           the administrative verbs, shared by the CLI and the API
+  CLI             argument parsing, output, local or remote verbs
 """
 
 # ---- Shim ----
