@@ -5,7 +5,6 @@ import base64
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,14 +14,9 @@ import zstandard
 
 import meshbox
 import tsclient
+from meshproc import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.asynccontextmanager

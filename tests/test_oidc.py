@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import pytest
 
 import meshbox
 import tsclient
+from meshproc import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROVIDER_DIR = os.path.join(ROOT, "tests", "oidc")
@@ -52,12 +52,6 @@ _hostnames = itertools.count(1)
 def fresh_hostname(prefix):
     """A host name no earlier test used, so one test's node cannot pass for another's."""
     return f"{prefix}-{next(_hostnames)}"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(state, *args):

@@ -4,7 +4,6 @@ settings, inspection (nodes show, netmap, logs) and JSON logs."""
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import tsclient
+from meshproc import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args, env=None):
