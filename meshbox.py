@@ -5632,6 +5632,8 @@ class Gateway:
 
     def apply(self, wanted, acl_rules):
         """Bring the peer list and the ACL to the plan, as differences."""
+        if self.wg is None:        # already torn down
+            return
         for key in [k for k in self.applied_peers if k not in wanted]:
             self.wg.remove_peer(key)
             del self.applied_peers[key]
@@ -6294,12 +6296,14 @@ class Server:
             log.error("gateway update failed: %s (will retry on the next change)", e)
 
     async def stop(self):
-        if self.gateway is not None:
-            await self.in_gateway_thread(self.gateway.down)
-        for listener in self.listeners:
-            listener.close()
         for task in self.tasks:
             task.cancel()
+        # No gateway sync may follow the teardown (it would put the table back).
+        gateway, self.gateway = self.gateway, None
+        if gateway is not None:
+            await self.in_gateway_thread(gateway.down)
+        for listener in self.listeners:
+            listener.close()
         for writer in list(self.connections.values()):
             writer.close()
         if self.connections:
