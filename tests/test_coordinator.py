@@ -316,7 +316,8 @@ def test_interactive_login_waits_for_approval(tmp_path):
             request_id = url.rsplit("/", 1)[1]
             assert status == 200 and f"nodes register --user USER --key {request_id}".encode() in page
             # The follow-up is held open until an admin approves.
-            follow = asyncio.ensure_future(client.register("", Followup=url))
+            # (generous timeouts: under qemu-user each CLI call takes seconds)
+            follow = asyncio.ensure_future(client.register("", timeout=120, Followup=url))
             await asyncio.sleep(0.3)
             assert not follow.done() and server.coordinator.nodes == {}
             loop = asyncio.get_running_loop()
@@ -326,7 +327,7 @@ def test_interactive_login_waits_for_approval(tmp_path):
             ok = await loop.run_in_executor(None, cli, tmp_path, "nodes", "register", "--user", "carol",
                                             "--key", request_id)
             assert ok.returncode == 0, ok.stderr
-            response = await asyncio.wait_for(follow, 3)
+            response = await asyncio.wait_for(follow, 60)
             assert response["MachineAuthorized"] and response["User"]["LoginName"] == "carol"
             client.open_map()
             message = await client.next_map_message()
