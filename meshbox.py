@@ -6073,6 +6073,9 @@ class Config:
         return routes + list(EXIT_ROUTES) if self.advertise_exit_node else routes
 
 
+TRIM_AFTER_MAP_BYTES = 4 << 20    # hand freed heap back after this much map traffic
+
+
 def release_free_memory():
     """Hand freed heap back to the system (glibc keeps it otherwise): compiling
     this file at start and compiling policies leave megabytes behind."""
@@ -6208,6 +6211,7 @@ class Server:
     async def upkeep(self):
         """Pick up CLI edits quickly; write live fields sparingly."""
         last_flush = time.monotonic()
+        bytes_at_trim = 0
         while True:
             await asyncio.sleep(RELOAD_INTERVAL)
             try:
@@ -6217,8 +6221,11 @@ class Server:
                     self.reload_policy_file()
                 if time.monotonic() - last_flush >= FLUSH_INTERVAL:
                     self.coordinator.flush_live()
-                    release_free_memory()
                     last_flush = time.monotonic()
+                # Full maps for a burst of joins leave freed heap behind.
+                if self.metrics["map_bytes"] - bytes_at_trim > TRIM_AFTER_MAP_BYTES:
+                    release_free_memory()
+                    bytes_at_trim = self.metrics["map_bytes"]
             except (StoreError, sqlite3.Error) as e:
                 log.error("state database: %s (will retry)", e)
 
