@@ -3863,27 +3863,24 @@ class Coordinator:
         requested = [t for t in (hostinfo.get("RequestTags") or []) if isinstance(t, str)]
         if not secret:
             if req.get("Followup"):
-                return self.auth_requests.get(str(req["Followup"]).rstrip("/").rsplit("/", 1)[-1]) or \
-                    self._refuse("unknown_login", "this login request expired or is unknown: log in again")
+                pending = self.auth_requests.get(str(req["Followup"]).rstrip("/").rsplit("/", 1)[-1])
+                if pending is None:
+                    raise RegistrationRefused("unknown_login", "this login request expired or is unknown: log in again")
+                return pending
             return self._new_auth_request(machine_key, node_key, hostinfo, requested, at)
         key_row = self._check_auth_key(secret, at)
         tags = json.loads(key_row["tags"]) or self._checked_requested_tags(requested, key_row["user_id"])
 
         def consume_key():
-            if not key_row["reusable"]:
-                cur = self.store.db.execute("UPDATE preauth_keys SET used=used+1 WHERE id=? AND used=0",
-                                            (key_row["id"],))
-                if cur.rowcount != 1:
-                    raise RegistrationRefused("spent_key", "auth key already used: it is a single-use key")
-            else:
-                self.store.db.execute("UPDATE preauth_keys SET used=used+1 WHERE id=?", (key_row["id"],))
+            # In the registration's transaction: a single-use key is spent exactly once.
+            cur = self.store.db.execute("UPDATE preauth_keys SET used=used+1 WHERE id=? AND (reusable OR used=0)",
+                                        (key_row["id"],))
+            if cur.rowcount != 1:
+                raise RegistrationRefused("spent_key", "auth key already used: it is a single-use key")
 
         node = self.admit(machine_key, node_key, hostinfo, key_row["user_id"], tags, bool(key_row["ephemeral"]),
                           key_row["id"], consume_key)
         return self._registered_response(node)
-
-    def _refuse(self, reason, message):
-        raise RegistrationRefused(reason, message)
 
     def _checked_requested_tags(self, requested, user_id):
         """Tags a client asks for, if the policy's tagOwners let its user own them."""
