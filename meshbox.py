@@ -63,6 +63,7 @@ import sqlite3
 import struct
 import sys
 import time
+import types
 
 try:
     import ssl
@@ -89,6 +90,19 @@ try:
     import h2.exceptions
 except ImportError:
     h2 = None
+else:
+    import h2.settings
+
+    class _SettingSlots(list):
+        """What h2 keeps per HTTP/2 setting (the value, then any not yet
+        acknowledged), as a list: h2 makes a deque, which costs 600 bytes,
+        ten or more of them per connection."""
+
+        def popleft(self):
+            return self.pop(0)
+
+    if getattr(h2.settings, "collections", None) is collections:
+        h2.settings.collections = types.SimpleNamespace(deque=_SettingSlots)
 
 try:  # Python 3.14's standard library (OpenWrt's python3-light has it)
     from compression import zstd as _zstd_std
@@ -733,11 +747,12 @@ def initiation_version(message):
     return version
 
 
-def noise_respond(static_private, message):
-    """Responder side of IK: (response message, NoiseSession)."""
+def noise_respond(static_private, message, static_public=None):
+    """Responder side of IK: (response message, NoiseSession).  A server
+    passes its static public key to save an X25519 per handshake."""
     version = initiation_version(message)
     ss = SymmetricState(version)
-    ss.mix_hash(x25519_public(static_private))
+    ss.mix_hash(static_public or x25519_public(static_private))
     their_ephemeral = message[5:37]
     ss.mix_hash(their_ephemeral)
     key = ss.mix_dh(static_private, their_ephemeral)                 # es
@@ -826,12 +841,16 @@ def zstd_raw_frame(data):
     return bytes(out)
 
 
+# Level 1: on map JSON (random keys, repeated field names) it is twice as
+# fast as level 3 and no larger; a full map is compressed at every join.
+ZSTD_LEVEL = 1
+
 if _zstd_std is not None:
     def zstd_compress(data):
         """Compress one map message into a zstd frame."""
-        return _zstd_std.compress(data, level=3)
+        return _zstd_std.compress(data, level=ZSTD_LEVEL)
 elif _zstandard is not None:
-    _zstd_compressor = _zstandard.ZstdCompressor(level=3)
+    _zstd_compressor = _zstandard.ZstdCompressor(level=ZSTD_LEVEL)
 
     def zstd_compress(data):
         """Compress one map message into a zstd frame."""
@@ -1036,6 +1055,7 @@ class Store:
 
     def __init__(self, path):
         self.path = path
+        self.free_from = 1       # address offset where the next allocation starts looking
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
             self.db.row_factory = sqlite3.Row
@@ -1162,16 +1182,26 @@ class Store:
 
     def delete_node(self, node_id):
         self.db.execute("DELETE FROM nodes WHERE id=?", (node_id,))
+        self.free_from = 1
 
     # plain WireGuard devices behind the gateway
     def devices(self):
         return [dict(r) for r in self.db.execute(
             "SELECT d.*, u.name AS user FROM devices d JOIN users u ON u.id=d.user_id ORDER BY d.id")]
 
-    def taken_addresses(self):
-        """Every tailnet address in use by nodes and devices: (IPv4 set, IPv6 set)."""
-        rows = self.db.execute("SELECT ipv4, ipv6 FROM nodes UNION ALL SELECT ipv4, ipv6 FROM devices").fetchall()
-        return {r[0] for r in rows}, {r[1] for r in rows}
+    def address_taken(self, ipv4, ipv6):
+        """Whether a node or device holds either address (index lookups)."""
+        return self.db.execute("SELECT EXISTS(SELECT 1 FROM nodes WHERE ipv4=?1 OR ipv6=?2)"
+                               " OR EXISTS(SELECT 1 FROM devices WHERE ipv4=?1 OR ipv6=?2)",
+                               (ipv4, ipv6)).fetchone()[0] == 1
+
+    def allocate_addresses(self, prefix_v4, prefix_v6):
+        """The lowest free address pair for a new node or device (inside its
+        transaction).  The search starts where the last one ended, so a
+        registration costs a few index lookups, not a scan of the tailnet;
+        a deletion sends it back to the start to reuse what was freed."""
+        ipv4, ipv6, self.free_from = allocate_addresses(prefix_v4, prefix_v6, self.address_taken, self.free_from)
+        return ipv4, ipv6
 
 
 class _Transaction:
@@ -1215,17 +1245,21 @@ DEFAULT_PREFIX_V6 = "fd7a:115c:a1e0::/48"
 RESERVED_V4 = ipaddress.ip_network("100.100.100.0/24")
 
 
-def allocate_addresses(prefix_v4, prefix_v6, taken_v4, taken_v6):
-    """The lowest free IPv4 in the prefix and the IPv6 at the same offset."""
+def allocate_addresses(prefix_v4, prefix_v6, taken, start=1):
+    """The first IPv4 in the prefix from offset start on that is free, with
+    the IPv6 at the same offset: (ipv4, ipv6, offset).  taken(ipv4, ipv6)
+    says whether either address is in use."""
     net4, net6 = ipaddress.ip_network(prefix_v4), ipaddress.ip_network(prefix_v6)
     base4, base6 = int(net4.network_address), int(net6.network_address)
-    used4 = {int(ipaddress.IPv4Address(a)) - base4 for a in taken_v4}
-    used6 = {int(ipaddress.IPv6Address(a)) - base6 for a in taken_v6}
     reserved = range(int(RESERVED_V4.network_address) - base4, int(RESERVED_V4.broadcast_address) - base4 + 1)
-    for offset in range(1, net4.num_addresses - 1):
-        if offset in used4 or offset in used6 or offset in reserved:
+    for offset in range(max(start, 1), net4.num_addresses - 1):
+        if offset in reserved:
             continue
-        return str(ipaddress.IPv4Address(base4 + offset)), str(ipaddress.IPv6Address(base6 + offset))
+        ipv4, ipv6 = str(ipaddress.IPv4Address(base4 + offset)), str(ipaddress.IPv6Address(base6 + offset))
+        if not taken(ipv4, ipv6):
+            return ipv4, ipv6, offset
+    if start > 1:                # freed addresses below start: look there too
+        return allocate_addresses(prefix_v4, prefix_v6, taken)
     raise ValueError(f"address pool {prefix_v4} is exhausted")
 
 
@@ -3408,15 +3442,23 @@ def allow_all_entries(nodes):
         for route in node.hostinfo.get("RoutableIPs") or []:
             if route in node.approved_routes and route not in EXIT_ROUTES:
                 primaries.setdefault(route, node.id)
-    entries = {}
-    for node in nodes:
-        live = [r for r in node.hostinfo.get("RoutableIPs") or [] if r in node.approved_routes]
-        owned = [r for r in live if r not in EXIT_ROUTES and primaries.get(r) == node.id]
-        entry = {"AllowedIPs": [f"{node.ipv4}/32", f"{node.ipv6}/128"] + owned + [r for r in live if r in EXIT_ROUTES]}
-        if owned:
-            entry["PrimaryRoutes"] = owned
-        entries[str(node.id)] = entry
-    return entries
+    return {str(node.id): allow_all_entry(node, primaries) for node in nodes}
+
+
+def live_routes(node):
+    """The routes a node advertises that are approved."""
+    return [r for r in node.hostinfo.get("RoutableIPs") or [] if r in node.approved_routes]
+
+
+def allow_all_entry(node, primaries):
+    """How every viewer sees one node under the default policy; primaries
+    maps each shared subnet to the id of the node that carries it."""
+    live = live_routes(node)
+    owned = [r for r in live if r not in EXIT_ROUTES and primaries.get(r) == node.id]
+    entry = {"AllowedIPs": [f"{node.ipv4}/32", f"{node.ipv6}/128"] + owned + [r for r in live if r in EXIT_ROUTES]}
+    if owned:
+        entry["PrimaryRoutes"] = owned
+    return entry
 
 
 class PeersExcept(collections.abc.Mapping):
@@ -3737,18 +3779,31 @@ class Coordinator:
         return msg or None
 
     # policy
-    def recompile(self):
+    def recompile(self, changed=None, removed=()):
         """Compile the policy for the current tailnet and tell each session
-        what its view gained, lost or changed."""
+        what its view gained, lost or changed.  changed and removed, when
+        given, are the only nodes that differ since the last compile."""
         if self.policy is None:
             # The default policy: one shared entry per node, diffed once.
             old, self.views = self.allow_all, {}
-            self.allow_all = allow_all_entries(self.nodes.values())
+            if changed is not None and old and self._routes_untouched(changed, removed):
+                # Nodes without routes cannot change who carries a subnet:
+                # only their own entries change (a join costs O(1), not O(N)).
+                self.allow_all = dict(old)
+                for node_id in removed:
+                    self.allow_all.pop(str(node_id), None)
+                for node_id in changed:
+                    if node_id in self.nodes:
+                        self.allow_all[str(node_id)] = allow_all_entry(self.nodes[node_id], {})
+                touched = [str(i) for i in (*changed, *removed)]
+            else:
+                self.allow_all = allow_all_entries(self.nodes.values())
+                touched = self.allow_all.keys() | old.keys()
             if not old and self.sessions:     # coming from a policy: resend everything
                 self.notify(full=True, policy=True)
                 return
-            removed = [int(k) for k in old if k not in self.allow_all]
-            changed = [int(k) for k, entry in self.allow_all.items() if old.get(k) != entry]
+            removed = [int(k) for k in touched if k in old and k not in self.allow_all]
+            changed = [int(k) for k in touched if k in self.allow_all and old.get(k) != self.allow_all[k]]
             if removed or changed:
                 self.notify(changed, removed)
             return
@@ -3770,9 +3825,20 @@ class Coordinator:
                 for session in sessions:
                     session.owe(changed, removed, policy=policy)
 
+    def _routes_untouched(self, changed, removed):
+        """Whether none of these nodes carries, or carried at the last compile, a route."""
+        for node_id in (*changed, *removed):
+            entry = self.allow_all.get(str(node_id))
+            if entry is not None and len(entry["AllowedIPs"]) > 2:
+                return False
+            node = self.nodes.get(node_id)
+            if node is not None and live_routes(node):
+                return False
+        return True
+
     def topology_changed(self, changed=(), removed=()):
         """Nodes joined, left or changed in a way a policy can see."""
-        self.recompile()
+        self.recompile(changed, removed)
         self.notify(changed=changed, removed=removed)
 
     def set_policy(self, text):
@@ -3905,7 +3971,7 @@ class Coordinator:
                                        auth_key_id=auth_key_id, expiry=expiry, hostinfo=hostinfo or node.hostinfo)
                 verb = "re-registered"
             else:
-                ipv4, ipv6 = allocate_addresses(self.prefix_v4, self.prefix_v6, *self.store.taken_addresses())
+                ipv4, ipv6 = self.store.allocate_addresses(self.prefix_v4, self.prefix_v6)
                 hostname = str(hostinfo.get("Hostname") or "node")[:255]
                 node = Node(id=0, machine_key=machine_key, node_key=node_key, disco_key=b"", user_id=user_id,
                             hostname=hostname, given_name=self._unique_given_name(hostname), ipv4=ipv4, ipv6=ipv6,
@@ -4071,7 +4137,7 @@ class Coordinator:
         self.users[user.id] = user
         with self.store.transaction():
             if node is None:
-                ipv4, ipv6 = allocate_addresses(self.prefix_v4, self.prefix_v6, *self.store.taken_addresses())
+                ipv4, ipv6 = self.store.allocate_addresses(self.prefix_v4, self.prefix_v6)
                 node = Node(id=0, machine_key=blake2s(b"meshbox gateway " + public_key), node_key=public_key,
                             disco_key=b"", user_id=user.id, hostname=hostname,
                             given_name=self._unique_given_name(hostname), ipv4=ipv4, ipv6=ipv6, tags=[],
@@ -6106,6 +6172,9 @@ class Server:
         self.store = Store(os.path.join(self.config.state_dir, "meshbox.db"))
         self.noise_private = self.store.secret("noise_private", new_private_key)
         self.challenge_private = self.store.secret("challenge_private", new_private_key)
+        self.noise_public = x25519_public(self.noise_private)
+        challenge = json_bytes({"nodeKeyChallenge": key_text("chalpub", x25519_public(self.challenge_private))})
+        self.early_payload = EARLY_PAYLOAD_MAGIC + struct.pack(">I", len(challenge)) + challenge
         self.derp = DerpServer(self.store.secret("derp_private", new_private_key)) if self.config.derp_address() else None
 
     def _derp_certificate(self):
@@ -6355,7 +6424,7 @@ class Server:
         path, upgrade = request.path, request.headers.get("upgrade", "").lower()
         if path == "/key" and request.method == "GET":
             body = {"legacyPublicKey": key_text("mkey", bytes(32)),
-                    "publicKey": key_text("mkey", x25519_public(self.noise_private))}
+                    "publicKey": key_text("mkey", self.noise_public)}
             writer.write(http_response(200, json_bytes(body), "application/json"))
         elif path == "/ts2021":
             await self.upgrade_control(request, upgrade, reader, writer, peer)
@@ -6397,7 +6466,7 @@ class Server:
             raise HttpError(400, f"unknown Upgrade {upgrade!r}: expected {CONTROL_UPGRADE}")
         try:
             initiation = base64.b64decode(handshake, validate=True)
-            response, noise = noise_respond(self.noise_private, initiation)
+            response, noise = noise_respond(self.noise_private, initiation, self.noise_public)
         except (binascii.Error, ValueError):
             raise HttpError(400, "missing or invalid X-Tailscale-Handshake") from None
         except (NoiseError, CryptoError) as e:
@@ -6412,9 +6481,7 @@ class Server:
         else:
             writer.write(http_upgrade_response(CONTROL_UPGRADE) + response)
             stream, out = reader, writer
-        challenge = json_bytes({"nodeKeyChallenge": key_text("chalpub", x25519_public(self.challenge_private))})
-        early = EARLY_PAYLOAD_MAGIC + struct.pack(">I", len(challenge)) + challenge
-        await ControlConnection(self, stream, out, noise, peer).run(early)
+        await ControlConnection(self, stream, out, noise, peer).run(self.early_payload)
 
     # interactive login: the AuthURL shows the approve command, or sends the
     # person to the identity provider, who sends them back to /oidc/callback
@@ -6783,7 +6850,7 @@ class Admin:
         with self.store.transaction():
             if self.store.db.execute("SELECT 1 FROM devices WHERE name=?", (name,)).fetchone():
                 raise ValueError(f"a device named {name!r} exists")
-            ipv4, ipv6 = allocate_addresses(*tailnet, *self.store.taken_addresses())
+            ipv4, ipv6 = self.store.allocate_addresses(*tailnet)
             self.store.db.execute("INSERT INTO devices(name, user_id, public_key, ipv4, ipv6, full_tunnel, created)"
                                   " VALUES(?,?,?,?,?,?,?)",
                                   (name, owner.id, x25519_public(private), ipv4, ipv6, int(full_tunnel), now()))
@@ -6799,6 +6866,7 @@ class Admin:
 
     def devices_remove(self, name):
         with self.store.transaction():
+            self.store.free_from = 1
             if self.store.db.execute("DELETE FROM devices WHERE name=?", (name,)).rowcount != 1:
                 raise ValueError(f"no device named {name!r}")
         return {"message": f"removed device {name}"}

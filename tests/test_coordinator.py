@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -261,14 +262,44 @@ def test_zstd_raw_frames_decode():
 
 
 def test_address_allocation():
-    assert meshbox.allocate_addresses("100.64.0.0/10", "fd7a:115c:a1e0::/48", set(), set()) == \
-        ("100.64.0.1", "fd7a:115c:a1e0::1")
-    taken = {"100.64.0.1", "100.64.0.2"}
-    assert meshbox.allocate_addresses("100.64.0.0/10", "fd7a:115c:a1e0::/48", taken, set())[0] == "100.64.0.3"
+    def taken_in(addresses):
+        return lambda ipv4, ipv6: ipv4 in addresses or ipv6 in addresses
+
+    assert meshbox.allocate_addresses("100.64.0.0/10", "fd7a:115c:a1e0::/48", taken_in(set())) == \
+        ("100.64.0.1", "fd7a:115c:a1e0::1", 1)
+    taken = {"100.64.0.1", "100.64.0.2", "fd7a:115c:a1e0::3"}
+    assert meshbox.allocate_addresses("100.64.0.0/10", "fd7a:115c:a1e0::/48", taken_in(taken))[:2] == \
+        ("100.64.0.4", "fd7a:115c:a1e0::4")
+    # A search from a later offset wraps around to what was freed below it.
+    assert meshbox.allocate_addresses("192.0.2.0/29", "fd00::/64", taken_in({"192.0.2.1"}), start=6)[0] == \
+        "192.0.2.6"
+    assert meshbox.allocate_addresses("192.0.2.0/29", "fd00::/64", taken_in({"192.0.2.1", "192.0.2.6"}), start=6)[0] == \
+        "192.0.2.2"
     # The service range 100.100.100.0/24 is skipped.
-    assert meshbox.allocate_addresses("100.100.100.0/23", "fd00::/64", set(), set())[0] == "100.100.101.0"
+    assert meshbox.allocate_addresses("100.100.100.0/23", "fd00::/64", taken_in(set()))[0] == "100.100.101.0"
     with pytest.raises(ValueError, match="exhausted"):
-        meshbox.allocate_addresses("192.0.2.0/30", "fd00::/64", {"192.0.2.1", "192.0.2.2"}, set())
+        meshbox.allocate_addresses("192.0.2.0/30", "fd00::/64", taken_in({"192.0.2.1", "192.0.2.2"}))
+
+
+def test_store_reuses_freed_addresses(tmp_path):
+    store = meshbox.Store(str(tmp_path / "state.db"))
+    user = store.create_user("alice")
+    nodes = []
+    for i in range(3):
+        with store.transaction():
+            ipv4, ipv6 = store.allocate_addresses("100.64.0.0/10", "fd7a:115c:a1e0::/48")
+            node = meshbox.Node(id=0, machine_key=bytes([i]) * 32, node_key=bytes([i + 10]) * 32, disco_key=b"",
+                                user_id=user.id, hostname=f"n{i}", given_name=f"n{i}", ipv4=ipv4, ipv6=ipv6,
+                                tags=[], ephemeral=False, auth_key_id=None, expiry=None, created=0, last_seen=0,
+                                hostinfo={}, endpoints=[], approved_routes=[], cap=0)
+            store.insert_node(node)
+        nodes.append(node)
+    assert [n.ipv4 for n in nodes] == ["100.64.0.1", "100.64.0.2", "100.64.0.3"]
+    with store.transaction():
+        store.delete_node(nodes[1].id)
+    with store.transaction():
+        assert store.allocate_addresses("100.64.0.0/10", "fd7a:115c:a1e0::/48") == \
+            ("100.64.0.2", "fd7a:115c:a1e0::2")
 
 
 def test_cli_preauthkeys_and_errors(tmp_path):
@@ -387,6 +418,46 @@ def test_default_policy_fast_path_matches_the_compiler(routes):
         fast = meshbox.allow_all_view(entries, node.id)
         assert dict(fast["peers"]) == compiled[str(node.id)]["peers"]
         assert fast["packet_filter_rules"] == compiled[str(node.id)]["packet_filter_rules"]
+
+
+OPERATIONS = st.lists(st.tuples(st.sampled_from(["join", "advertise", "approve", "delete"]),
+                                 st.integers(0, 5), st.lists(st.sampled_from(ROUTES), unique=True)),
+                       min_size=1, max_size=14)
+
+
+@settings(max_examples=60, deadline=None)
+@given(OPERATIONS)
+def test_incremental_default_policy_matches_a_full_compile(operations):
+    """Joins, route changes and deletions, each applied incrementally, leave
+    the same shared entries as compiling the whole tailnet again."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = meshbox.Store(os.path.join(tmp, "meshbox.db"))
+        user = store.create_user("alice")
+        settings_ = meshbox.MapSettings(base_domain="mesh.internal", derp_map={"Regions": {}},
+                                        dns_config=meshbox.dns_config("mesh.internal", []), control_url="http://x")
+        coordinator = meshbox.Coordinator(store, settings_)
+        joined_ = []
+        for i, (verb, pick, routes) in enumerate(operations):
+            if verb == "join" or not joined_:
+                node = coordinator.admit(bytes([i + 1]) * 32, bytes([i + 101]) * 32, {"Hostname": f"n{i}",
+                                         "RoutableIPs": routes}, user.id, [], False, None)
+                joined_.append(node.id)
+                continue
+            node_id = joined_[pick % len(joined_)]
+            if verb == "delete":
+                coordinator.delete_node(node_id)
+                joined_.remove(node_id)
+            elif verb == "advertise":
+                node = coordinator.nodes[node_id]
+                coordinator.node_for_map(node.machine_key, {
+                    "NodeKey": meshbox.key_text("nodekey", node.node_key),
+                    "Hostinfo": {"Hostname": node.hostname, "RoutableIPs": routes}})
+            else:
+                with store.transaction():
+                    store.update_node(node_id, approved_routes=routes)
+                coordinator.reload_if_changed(force=True)
+            assert coordinator.allow_all == meshbox.allow_all_entries(coordinator.nodes.values())
+        store.db.close()
 
 
 def test_steady_state_leaves_the_state_file_alone(tmp_path):
