@@ -92,17 +92,24 @@ except ImportError:
     h2 = None
 else:
     import h2.settings
+    import hpack.table
 
-    class _SettingSlots(list):
-        """What h2 keeps per HTTP/2 setting (the value, then any not yet
-        acknowledged), as a list: h2 makes a deque, which costs 600 bytes,
-        ten or more of them per connection."""
+    class _ShortQueue(list):
+        """A deque's ends on a list, for the few-item queues h2 and hpack keep
+        per connection (a value per HTTP/2 setting, the HPACK dynamic table):
+        a deque costs 600 bytes even when it holds one item, and a
+        connection holds a dozen of them."""
 
         def popleft(self):
             return self.pop(0)
 
+        def appendleft(self, item):
+            self.insert(0, item)
+
     if getattr(h2.settings, "collections", None) is collections:
-        h2.settings.collections = types.SimpleNamespace(deque=_SettingSlots)
+        h2.settings.collections = types.SimpleNamespace(deque=_ShortQueue)
+    if getattr(hpack.table, "deque", None) is collections.deque:
+        hpack.table.deque = _ShortQueue
 
 try:  # Python 3.14's standard library (OpenWrt's python3-light has it)
     from compression import zstd as _zstd_std
@@ -123,6 +130,49 @@ VERSION = "0.1.0"
 def now():
     """Seconds since the epoch, as a float (one clock for the whole file)."""
     return time.time()
+
+
+class Signal:
+    """asyncio.Event's set, clear and wait in a few dozen bytes (an Event
+    holds a 600-byte deque; every connection needs two)."""
+
+    __slots__ = ("flag", "waiters")
+
+    def __init__(self):
+        self.flag, self.waiters = False, None
+
+    def is_set(self):
+        return self.flag
+
+    def set(self):
+        self.flag = True
+        for waiter in self.waiters or ():
+            if not waiter.done():
+                waiter.set_result(True)
+
+    def clear(self):
+        self.flag = False
+
+    async def wait(self, timeout=None):
+        """True once set; False if timeout seconds pass first (without the
+        task asyncio.wait_for would add)."""
+        if self.flag:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(timeout, _resolve_future, waiter, False) if timeout is not None else None
+        self.waiters = (self.waiters or []) + [waiter]
+        try:
+            return await waiter
+        finally:
+            self.waiters = [w for w in self.waiters if w is not waiter] or None
+            if timer is not None:
+                timer.cancel()
+
+
+def _resolve_future(future, value):
+    if not future.done():
+        future.set_result(value)
 
 
 def rfc3339(ts):
@@ -3559,7 +3609,7 @@ class MapSession:
         self.policy_changed = False
         self.full = False
         self.closed = False
-        self.wake = asyncio.Event()
+        self.wake = Signal()
 
     def owe(self, changed=(), removed=(), full=False, policy=False):
         self.policy_changed = self.policy_changed or policy
@@ -4942,7 +4992,7 @@ class ControlConnection:
         self.h2.local_settings.max_header_list_size = 16 << 10
         self.requests = {}       # stream id -> [headers, body]
         self.tasks = set()
-        self.window_open = asyncio.Event()
+        self.window_open = Signal()
 
     def flush(self):
         data = self.h2.data_to_send()
@@ -5121,12 +5171,10 @@ class ControlConnection:
                 message = coordinator.map_message(session)
                 if message:
                     await self.send(stream_id, encode(message))
-                try:
-                    await asyncio.wait_for(session.wake.wait(), KEEPALIVE_INTERVAL)
+                if await session.wake.wait(KEEPALIVE_INTERVAL):
                     await asyncio.sleep(UPDATE_BATCH_DELAY)
-                except asyncio.TimeoutError:
-                    if keepalive:
-                        await self.send(stream_id, encode({"KeepAlive": True}))
+                elif keepalive:
+                    await self.send(stream_id, encode({"KeepAlive": True}))
             self.h2.end_stream(stream_id)
             self.flush()
         finally:
@@ -6277,7 +6325,7 @@ class Server:
     async def upkeep(self):
         """Pick up CLI edits quickly; write live fields sparingly."""
         last_flush = time.monotonic()
-        bytes_at_trim = 0
+        bytes_at_trim = bytes_before = 0
         while True:
             await asyncio.sleep(RELOAD_INTERVAL)
             try:
@@ -6288,10 +6336,13 @@ class Server:
                 if time.monotonic() - last_flush >= FLUSH_INTERVAL:
                     self.coordinator.flush_live()
                     last_flush = time.monotonic()
-                # Full maps for a burst of joins leave freed heap behind.
-                if self.metrics["map_bytes"] - bytes_at_trim > TRIM_AFTER_MAP_BYTES:
+                # Full maps for a burst of joins leave freed heap behind:
+                # hand it back during a long burst and once the burst is over.
+                sent = self.metrics["map_bytes"]
+                if sent - bytes_at_trim > TRIM_AFTER_MAP_BYTES or bytes_at_trim < sent == bytes_before:
                     release_free_memory()
-                    bytes_at_trim = self.metrics["map_bytes"]
+                    bytes_at_trim = sent
+                bytes_before = sent
             except (StoreError, sqlite3.Error) as e:
                 log.error("state database: %s (will retry)", e)
 
@@ -6405,7 +6456,10 @@ class Server:
             request = await asyncio.wait_for(read_http_request(reader), CONTROL_HANDSHAKE_TIMEOUT)
             if request is None:
                 return
-            await self.route_http(request, reader, writer, peer)
+            control = await self.route_http(request, reader, writer, peer)
+            if control is not None:
+                del request       # a control connection lasts hours: keep nothing of its HTTP request
+                await control.run(self.early_payload)
         except HttpError as e:
             writer.write(http_response(e.status, e.args[0] + "\n"))
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError if ssl else OSError):
@@ -6421,13 +6475,15 @@ class Server:
                 pass
 
     async def route_http(self, request, reader, writer, peer):
+        """Answer one HTTP request; for an upgrade to the control protocol,
+        the ControlConnection to run."""
         path, upgrade = request.path, request.headers.get("upgrade", "").lower()
         if path == "/key" and request.method == "GET":
             body = {"legacyPublicKey": key_text("mkey", bytes(32)),
                     "publicKey": key_text("mkey", self.noise_public)}
             writer.write(http_response(200, json_bytes(body), "application/json"))
         elif path == "/ts2021":
-            await self.upgrade_control(request, upgrade, reader, writer, peer)
+            return self.upgrade_control(request, upgrade, reader, writer, peer)
         elif path == "/derp" and upgrade in ("derp", "websocket") and self.derp:
             await self.derp.handle_upgrade(request.headers, reader, writer)
         elif path in ("/derp/probe", "/derp/latency-check"):
@@ -6454,7 +6510,8 @@ class Server:
         else:
             raise HttpError(404, f"{path} is not served here")
 
-    async def upgrade_control(self, request, upgrade, reader, writer, peer):
+    def upgrade_control(self, request, upgrade, reader, writer, peer):
+        """Complete the Noise handshake of a control upgrade: its ControlConnection."""
         if upgrade == "websocket":
             protocols = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
             if CONTROL_UPGRADE not in protocols or "sec-websocket-key" not in request.headers:
@@ -6481,7 +6538,7 @@ class Server:
         else:
             writer.write(http_upgrade_response(CONTROL_UPGRADE) + response)
             stream, out = reader, writer
-        await ControlConnection(self, stream, out, noise, peer).run(self.early_payload)
+        return ControlConnection(self, stream, out, noise, peer)
 
     # interactive login: the AuthURL shows the approve command, or sends the
     # person to the identity provider, who sends them back to /oidc/callback
