@@ -3724,7 +3724,7 @@ class Coordinator:
         self.allow_all = {}          # str(node id) -> shared peer entry (with no policy)
         self.generation = 0          # counts notifications: a shared delta is valid for one
         self.shared_deltas = {}      # (generation, changed, removed) -> message
-        self.json_cache = {}         # node id -> node_json as itself (peers' views add their AllowedIPs)
+        self.json_cache = {}         # node id -> node_json, under a policy (each viewer adds its AllowedIPs)
         self.peer_texts = {}         # node id -> its JSON as a peer (default policy: one for all viewers)
         self.known_expired = set()   # node ids whose expiry peers have been told of
         self.on_change = None        # called after any change (the gateway and hosts file follow)
@@ -3757,7 +3757,9 @@ class Coordinator:
         """node_json for a peer, from a per-node cache that notify() invalidates."""
         base = self.json_cache.get(node.id)
         if base is None or (is_expired(node, at) and not base.get("Expired")):
-            base = self.json_cache[node.id] = node_json(node, base_domain, at)
+            base = node_json(node, base_domain, at)
+            if self.policy is not None:     # each viewer's delta needs it; by default one delta serves all
+                self.json_cache[node.id] = base
         out = dict(base)
         out["AllowedIPs"] = seen_as["AllowedIPs"]
         if seen_as.get("PrimaryRoutes"):
