@@ -3701,6 +3701,31 @@ def _canonical_prefix_or_none(text):
         return None
 
 
+class NodeTable(dict):
+    """Nodes by id, and by machine key (a machine's identity: it never
+    changes), so that each request finds its node without a scan."""
+
+    def __init__(self, nodes=()):
+        super().__init__()
+        self.by_machine = {}
+        for node in nodes:
+            self[node.id] = node
+
+    def __setitem__(self, node_id, node):
+        self.pop(node_id, None)
+        super().__setitem__(node_id, node)
+        self.by_machine[node.machine_key] = node
+
+    def pop(self, node_id, *default):
+        node = super().pop(node_id, *default)
+        if node is not None and self.by_machine.get(node.machine_key) is node:
+            del self.by_machine[node.machine_key]
+        return node
+
+    def __delitem__(self, node_id):
+        self.pop(node_id)
+
+
 class Coordinator:
     """The tailnet as the server sees it; all state changes go through here."""
 
@@ -3714,7 +3739,7 @@ class Coordinator:
             store.db.execute("DELETE FROM auth_requests")
         self.prefix_v4, self.prefix_v6 = prefix_v4, prefix_v6
         self.users = {u.id: u for u in store.users()}
-        self.nodes = {n.id: n for n in store.nodes()}
+        self.nodes = NodeTable(store.nodes())
         self.sessions = {}           # node id -> set of MapSession
         self.dirty_live = set()      # node ids whose live fields await a flush
         self.data_version = store.data_version()
@@ -3732,7 +3757,7 @@ class Coordinator:
 
     # lookups
     def node_by_machine(self, machine_key):
-        return next((n for n in self.nodes.values() if n.machine_key == machine_key), None)
+        return self.nodes.by_machine.get(machine_key)
 
     def node_by_node_key(self, node_key):
         return next((n for n in self.nodes.values() if n.node_key == node_key), None)

@@ -370,13 +370,33 @@ MB_API int mb_aead_open(uint8_t *out, const uint8_t key[32],
 }
 
 /* ---- X25519 field ---- */
-/* GF(2^255 - 19) in ten signed limbs of alternately 26 and 25 bits (limb i
- * sits at bit ceil(25.5 * i)).  Products are 32x32->64, which all three
- * targets do in one instruction.  fe_mul leaves limbs non-negative and
- * below 2^26 (plus a little in limb 1); one fe_add or fe_sub on such
- * limbs keeps every sum in fe_mul below 2^63. */
+/* GF(2^255 - 19) in one of two representations, picked at compile time.
+ * Where the compiler has a 64x64->128 multiply (x86_64, aarch64): five
+ * unsigned 51-bit limbs, four times fewer products.  Elsewhere (armv7):
+ * ten signed limbs of alternately 26 and 25 bits with 32x32->64 products.
+ * Limb i sits at bit limb_pos(i) and holds limb_bits(i) bits once
+ * carried; only the arithmetic differs, the rest is shared. */
 
-typedef int32_t fe[10];
+#if defined(__SIZEOF_INT128__)
+#define FE_LIMBS 5
+typedef uint64_t fe_limb;
+typedef uint64_t fe_wide; /* a limb with room for carries */
+typedef unsigned __int128 fe_u128;
+
+static int limb_bits(int i)
+{
+	(void)i;
+	return 51;
+}
+
+static int limb_pos(int i)
+{
+	return 51 * i;
+}
+#else
+#define FE_LIMBS 10
+typedef int32_t fe_limb;
+typedef int64_t fe_wide;
 
 static int limb_bits(int i)
 {
@@ -387,22 +407,112 @@ static int limb_pos(int i)
 {
 	return 51 * (i >> 1) + 26 * (i & 1);
 }
+#endif
+
+typedef fe_limb fe[FE_LIMBS];
 
 /* One carry pass; the carry out of the top limb wraps in as * 19. */
-static void fe_carry_pass(int64_t t[10])
+static void fe_carry_pass(fe_wide t[FE_LIMBS])
 {
-	int64_t c;
+	fe_wide c;
 	int i;
 
-	for (i = 0; i < 10; i++) {
+	for (i = 0; i < FE_LIMBS; i++) {
 		c = t[i] >> limb_bits(i);
-		t[i] -= c * ((int64_t)1 << limb_bits(i));
-		if (i < 9)
+		t[i] -= c * ((fe_wide)1 << limb_bits(i));
+		if (i < FE_LIMBS - 1)
 			t[i + 1] += c;
 		else
 			t[0] += c * 19;
 	}
 }
+
+#if defined(__SIZEOF_INT128__)
+/* fe_mul, fe_sq and fe_mul_small leave limbs below 2^51 (limb 1 below
+ * 2^51 + 2^10).  Such limbs, or one fe_add or fe_sub of them, are below
+ * 2^53, so every sum of products stays below 2^113 and every carry, even
+ * times 19, fits 64 bits. */
+
+#define FE_MASK51 (((uint64_t)1 << 51) - 1)
+
+static void fe_from_wide(fe h, fe_u128 t[5])
+{
+	int i;
+
+	for (i = 0; i < 4; i++) {
+		t[i + 1] += (uint64_t)(t[i] >> 51);
+		h[i] = (uint64_t)t[i] & FE_MASK51;
+	}
+	h[4] = (uint64_t)t[4] & FE_MASK51;
+	h[0] += 19 * (uint64_t)(t[4] >> 51); /* 2^255 = 19 (mod p) */
+	h[1] += h[0] >> 51;
+	h[0] &= FE_MASK51;
+}
+
+static void fe_mul(fe h, const fe f, const fe g)
+{
+	fe_u128 t[5];
+	uint64_t g19[5];
+	int i, j;
+
+	/* Products past the top limb wrap around times 19; scaling g
+	 * first keeps them 64x64 multiplies. */
+	for (j = 0; j < 5; j++)
+		g19[j] = 19 * g[j];
+	for (i = 0; i < 5; i++) {
+		t[i] = 0;
+		for (j = 0; j <= i; j++)
+			t[i] += (fe_u128)f[j] * g[i - j];
+		for (j = i + 1; j < 5; j++)
+			t[i] += (fe_u128)f[j] * g19[i + 5 - j];
+	}
+	fe_from_wide(h, t);
+}
+
+/* fe_mul(h, f, f) with each cross product computed once and doubled. */
+static void fe_sq(fe h, const fe f)
+{
+	fe_u128 t[5];
+	uint64_t f19[5];
+	int i, j;
+
+	for (j = 0; j < 5; j++)
+		f19[j] = 19 * f[j];
+	for (i = 0; i < 5; i++)
+		t[i] = 0;
+	for (i = 0; i < 5; i++) {
+		t[2 * i % 5] += (fe_u128)f[i] * (2 * i < 5 ? f[i] : f19[i]);
+		for (j = i + 1; j < 5; j++)
+			t[(i + j) % 5] += (fe_u128)(2 * f[i]) *
+					  (i + j < 5 ? f[j] : f19[j]);
+	}
+	fe_from_wide(h, t);
+}
+
+static void fe_mul_small(fe h, const fe f, uint32_t k)
+{
+	fe_u128 t[5];
+	int i;
+
+	for (i = 0; i < 5; i++)
+		t[i] = (fe_u128)f[i] * k;
+	fe_from_wide(h, t);
+}
+
+/* f - g + 2p, so no limb goes negative; g must come from fe_mul or fe_sq
+ * (limbs below 2^52 - 38, the smallest limb of 2p). */
+static void fe_sub(fe h, const fe f, const fe g)
+{
+	int i;
+
+	h[0] = f[0] + (2 * FE_MASK51 - 36) - g[0];
+	for (i = 1; i < 5; i++)
+		h[i] = f[i] + 2 * FE_MASK51 - g[i];
+}
+#else
+/* fe_mul leaves limbs non-negative and below 2^26 (plus a little in limb
+ * 1); one fe_add or fe_sub on such limbs keeps every sum in fe_mul below
+ * 2^63. */
 
 static void fe_from_wide(fe h, int64_t t[10])
 {
@@ -474,14 +584,6 @@ static void fe_mul_small(fe h, const fe f, int32_t k)
 	fe_from_wide(h, t);
 }
 
-static void fe_add(fe h, const fe f, const fe g)
-{
-	int i;
-
-	for (i = 0; i < 10; i++)
-		h[i] = f[i] + g[i];
-}
-
 static void fe_sub(fe h, const fe f, const fe g)
 {
 	int i;
@@ -489,12 +591,21 @@ static void fe_sub(fe h, const fe f, const fe g)
 	for (i = 0; i < 10; i++)
 		h[i] = f[i] - g[i];
 }
+#endif
+
+static void fe_add(fe h, const fe f, const fe g)
+{
+	int i;
+
+	for (i = 0; i < FE_LIMBS; i++)
+		h[i] = f[i] + g[i];
+}
 
 static void fe_copy(fe h, const fe f)
 {
 	int i;
 
-	for (i = 0; i < 10; i++)
+	for (i = 0; i < FE_LIMBS; i++)
 		h[i] = f[i];
 }
 
@@ -502,18 +613,18 @@ static void fe_set_small(fe h, int32_t v)
 {
 	int i;
 
-	h[0] = v;
-	for (i = 1; i < 10; i++)
+	h[0] = (fe_limb)v;
+	for (i = 1; i < FE_LIMBS; i++)
 		h[i] = 0;
 }
 
 /* Swaps f and g when swap is 1, leaves them when 0, in constant time. */
 static void fe_cswap(fe f, fe g, uint32_t swap)
 {
-	int32_t mask = -(int32_t)swap, x;
+	fe_limb mask = -(fe_limb)swap, x;
 	int i;
 
-	for (i = 0; i < 10; i++) {
+	for (i = 0; i < FE_LIMBS; i++) {
 		x = mask & (f[i] ^ g[i]);
 		f[i] ^= x;
 		g[i] ^= x;
@@ -527,14 +638,14 @@ static void fe_from_bytes(fe h, const uint8_t s[32])
 	int i, k, pos, first, last;
 	uint64_t acc;
 
-	for (i = 0; i < 10; i++) {
+	for (i = 0; i < FE_LIMBS; i++) {
 		pos = limb_pos(i);
 		first = pos >> 3;
 		last = (pos + limb_bits(i) - 1) >> 3;
 		acc = 0;
 		for (k = last; k >= first; k--)
 			acc = (acc << 8) | s[k];
-		h[i] = (int32_t)((acc >> (pos & 7)) &
+		h[i] = (fe_limb)((acc >> (pos & 7)) &
 				 (((uint64_t)1 << limb_bits(i)) - 1));
 	}
 }
@@ -542,28 +653,29 @@ static void fe_from_bytes(fe h, const uint8_t s[32])
 /* The canonical (fully reduced) little-endian encoding. */
 static void fe_to_bytes(uint8_t s[32], const fe f)
 {
-	int64_t t[10], q, c;
+	fe_wide t[FE_LIMBS], q, c;
 	uint64_t acc = 0;
 	int i, nbits = 0, n = 0;
 
-	for (i = 0; i < 10; i++)
+	for (i = 0; i < FE_LIMBS; i++)
 		t[i] = f[i];
 	/* Three passes leave every limb in range, so 0 <= t < 2^255. */
 	fe_carry_pass(t);
 	fe_carry_pass(t);
 	fe_carry_pass(t);
 	/* q = 1 iff t >= p, i.e. iff t + 19 carries out of bit 255. */
-	q = (t[0] + 19) >> 26;
-	for (i = 1; i < 10; i++)
+	q = (t[0] + 19) >> limb_bits(0);
+	for (i = 1; i < FE_LIMBS; i++)
 		q = (t[i] + q) >> limb_bits(i);
 	t[0] += 19 * q;
-	for (i = 0; i < 9; i++) {
+	for (i = 0; i < FE_LIMBS - 1; i++) {
 		c = t[i] >> limb_bits(i);
-		t[i] -= c * ((int64_t)1 << limb_bits(i));
+		t[i] -= c * ((fe_wide)1 << limb_bits(i));
 		t[i + 1] += c;
 	}
-	t[9] &= ((int64_t)1 << 25) - 1; /* drop the 2^255 that q added */
-	for (i = 0; i < 10; i++) {
+	/* drop the 2^255 that q added */
+	t[FE_LIMBS - 1] &= ((fe_wide)1 << limb_bits(FE_LIMBS - 1)) - 1;
+	for (i = 0; i < FE_LIMBS; i++) {
 		acc |= (uint64_t)t[i] << nbits;
 		nbits += limb_bits(i);
 		while (nbits >= 8) {
@@ -575,20 +687,43 @@ static void fe_to_bytes(uint8_t s[32], const fe f)
 	s[n] = (uint8_t)acc; /* the last 7 bits */
 }
 
-/* z^(p-2) = 1/z; p - 2 = 2^255 - 21 has every bit set from 254 down to 0
- * except bits 4 and 2.  The exponent is public, so the branch is too. */
+/* h = f^(2^n), n >= 1. */
+static void fe_sq_times(fe h, const fe f, int n)
+{
+	fe_sq(h, f);
+	while (--n > 0)
+		fe_sq(h, h);
+}
+
+/* z^(p-2) = 1/z.  p - 2 = 2^255 - 21; the chain builds z^(2^k - 1) for
+ * k = 5, 10, 20, 40, 50, 100, 200, 250, then shifts in the low bits:
+ * 254 squarings and 11 multiplications.  The exponent is public. */
 static void fe_invert(fe out, const fe z)
 {
-	fe r;
-	int i;
+	fe z2, z9, z11, x5, x10, x20, x50, x100, t;
 
-	fe_copy(r, z);
-	for (i = 253; i >= 0; i--) {
-		fe_sq(r, r);
-		if (i != 4 && i != 2)
-			fe_mul(r, r, z);
-	}
-	fe_copy(out, r);
+	fe_sq(z2, z);
+	fe_sq_times(t, z2, 2);
+	fe_mul(z9, t, z);
+	fe_mul(z11, z9, z2);
+	fe_sq(t, z11);
+	fe_mul(x5, t, z9); /* 22 + 9 = 2^5 - 1 */
+	fe_sq_times(t, x5, 5);
+	fe_mul(x10, t, x5);
+	fe_sq_times(t, x10, 10);
+	fe_mul(x20, t, x10);
+	fe_sq_times(t, x20, 20);
+	fe_mul(t, t, x20); /* 2^40 - 1 */
+	fe_sq_times(t, t, 10);
+	fe_mul(x50, t, x10);
+	fe_sq_times(t, x50, 50);
+	fe_mul(x100, t, x50);
+	fe_sq_times(t, x100, 100);
+	fe_mul(t, t, x100); /* 2^200 - 1 */
+	fe_sq_times(t, t, 50);
+	fe_mul(t, t, x50); /* 2^250 - 1 */
+	fe_sq_times(t, t, 5); /* 2^255 - 32 */
+	fe_mul(out, t, z11);
 }
 
 /* ---- X25519 ---- */
