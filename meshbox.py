@@ -1320,7 +1320,7 @@ def allocate_addresses(prefix_v4, prefix_v6, taken, start=1):
 #               "nodes": {name: {hostname, tags, user (name) or user_id, ipv4, ipv6,
 #                                routable_ips, approved_routes, id (registration order)}}}
 #   result   = {name: {"packet_filter_rules": [FilterRule] or None (send []: block all),
-#                      "peers": {hostname: {"AllowedIPs", "PrimaryRoutes"?}},
+#                      "peers": {hostname: {"AllowedIPs", "PrimaryRoutes"?}} (a Mapping),
 #                      "ssh_rules": [SSHRule], "cap_map": {capability: None}}}
 # check_policy_tests runs the policy's tests/sshTests when a policy is set;
 # auto_approved_routes says which advertised routes autoApprovers approve.
@@ -3102,6 +3102,43 @@ def _tailnet(topology, policy=None):
     return tailnet
 
 
+class PeersExcept(collections.abc.Mapping):
+    """Peer entries shared by many viewers, as one viewer sees them: all but
+    its own, with the entries that differ for this viewer (routers) on top.
+    Shared, a tailnet's views take O(N) memory rather than O(N x N)."""
+
+    def __init__(self, entries, own_id, overrides=None):
+        self.entries, self.own_id, self.overrides = entries, own_id, overrides or {}
+
+    def __getitem__(self, key):
+        if key == self.own_id:
+            raise KeyError(key)
+        return self.overrides[key] if key in self.overrides else self.entries[key]
+
+    def get(self, key, default=None):     # Mapping.get goes through an exception per miss
+        if key == self.own_id:
+            return default
+        return self.overrides[key] if key in self.overrides else self.entries.get(key, default)
+
+    def __iter__(self):
+        return (k for k in self.entries if k != self.own_id)
+
+    def __len__(self):
+        return len(self.entries) - (self.own_id in self.entries)
+
+    def as_dict(self):
+        """The same as a plain dict, built by C-level copies (fast to compare)."""
+        out = dict(self.entries)
+        out.pop(self.own_id, None)
+        out.update(self.overrides)
+        return out
+
+
+def peers_dict(peers):
+    """A view's peers as a plain dict."""
+    return peers.as_dict() if isinstance(peers, PeersExcept) else dict(peers)
+
+
 def compile_policy(policy, topology, control_url=""):
     """Policy (None: allow all) + topology -> {node: {packet_filter_rules, peers, ssh_rules,
     cap_map}}.  control_url prefixes the SSH check-mode callback URL."""
@@ -3125,11 +3162,22 @@ def compile_policy(policy, topology, control_url=""):
     view = PeerView(tailnet, primaries,
                     no_ipv4=[name for name, cap in caps.items() if "disable-ipv4" in cap],
                     steering=steering_grants(policy, compiler.resolver))
+    # A peer without routes looks the same to every viewer: a viewer that sees
+    # every other node shares one dict of them (in node order) and has only
+    # the routers' entries of its own.
+    everyone = (1 << len(tailnet.nodes)) - 1
+    routers = [p for p in tailnet.nodes if p.has_routes()]
+    shared = None if view.no_ipv4 else {
+        p.hostname: None if p.has_routes() else view.entry(None, p, ()) for p in tailnet.nodes}
     for node in tailnet.nodes:
         rules = compiler.packet_filter(node)
         matchers = node_matchers[node.index]
-        peers = {tailnet.nodes[i].hostname: view.entry(node, tailnet.nodes[i], matchers)
-                 for i in _bit_indexes(peer_bits[node.index])}
+        if shared is not None and peer_bits[node.index] | (1 << node.index) == everyone:
+            peers = PeersExcept(shared, node.hostname, {r.hostname: view.entry(node, r, matchers)
+                                                        for r in routers if r is not node})
+        else:
+            peers = {tailnet.nodes[i].hostname: view.entry(node, tailnet.nodes[i], matchers)
+                     for i in _bit_indexes(peer_bits[node.index])}
         out[node.name] = {"packet_filter_rules": rules or None, "peers": peers,
                           "ssh_rules": ssh.rules_for(node), "cap_map": caps.get(node.name, {})}
     return out
@@ -3511,24 +3559,6 @@ def allow_all_entry(node, primaries):
     return entry
 
 
-class PeersExcept(collections.abc.Mapping):
-    """The shared peer entries as one viewer sees them: all but its own."""
-
-    def __init__(self, entries, own_id):
-        self.entries, self.own_id = entries, own_id
-
-    def __getitem__(self, key):
-        if key == self.own_id:
-            raise KeyError(key)
-        return self.entries[key]
-
-    def __iter__(self):
-        return (k for k in self.entries if k != self.own_id)
-
-    def __len__(self):
-        return len(self.entries) - (self.own_id in self.entries)
-
-
 def allow_all_view(entries, node_id):
     """A node's view under the default policy, without copying the peer entries."""
     return {"packet_filter_rules": ALLOW_ALL_FILTER, "peers": PeersExcept(entries, str(node_id)),
@@ -3886,7 +3916,7 @@ class Coordinator:
             return
         old = self.views or {str(n.id): allow_all_view(self.allow_all, n.id) for n in self.nodes.values()}
         self.allow_all = {}
-        self.views = compile_policy(self.policy, policy_topology(self.nodes.values(), self.users),
+        self.views = compile_policy(self.policy, self.topology(),
                                     self.settings.control_url)
         for node_id, sessions in self.sessions.items():
             before, after = old.get(str(node_id)), self.views.get(str(node_id))
@@ -3895,8 +3925,11 @@ class Coordinator:
                     session.owe(full=True)
                 continue
             peers_before, peers_after = before["peers"], after["peers"]
-            removed = [int(p) for p in peers_before if p not in peers_after]
-            changed = [int(p) for p, seen in peers_after.items() if peers_before.get(p) != seen]
+            if peers_dict(peers_before) == peers_dict(peers_after):    # the usual case, compared in C
+                removed = changed = []
+            else:
+                removed = [int(p) for p in peers_before if p not in peers_after]
+                changed = [int(p) for p, seen in peers_after.items() if peers_before.get(p) != seen]
             policy = any(before[k] != after[k] for k in ("packet_filter_rules", "ssh_rules", "cap_map"))
             if removed or changed or policy:
                 for session in sessions:
@@ -3922,10 +3955,18 @@ class Coordinator:
         """Check and apply a new policy (None: allow all); the old one stays on error."""
         policy = parse_policy(text) if text else None
         if policy is not None:
-            check_policy_tests(policy, policy_topology(self.nodes.values(), self.users))
+            check_policy_tests(policy, self.topology())
+        self.apply_policy(text, policy)
+
+    def apply_policy(self, text, policy):
+        """Apply a policy that parsed and passed its tests against this tailnet."""
         self.policy_text, self.policy = text, policy
         self.recompile()
         log.info("policy %s", "applied" if policy else "cleared: every node may reach every other")
+
+    def topology(self):
+        """The tailnet as the policy compiler takes it."""
+        return policy_topology(self.nodes.values(), self.users)
 
     def open_session(self, node):
         session = MapSession(node.id)
@@ -6957,6 +6998,8 @@ class Admin:
 
     # policy
     def _topology(self):
+        if self.server is not None:
+            return self.server.coordinator.topology()
         return policy_topology(self.store.nodes(), {u.id: u for u in self.store.users()})
 
     def _checked(self, policy, topology):
@@ -6975,8 +7018,10 @@ class Admin:
         return {"message": "policy is valid"}
 
     def policy_set(self, policy):
-        self._checked(policy, self._topology())
+        parsed = self._checked(policy, self._topology())
         self.store.set_setting("policy", policy)
+        if self.server is not None:           # checked once, applied as it is
+            self.server.coordinator.apply_policy(policy, parsed)
         return {"message": "policy set; a running server applies it within a second"}
 
     def policy_clear(self):
@@ -6985,8 +7030,8 @@ class Admin:
 
     def policy_compile(self, policy, topology):
         compiled = compile_policy(self._checked(policy, topology), topology)
-        return {name: {k: view[k] for k in ("packet_filter_rules", "peers", "ssh_rules")}
-                for name, view in compiled.items()}
+        return {name: {"packet_filter_rules": view["packet_filter_rules"], "peers": peers_dict(view["peers"]),
+                       "ssh_rules": view["ssh_rules"]} for name, view in compiled.items()}
 
     # API keys
     def apikeys_list(self):

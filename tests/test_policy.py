@@ -131,6 +131,19 @@ def test_allow_all_without_policy():
                                                              "fd7a:115c:a1e0::2/128"]
 
 
+def test_shared_peer_entries_read_as_one_viewers_dict():
+    shared = {"a": {"AllowedIPs": ["100.64.0.1/32"]}, "r": None, "b": {"AllowedIPs": ["100.64.0.2/32"]}}
+    router = {"AllowedIPs": ["100.64.0.3/32", "10.0.0.0/24"]}
+    peers = meshbox.PeersExcept(shared, "a", {"r": router})
+    assert list(peers) == ["r", "b"] and len(peers) == 2
+    assert peers["r"] == router and peers.get("a") is None and "a" not in peers
+    assert peers.get("zz", 5) == 5
+    assert peers.as_dict() == dict(peers) == {"r": router, "b": shared["b"]}
+    assert peers == {"r": router, "b": shared["b"]}
+    with pytest.raises(KeyError):
+        peers["a"]
+
+
 def test_compiled_filter_and_peers_follow_the_acl():
     out = meshbox.compile_policy(base_policy(), TOPOLOGY)
     assert len(out["server"]["packet_filter_rules"]) == 1

@@ -6,8 +6,7 @@ meshbox runs in its own process; N simulated nodes (tests/tsclient.py) join
 over ts2021 from this one.  Then one node reports new endpoints (the stock
 client's non-streaming OmitPeers map request), and we time until every other
 node's streaming map carries them; the same for a new node joining and for a
-policy change (picked up from the store, which meshbox polls every
-RELOAD_INTERVAL).  CPU seconds per change are the server process's CPU time
+policy change (through the admin socket, as `meshbox policy set` does).  CPU seconds per change are the server process's CPU time
 across the change, divided by the number of changes.  Prints a line per
 phase and a JSON summary as the last line.
 """
@@ -107,14 +106,11 @@ async def run(args, state_dir):
         result["join"] = summary("join", lat, c, 1)
         await settle(clients)
 
-        # A policy change, written to the store as `meshbox policy set` does.
-        store = meshbox.Store(os.path.join(state_dir, "meshbox.db"))
-        lat, c = await time_change(server, clients,
-                                   lambda: asyncio.to_thread(store.set_setting, "policy", POLICY % 22),
-                                   lambda m: "PacketFilter" in m)
+        # A policy change, through the admin socket as `meshbox policy set` does.
+        lat, c = await time_change(server, clients, lambda: asyncio.to_thread(
+            meshbox.admin_socket_call, state_dir, "policy", "set", {"policy": POLICY % 22}),
+            lambda m: "PacketFilter" in m)
         result["policy"] = summary("policy", lat, c, 1)
-        result["policy"]["poll_interval_ms"] = meshbox.RELOAD_INTERVAL * 1000
-        store.db.close()
         result["rss_mb"] = round(server.rss_mb(), 1)
         result.update(p50_ms=result["endpoint"]["p50_ms"], p99_ms=result["endpoint"]["p99_ms"],
                       cpu_s_per_change=result["endpoint"]["cpu_s_per_change"])
