@@ -107,7 +107,7 @@ else:
             self.insert(0, item)
 
     if getattr(h2.settings, "collections", None) is collections:
-        h2.settings.collections = types.SimpleNamespace(deque=_ShortQueue)
+        h2.settings.collections = types.SimpleNamespace(**{**vars(collections), "deque": _ShortQueue})
     if getattr(hpack.table, "deque", None) is collections.deque:
         hpack.table.deque = _ShortQueue
 

@@ -460,6 +460,40 @@ def test_incremental_default_policy_matches_a_full_compile(operations):
         store.db.close()
 
 
+def test_signal_wakes_every_waiter_or_times_out():
+    async def main():
+        signal = meshbox.Signal()
+        assert await signal.wait(0.05) is False and signal.waiters is None
+        waiters = [asyncio.ensure_future(signal.wait(5)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        signal.set()
+        assert await asyncio.gather(*waiters) == [True, True, True]
+        assert signal.waiters is None and await signal.wait(0) is True
+        signal.clear()
+        cancelled = asyncio.ensure_future(signal.wait())
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert signal.waiters is None
+    asyncio.run(main())
+
+
+def test_idle_map_stream_gets_keepalives_and_still_wakes(tmp_path, monkeypatch):
+    monkeypatch.setattr(meshbox, "KEEPALIVE_INTERVAL", 0.2)
+
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            a, _ = await joined(port, key, "idle")
+            assert await a.next_map_message(timeout=3, skip_keepalive=False) == {"KeepAlive": True}
+            b, _ = await joined(port, key, "newcomer")
+            _, message = await a.map_message_where(lambda m: "PeersChanged" in m, timeout=3)
+            assert [p["Name"].split(".")[0] for p in message["PeersChanged"]] == ["newcomer"]
+            await a.close(), await b.close()
+    asyncio.run(main())
+
+
 def test_steady_state_leaves_the_state_file_alone(tmp_path):
     """Endpoint churn stays in memory: nothing is committed within the flush interval."""
     async def main():
