@@ -4716,6 +4716,7 @@ def peer_gone_frame(peer_key, reason):
 
 
 KEEP_ALIVE_FRAME = frame(FRAME_KEEP_ALIVE)
+RECV_PACKET_TYPE = bytes([FRAME_RECV_PACKET])
 
 
 class DerpConnection:
@@ -4864,20 +4865,22 @@ class DerpServer:
                 frame_type, length = struct.unpack_from(">BI", data, offset)
                 if length > DERP_MAX_FRAME:
                     raise DerpError(f"frame 0x{frame_type:02x} of {length} bytes, limit {DERP_MAX_FRAME}")
-                end = offset + DERP_FRAME_HEADER_LEN + length
+                start, end = offset + DERP_FRAME_HEADER_LEN, offset + DERP_FRAME_HEADER_LEN + length
                 if end > len(data):
                     break
-                self._handle_frame(conn, frame_type, view[offset + DERP_FRAME_HEADER_LEN:end], outgoing)
+                if frame_type == FRAME_SEND_PACKET:       # the hot path, without slicing a body first
+                    self._relay(conn, data, view, start, end, outgoing)
+                else:
+                    self._handle_frame(conn, frame_type, view[start:end])
                 offset = end
             pending = data[offset:]
-            for dst, (frames, _) in outgoing.items():
-                dst.writer.write(b"".join(frames))
+            for dst, (pieces, _) in outgoing.items():
+                dst.writer.write(b"".join(pieces))
             self._note_activity(conn)
 
-    def _handle_frame(self, conn, frame_type, body, outgoing):
-        if frame_type == FRAME_SEND_PACKET:
-            self._relay(conn, body, outgoing)
-        elif frame_type == FRAME_PING:
+    def _handle_frame(self, conn, frame_type, body):
+        """Any frame but SendPacket."""
+        if frame_type == FRAME_PING:
             if not 8 <= len(body) <= 1000:
                 raise DerpError(f"ping of {len(body)} bytes")
             conn.send(frame(FRAME_PONG, bytes(body[:8])), DERP_DISCO_BUFFER)
@@ -4889,11 +4892,12 @@ class DerpServer:
             raise DerpError(f"mesh frame 0x{frame_type:02x} without a mesh key")
         # KeepAlive, Pong and frames from newer clients are ignored.
 
-    def _relay(self, src, body, outgoing):
-        """Queue one packet for its destination (in `outgoing`), or drop it."""
-        if len(body) < DERP_KEY_LEN:
+    def _relay(self, src, data, view, start, end, outgoing):
+        """Queue the packet of the SendPacket body data[start:end] for its
+        destination (in `outgoing`, as pieces of frames), or drop it."""
+        if end - start < DERP_KEY_LEN:
             raise DerpError("short SendPacket")
-        dst_key, packet = bytes(body[:DERP_KEY_LEN]), body[DERP_KEY_LEN:]
+        dst_key, packet = data[start:start + DERP_KEY_LEN], view[start + DERP_KEY_LEN:end]
         disco = looks_like_disco(packet)
         conns = self._clients.get(dst_key)
         if not conns:
@@ -4908,7 +4912,8 @@ class DerpServer:
         if size > (DERP_DISCO_BUFFER if disco else DERP_SEND_BUFFER):
             self.packets_dropped += 1
             return
-        queued.append(struct.pack(">BI", FRAME_RECV_PACKET, DERP_KEY_LEN + len(packet)) + src.key + packet)
+        # RecvPacket has SendPacket's length: the source key takes the destination key's place.
+        queued += (RECV_PACKET_TYPE, data[start - 4:start], src.key, packet)
         outgoing[dst] = (queued, size + DERP_FRAME_HEADER_LEN + DERP_KEY_LEN + len(packet))
         self.packets_relayed += 1
         self.bytes_relayed += len(packet)

@@ -378,12 +378,16 @@ def test_disco_and_bulk_limits():
         derp._register(src)
         derp._register(dst)
         dst.transport.size = meshbox.DERP_SEND_BUFFER + 1
+        def relay(body, outgoing):       # as the receive loop hands over a SendPacket frame
+            data = frame(meshbox.FRAME_SEND_PACKET, body)
+            derp._relay(src, data, memoryview(data), 5, len(data), outgoing)
+
         outgoing = {}
-        derp._relay(src, dst.key + b"bulk", outgoing)          # dropped
-        derp._relay(src, dst.key + DISCO_LIKE, outgoing)      # still has room
-        assert outgoing[dst][0] == [frame(FRAME_RECV_PACKET, src.key + DISCO_LIKE)]
+        relay(dst.key + b"bulk", outgoing)          # dropped
+        relay(dst.key + DISCO_LIKE, outgoing)      # still has room
+        assert b"".join(outgoing[dst][0]) == frame(FRAME_RECV_PACKET, src.key + DISCO_LIKE)
         dst.transport.size = meshbox.DERP_DISCO_BUFFER + 1
-        derp._relay(src, dst.key + DISCO_LIKE, {})      # dropped
+        relay(dst.key + DISCO_LIKE, {})      # dropped
         assert derp.packets_dropped == 2 and derp.packets_relayed == 1
         assert not src.writer.frames
     run(main())
