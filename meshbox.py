@@ -4861,21 +4861,23 @@ class DerpServer:
                 raise EOFError("connection closed")
             data = pending + chunk if pending else chunk
             view, offset, outgoing = memoryview(data), 0, {}
-            while len(data) - offset >= DERP_FRAME_HEADER_LEN:
-                frame_type, length = struct.unpack_from(">BI", data, offset)
-                if length > DERP_MAX_FRAME:
-                    raise DerpError(f"frame 0x{frame_type:02x} of {length} bytes, limit {DERP_MAX_FRAME}")
-                start, end = offset + DERP_FRAME_HEADER_LEN, offset + DERP_FRAME_HEADER_LEN + length
-                if end > len(data):
-                    break
-                if frame_type == FRAME_SEND_PACKET:       # the hot path, without slicing a body first
-                    self._relay(conn, data, view, start, end, outgoing)
-                else:
-                    self._handle_frame(conn, frame_type, view[start:end])
-                offset = end
+            try:
+                while len(data) - offset >= DERP_FRAME_HEADER_LEN:
+                    frame_type, length = struct.unpack_from(">BI", data, offset)
+                    if length > DERP_MAX_FRAME:
+                        raise DerpError(f"frame 0x{frame_type:02x} of {length} bytes, limit {DERP_MAX_FRAME}")
+                    start, end = offset + DERP_FRAME_HEADER_LEN, offset + DERP_FRAME_HEADER_LEN + length
+                    if end > len(data):
+                        break
+                    if frame_type == FRAME_SEND_PACKET:       # the hot path, without slicing a body first
+                        self._relay(conn, data, view, start, end, outgoing)
+                    else:
+                        self._handle_frame(conn, frame_type, view[start:end])
+                    offset = end
+            finally:       # the packets before a bad frame still go out
+                for dst, (pieces, _) in outgoing.items():
+                    dst.writer.write(b"".join(pieces))
             pending = data[offset:]
-            for dst, (pieces, _) in outgoing.items():
-                dst.writer.write(b"".join(pieces))
             self._note_activity(conn)
 
     def _handle_frame(self, conn, frame_type, body):

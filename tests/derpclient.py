@@ -189,6 +189,46 @@ class WebSocketClientStream:
         await self.writer.wait_closed()
 
 
+class FakeTransport:
+    """A transport whose write buffer holds `size` bytes, for DerpConnection."""
+
+    def __init__(self, size=0):
+        self.size = size
+
+    def get_write_buffer_size(self):
+        return self.size
+
+
+class FakeWriter:
+    """A stream writer that keeps what is written to it."""
+
+    def __init__(self):
+        self.frames = []
+
+    def write(self, data):
+        self.frames.append(bytes(data))
+
+    def close(self):
+        pass
+
+
+def fake_connection(derp, key=None):
+    """A client joined to derp without a socket: its writer keeps its frames."""
+    conn = meshbox.DerpConnection(key or secrets.token_bytes(DERP_KEY_LEN), "fake", FakeWriter(), FakeTransport())
+    derp._register(conn)
+    return conn
+
+
+def split_frames(data):
+    """(type, body) of each whole frame in data."""
+    out, offset = [], 0
+    while offset < len(data):
+        frame_type, length = struct.unpack_from(">BI", data, offset)
+        out.append((frame_type, data[offset + 5:offset + 5 + length]))
+        offset += 5 + length
+    return out
+
+
 async def serve_derp_http(derp, host="127.0.0.1", port=0, ssl_context=None):
     """A loopback HTTP/1.1 server that hands ``GET /derp`` to derp.handle_upgrade."""
 

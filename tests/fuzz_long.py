@@ -26,7 +26,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import meshbox  # noqa: E402
-from test_fuzz import LOOP, SERVER_PRIVATE, SERVER_PUBLIC, mutations, stream_reader  # noqa: E402
+from test_fuzz import LOOP, SERVER_PRIVATE, SERVER_PUBLIC, mutations, relayed_stream, stream_reader  # noqa: E402
 
 
 def run(coro):
@@ -59,6 +59,13 @@ def derp_frame():
     seeds = [meshbox.frame(meshbox.FRAME_SEND_PACKET, bytes(32) + b"x" * 100) + meshbox.frame(meshbox.FRAME_PING, bytes(8))]
     return seeds, lambda data: run(meshbox.read_frame(stream_reader(data), meshbox.DERP_MAX_FRAME)), \
         (meshbox.DerpError, EOFError)
+
+
+def derp_stream():
+    """A joined client's frames, relayed to another client (see test_fuzz.relayed_stream)."""
+    seeds = [meshbox.frame(meshbox.FRAME_SEND_PACKET, bytes(32) + b"x" * 100) * 3 +
+             meshbox.frame(meshbox.FRAME_PING, bytes(8)) + meshbox.frame(meshbox.FRAME_NOTE_PREFERRED, b"\x01")]
+    return seeds, relayed_stream, ()
 
 
 def derp_client_info():
@@ -129,7 +136,8 @@ def register_json():
     return seeds, feed, ()
 
 
-TARGETS = {f.__name__: f for f in (noise_initiation, transport_record, http_head, derp_frame, derp_client_info,
+TARGETS = {f.__name__: f for f in (noise_initiation, transport_record, http_head, derp_frame, derp_stream,
+                                    derp_client_info,
                                     stun, register_json)}
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import meshbox
-from derpclient import DerpClient, serve_derp_http, write_self_signed
+from derpclient import DerpClient, fake_connection, serve_derp_http, write_self_signed
 from meshbox import (FRAME_PEER_GONE, FRAME_PONG, FRAME_RECV_PACKET, FRAME_SEND_PACKET,
                      PEER_GONE_DISCONNECTED, PEER_GONE_NOT_HERE, DerpError, frame, read_frame)
 
@@ -359,25 +359,10 @@ def test_slow_reader_loses_packets_without_stalling_others():
 
 def test_disco_and_bulk_limits():
     async def main():
-        class Transport:
-            size = 0
-
-            def get_write_buffer_size(self):
-                return self.size
-
-        class Writer:
-            def __init__(self):
-                self.frames = []
-
-            def write(self, data):
-                self.frames.append(data)
-
         derp = meshbox.DerpServer(meshbox.new_private_key())
-        src = meshbox.DerpConnection(os.urandom(32), "src", Writer(), Transport())
-        dst = meshbox.DerpConnection(os.urandom(32), "dst", Writer(), Transport())
-        derp._register(src)
-        derp._register(dst)
+        src, dst = fake_connection(derp), fake_connection(derp)
         dst.transport.size = meshbox.DERP_SEND_BUFFER + 1
+
         def relay(body, outgoing):       # as the receive loop hands over a SendPacket frame
             data = frame(meshbox.FRAME_SEND_PACKET, body)
             derp._relay(src, data, memoryview(data), 5, len(data), outgoing)

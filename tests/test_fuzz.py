@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import meshbox
 import tsclient
-from derpclient import DerpClient, serve_derp_http
+from derpclient import DerpClient, fake_connection, serve_derp_http, split_frames
 from test_coordinator import new_key, running_server, snapshot
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -222,6 +222,29 @@ def test_derp_frame_reader(data, limit):
         assert len(body) <= limit
     except (meshbox.DerpError, EOFError):
         pass
+
+
+def relayed_stream(data):
+    """Feed data to a joined DERP client's receive loop; check that only
+    whole RecvPacket frames from it reach the other client, and return them."""
+    derp = meshbox.DerpServer(SERVER_PRIVATE)
+    src, dst = fake_connection(derp), fake_connection(derp, key=bytes(32))
+    try:
+        run(derp._receive_loop(src, stream_reader(data)))
+    except (meshbox.DerpError, EOFError):
+        pass
+    frames = split_frames(b"".join(dst.writer.frames))
+    assert all(t == meshbox.FRAME_RECV_PACKET and body[:32] == src.key for t, body in frames)
+    assert derp.packets_relayed == len(frames)
+    return frames
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 0x20), st.binary(max_size=80)), max_size=8), st.binary(max_size=40))
+def test_derp_receive_loop(frames, tail):
+    """Frames for the other client (key 0...) and for nobody, then garbage."""
+    data = b"".join(meshbox.frame(t, (bytes(32) if i % 2 else b"") + body) for i, (t, body) in enumerate(frames))
+    relayed_stream(data + tail)
 
 
 @FAST
