@@ -3610,6 +3610,7 @@ KEEPALIVE_INTERVAL = 50      # seconds; clients give up after 120 s of silence
 FLUSH_INTERVAL = 60          # seconds between writes of live fields (flash)
 RELOAD_INTERVAL = 0.5        # seconds between checks for CLI edits
 UPDATE_BATCH_DELAY = 0.05    # let a burst of changes go out as one message
+RECOMPILE_DELAY = 0.05       # under a policy, a burst of joins shares one compile
 
 
 class RegistrationRefused(Exception):
@@ -3783,6 +3784,7 @@ class Coordinator:
         self.peer_texts = {}         # node id -> its JSON as a peer (default policy: one for all viewers)
         self.known_expired = set()   # node ids whose expiry peers have been told of
         self.on_change = None        # called after any change (the gateway and hosts file follow)
+        self.pending_compile = None  # the scheduled recompile of a burst of changes, under a policy
         self.recompile()
 
     # lookups
@@ -3848,6 +3850,8 @@ class Coordinator:
         if node is None:
             session.close()
             return None
+        if self.policy is not None and str(node.id) not in self.views and self.pending_compile:
+            return None              # a new node's view comes with the scheduled compile
         view = self.view_of(node)
         if session.full:
             session.full = session.self_changed = session.policy_changed = False
@@ -3890,6 +3894,9 @@ class Coordinator:
         """Compile the policy for the current tailnet and tell each session
         what its view gained, lost or changed.  changed and removed, when
         given, are the only nodes that differ since the last compile."""
+        if self.pending_compile is not None:      # this compile covers it
+            self.pending_compile.cancel()
+            self.pending_compile = None
         if self.policy is None:
             # The default policy: one shared entry per node, diffed once.
             old, self.views = self.allow_all, {}
@@ -3948,8 +3955,28 @@ class Coordinator:
 
     def topology_changed(self, changed=(), removed=()):
         """Nodes joined, left or changed in a way a policy can see."""
-        self.recompile(changed, removed)
+        if self.policy is not None:
+            self.recompile_soon()
+        else:
+            self.recompile(changed, removed)
         self.notify(changed=changed, removed=removed)
+
+    def recompile_soon(self):
+        """Compile the policy shortly, once for every change until then: a
+        compile costs O(N), and a burst of N joins must not cost O(N x N)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:         # no event loop (the CLI, tests): now
+            self.recompile()
+            return
+        if self.pending_compile is None:
+            self.pending_compile = loop.call_later(RECOMPILE_DELAY, self._scheduled_recompile)
+
+    def _scheduled_recompile(self):
+        self.pending_compile = None
+        self.recompile()
+        if self.on_change is not None:
+            self.on_change()
 
     def set_policy(self, text):
         """Check and apply a new policy (None: allow all); the old one stays on error."""

@@ -494,6 +494,35 @@ def test_idle_map_stream_gets_keepalives_and_still_wakes(tmp_path, monkeypatch):
     asyncio.run(main())
 
 
+def test_a_burst_of_joins_under_a_policy_shares_compiles(tmp_path, monkeypatch):
+    """Each join's first map already shows the policy's view of it, yet a
+    burst of joins does not compile the policy once per join."""
+    compiles = []
+    compile_policy = meshbox.compile_policy
+    monkeypatch.setattr(meshbox, "compile_policy", lambda *a, **k: compiles.append(1) or compile_policy(*a, **k))
+
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            server.coordinator.set_policy('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]}')
+            first_client, _ = await joined(port, key, "first")
+            compiles.clear()
+            burst = await asyncio.gather(*(joined(port, key, f"burst{i}") for i in range(12)))
+            for _, first in burst:
+                assert first["PacketFilter"][0]["DstPorts"][0]["Ports"] == {"First": 22, "Last": 22}
+                assert "first" in [p["Name"].split(".")[0] for p in first["Peers"]]
+            assert 1 <= len(compiles) < 12
+            # Everyone hears of everyone in the end.
+            names = {f"burst{i}" for i in range(12)}
+            seen = set()
+            while seen != names:
+                _, message = await first_client.map_message_where(lambda m: "PeersChanged" in m, timeout=5)
+                seen |= {p["Name"].split(".")[0] for p in message["PeersChanged"]}
+            for c in [first_client] + [c for c, _ in burst]:
+                await c.close()
+    asyncio.run(main())
+
+
 def test_steady_state_leaves_the_state_file_alone(tmp_path):
     """Endpoint churn stays in memory: nothing is committed within the flush interval."""
     async def main():
