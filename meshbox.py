@@ -3610,7 +3610,8 @@ KEEPALIVE_INTERVAL = 50      # seconds; clients give up after 120 s of silence
 FLUSH_INTERVAL = 60          # seconds between writes of live fields (flash)
 RELOAD_INTERVAL = 0.5        # seconds between checks for CLI edits
 UPDATE_BATCH_DELAY = 0.05    # let a burst of changes go out as one message
-RECOMPILE_DELAY = 0.05       # under a policy, a burst of joins shares one compile
+RECOMPILE_DELAY = 0.05       # under a policy, a burst of joins shares one compile...
+RECOMPILE_SHARE = 0.5        # ...and compiling takes at most this share of a burst's time
 
 
 class RegistrationRefused(Exception):
@@ -3785,6 +3786,7 @@ class Coordinator:
         self.known_expired = set()   # node ids whose expiry peers have been told of
         self.on_change = None        # called after any change (the gateway and hosts file follow)
         self.pending_compile = None  # the scheduled recompile of a burst of changes, under a policy
+        self.compile_seconds = 0.0   # how long the last compile took
         self.recompile()
 
     # lookups
@@ -3923,8 +3925,9 @@ class Coordinator:
             return
         old = self.views or {str(n.id): allow_all_view(self.allow_all, n.id) for n in self.nodes.values()}
         self.allow_all = {}
-        self.views = compile_policy(self.policy, self.topology(),
-                                    self.settings.control_url)
+        started = time.perf_counter()
+        self.views = compile_policy(self.policy, self.topology(), self.settings.control_url)
+        self.compile_seconds = time.perf_counter() - started
         for node_id, sessions in self.sessions.items():
             before, after = old.get(str(node_id)), self.views.get(str(node_id))
             if before is None or after is None:
@@ -3970,7 +3973,8 @@ class Coordinator:
             self.recompile()
             return
         if self.pending_compile is None:
-            self.pending_compile = loop.call_later(RECOMPILE_DELAY, self._scheduled_recompile)
+            delay = max(RECOMPILE_DELAY, self.compile_seconds * (1 - RECOMPILE_SHARE) / RECOMPILE_SHARE)
+            self.pending_compile = loop.call_later(delay, self._scheduled_recompile)
 
     def _scheduled_recompile(self):
         self.pending_compile = None
@@ -5240,14 +5244,18 @@ class ControlConnection:
         compress = request.get("Compress") == "zstd"
 
         def encode(message):
-            cached = self.server.frames.get(id(message))
-            if cached is not None and cached[0] is message:    # a delta shared by many sessions
+            # A delta shared by many sessions is compressed once; a full map
+            # is one session's and is not kept (at 1,000 nodes it is 600 KB).
+            shared = any(message is delta for delta in coordinator.shared_deltas.values())
+            cached = self.server.frames.get(id(message)) if shared else None
+            if cached is not None and cached[0] is message:
                 frame = cached[1]
             elif compress:
                 frame = map_frame(message)
-                if len(self.server.frames) >= 4:   # a burst shares a frame or two; keep memory flat
-                    self.server.frames.clear()
-                self.server.frames[id(message)] = (message, frame)
+                if shared:
+                    if len(self.server.frames) >= 4:   # a burst shares a frame or two; keep memory flat
+                        self.server.frames.clear()
+                    self.server.frames[id(message)] = (message, frame)
             else:
                 body = message if isinstance(message, bytes) else json_bytes(message)
                 frame = struct.pack("<I", len(body)) + body
@@ -5273,6 +5281,7 @@ class ControlConnection:
                 message = coordinator.map_message(session)
                 if message:
                     await self.send(stream_id, encode(message))
+                    message = None       # not held while the session waits: a full map can be 600 KB
                 if await session.wake.wait(KEEPALIVE_INTERVAL):
                     await asyncio.sleep(UPDATE_BATCH_DELAY)
                 elif keepalive:
