@@ -141,9 +141,6 @@ class Signal:
     def __init__(self):
         self.flag, self.waiters = False, None
 
-    def is_set(self):
-        return self.flag
-
     def set(self):
         self.flag = True
         for waiter in self.waiters or ():
@@ -1238,6 +1235,12 @@ class Store:
     def devices(self):
         return [dict(r) for r in self.db.execute(
             "SELECT d.*, u.name AS user FROM devices d JOIN users u ON u.id=d.user_id ORDER BY d.id")]
+
+    def delete_device(self, name):
+        """Remove a plain WireGuard device; False if there is none by that name."""
+        deleted = self.db.execute("DELETE FROM devices WHERE name=?", (name,)).rowcount == 1
+        self.free_from = 1
+        return deleted
 
     def address_taken(self, ipv4, ipv6):
         """Whether a node or device holds either address (index lookups)."""
@@ -3531,18 +3534,6 @@ def policy_topology(nodes, users):
 ALLOW_ALL_FILTER = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
 
 
-def allow_all_entries(nodes):
-    """What compile_policy(None, ...) shows of each node, computed once per
-    node instead of once per viewer: with no policy every viewer sees a peer
-    the same way (its addresses, the subnets it is primary for, its exit routes)."""
-    primaries = {}
-    for node in sorted(nodes, key=lambda n: n.id):        # HA: the first approved advertiser wins
-        for route in node.hostinfo.get("RoutableIPs") or []:
-            if route in node.approved_routes and route not in EXIT_ROUTES:
-                primaries.setdefault(route, node.id)
-    return {str(node.id): allow_all_entry(node, primaries) for node in nodes}
-
-
 def live_routes(node):
     """The routes a node advertises that are approved."""
     return [r for r in node.hostinfo.get("RoutableIPs") or [] if r in node.approved_routes]
@@ -3557,6 +3548,18 @@ def allow_all_entry(node, primaries):
     if owned:
         entry["PrimaryRoutes"] = owned
     return entry
+
+
+def allow_all_entries(nodes):
+    """What compile_policy(None, ...) shows of each node, computed once per
+    node instead of once per viewer: with no policy every viewer sees a peer
+    the same way (its addresses, the subnets it is primary for, its exit routes)."""
+    primaries = {}
+    for node in sorted(nodes, key=lambda n: n.id):        # HA: the first approved advertiser wins
+        for route in live_routes(node):
+            if route not in EXIT_ROUTES:
+                primaries.setdefault(route, node.id)
+    return {str(node.id): allow_all_entry(node, primaries) for node in nodes}
 
 
 def allow_all_view(entries, node_id):
@@ -6450,7 +6453,8 @@ class Server:
                 # Full maps for a burst of joins leave freed heap behind:
                 # hand it back during a long burst and once the burst is over.
                 sent = self.metrics["map_bytes"]
-                if sent - bytes_at_trim > TRIM_AFTER_MAP_BYTES or bytes_at_trim < sent == bytes_before:
+                burst_over = sent == bytes_before and sent > bytes_at_trim
+                if sent - bytes_at_trim > TRIM_AFTER_MAP_BYTES or burst_over:
                     release_free_memory()
                     bytes_at_trim = sent
                 bytes_before = sent
@@ -7034,8 +7038,7 @@ class Admin:
 
     def devices_remove(self, name):
         with self.store.transaction():
-            self.store.free_from = 1
-            if self.store.db.execute("DELETE FROM devices WHERE name=?", (name,)).rowcount != 1:
+            if not self.store.delete_device(name):
                 raise ValueError(f"no device named {name!r}")
         return {"message": f"removed device {name}"}
 

@@ -256,19 +256,23 @@ class ControlClient:
         self.map_stream = self.start_request("/machine/map", self.map_request(**kw))
         return self.map_stream
 
+    async def next_map_frame(self):
+        """The next streaming-map frame, still compressed: (monotonic arrival seconds, frame)."""
+        while not self.map_messages:
+            if self.map_stream.ended:
+                raise ConnectionError(f"map stream ended (status {self.map_stream.status})")
+            self.map_arrived.clear()
+            await self.map_arrived.wait()
+        return self.map_messages.popleft()
+
     async def next_map_entry(self, timeout=10, skip_keepalive=True):
         """The next streaming-map message and its arrival time: (monotonic seconds, message)."""
         async with asyncio.timeout(timeout):
             while True:
-                while self.map_messages:
-                    arrival, frame = self.map_messages.popleft()
-                    message = decode_map_frame(frame)
-                    if not (skip_keepalive and message == {"KeepAlive": True}):
-                        return arrival, message
-                if self.map_stream.ended:
-                    raise ConnectionError(f"map stream ended (status {self.map_stream.status})")
-                self.map_arrived.clear()
-                await self.map_arrived.wait()
+                arrival, frame = await self.next_map_frame()
+                message = decode_map_frame(frame)
+                if not (skip_keepalive and message == {"KeepAlive": True}):
+                    return arrival, message
 
     async def next_map_message(self, timeout=10, skip_keepalive=True):
         """The next message of the streaming map (or raise TimeoutError)."""
@@ -302,12 +306,7 @@ class ControlClient:
         if parse:
             return await self.next_map_message(timeout)
         async with asyncio.timeout(timeout):
-            while not self.map_messages:
-                if self.map_stream.ended:
-                    raise ConnectionError(f"map stream ended (status {self.map_stream.status})")
-                self.map_arrived.clear()
-                await self.map_arrived.wait()
-        text = decompress_map_frame(self.map_messages.popleft()[1])
+            text = decompress_map_frame((await self.next_map_frame())[1])
         if not text.startswith(b'{"Node":{'):
             raise ConnectionError(f"first map message without the node: {text[:100]!r}")
         return text

@@ -57,7 +57,8 @@ async def run(args, state_dir):
         join_s = time.monotonic() - t0
         await settle(clients)
         await asyncio.sleep(IDLE_WAIT)
-        return {"nodes": args.nodes, "from_source": args.from_source, "policy": args.policy, "rss_idle_mb": round(idle, 1), "rss_mb": round(server.rss_mb(), 1),
+        return {"nodes": args.nodes, "from_source": args.from_source, "policy": args.policy,
+                "rss_idle_mb": round(idle, 1), "rss_mb": round(server.rss_mb(), 1),
                 "rss_peak_mb": round(peak_rss_mb(server.pid), 1), "join_s": round(join_s, 1)}
     finally:
         for c in clients:
