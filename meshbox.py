@@ -3138,8 +3138,8 @@ class PeersExcept(collections.abc.Mapping):
 
 
 def peers_dict(peers):
-    """A view's peers as a plain dict."""
-    return peers.as_dict() if isinstance(peers, PeersExcept) else dict(peers)
+    """A view's peers as a plain dict (the view's own when it is one)."""
+    return peers.as_dict() if isinstance(peers, PeersExcept) else peers
 
 
 def compile_policy(policy, topology, control_url=""):
