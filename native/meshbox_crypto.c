@@ -381,7 +381,7 @@ MB_API int mb_aead_open(uint8_t *out, const uint8_t key[32],
 #define FE_LIMBS 5
 typedef uint64_t fe_limb;
 typedef uint64_t fe_wide; /* a limb with room for carries */
-typedef unsigned __int128 fe_u128;
+typedef unsigned __int128 fe_product; /* a sum of limb products */
 
 static int limb_bits(int i)
 {
@@ -397,6 +397,7 @@ static int limb_pos(int i)
 #define FE_LIMBS 10
 typedef int32_t fe_limb;
 typedef int64_t fe_wide;
+typedef int64_t fe_product;
 
 static int limb_bits(int i)
 {
@@ -435,7 +436,7 @@ static void fe_carry_pass(fe_wide t[FE_LIMBS])
 
 #define FE_MASK51 (((uint64_t)1 << 51) - 1)
 
-static void fe_from_wide(fe h, fe_u128 t[5])
+static void fe_from_wide(fe h, fe_product t[5])
 {
 	int i;
 
@@ -451,7 +452,7 @@ static void fe_from_wide(fe h, fe_u128 t[5])
 
 static void fe_mul(fe h, const fe f, const fe g)
 {
-	fe_u128 t[5];
+	fe_product t[5];
 	uint64_t g19[5];
 	int i, j;
 
@@ -462,9 +463,9 @@ static void fe_mul(fe h, const fe f, const fe g)
 	for (i = 0; i < 5; i++) {
 		t[i] = 0;
 		for (j = 0; j <= i; j++)
-			t[i] += (fe_u128)f[j] * g[i - j];
+			t[i] += (fe_product)f[j] * g[i - j];
 		for (j = i + 1; j < 5; j++)
-			t[i] += (fe_u128)f[j] * g19[i + 5 - j];
+			t[i] += (fe_product)f[j] * g19[i + 5 - j];
 	}
 	fe_from_wide(h, t);
 }
@@ -472,7 +473,7 @@ static void fe_mul(fe h, const fe f, const fe g)
 /* fe_mul(h, f, f) with each cross product computed once and doubled. */
 static void fe_sq(fe h, const fe f)
 {
-	fe_u128 t[5];
+	fe_product t[5];
 	uint64_t f19[5];
 	int i, j;
 
@@ -481,21 +482,11 @@ static void fe_sq(fe h, const fe f)
 	for (i = 0; i < 5; i++)
 		t[i] = 0;
 	for (i = 0; i < 5; i++) {
-		t[2 * i % 5] += (fe_u128)f[i] * (2 * i < 5 ? f[i] : f19[i]);
+		t[2 * i % 5] += (fe_product)f[i] * (2 * i < 5 ? f[i] : f19[i]);
 		for (j = i + 1; j < 5; j++)
-			t[(i + j) % 5] += (fe_u128)(2 * f[i]) *
+			t[(i + j) % 5] += (fe_product)(2 * f[i]) *
 					  (i + j < 5 ? f[j] : f19[j]);
 	}
-	fe_from_wide(h, t);
-}
-
-static void fe_mul_small(fe h, const fe f, uint32_t k)
-{
-	fe_u128 t[5];
-	int i;
-
-	for (i = 0; i < 5; i++)
-		t[i] = (fe_u128)f[i] * k;
 	fe_from_wide(h, t);
 }
 
@@ -514,7 +505,7 @@ static void fe_sub(fe h, const fe f, const fe g)
  * 1); one fe_add or fe_sub on such limbs keeps every sum in fe_mul below
  * 2^63. */
 
-static void fe_from_wide(fe h, int64_t t[10])
+static void fe_from_wide(fe h, fe_product t[10])
 {
 	int64_t c;
 	int i;
@@ -574,16 +565,6 @@ static void fe_sq(fe h, const fe f)
 	fe_from_wide(h, t);
 }
 
-static void fe_mul_small(fe h, const fe f, int32_t k)
-{
-	int64_t t[10];
-	int i;
-
-	for (i = 0; i < 10; i++)
-		t[i] = (int64_t)f[i] * k;
-	fe_from_wide(h, t);
-}
-
 static void fe_sub(fe h, const fe f, const fe g)
 {
 	int i;
@@ -592,6 +573,16 @@ static void fe_sub(fe h, const fe f, const fe g)
 		h[i] = f[i] - g[i];
 }
 #endif
+
+static void fe_mul_small(fe h, const fe f, int32_t k)
+{
+	fe_product t[FE_LIMBS];
+	int i;
+
+	for (i = 0; i < FE_LIMBS; i++)
+		t[i] = (fe_product)f[i] * k;
+	fe_from_wide(h, t);
+}
 
 static void fe_add(fe h, const fe f, const fe g)
 {
