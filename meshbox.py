@@ -3480,13 +3480,15 @@ def dns_config(base_domain, nameservers=(), split_dns=None, search_domains=(), e
 
 
 def hosts_file_text(nodes, devices, base_domain):
-    """/etc/hosts-format lines for every node and device: address, FQDN, short name."""
+    """/etc/hosts-format lines for every node and device: address and FQDN.  No
+    short name: the LAN's resolver would answer for a node named ``wpad``,
+    ``router`` or ``localhost`` as if it were the LAN's own."""
     lines = ["# written by meshbox: the tailnet's names; do not edit"]
     named = [(n.given_name, n.ipv4, n.ipv6) for n in sorted(nodes, key=lambda n: n.id)]
     named += [(d["name"], d["ipv4"], d["ipv6"]) for d in devices]
     for name, ipv4, ipv6 in named:
         for address in (ipv4, ipv6):
-            lines.append(f"{address}\t{name}.{base_domain}\t{name}")
+            lines.append(f"{address}\t{name}.{base_domain}")
     return "\n".join(lines) + "\n"
 
 

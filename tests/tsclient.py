@@ -192,7 +192,7 @@ class ControlClient:
 
     def start_request(self, path, body):
         stream_id = self.h2.get_next_available_stream_id()
-        data = json.dumps(body).encode()
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()   # bytes: sent as they are
         self.streams[stream_id] = stream = Stream()
         stream.stream_id = stream_id
         self.h2.send_headers(stream_id, [(":method", "POST"), (":path", path), (":scheme", "http"),

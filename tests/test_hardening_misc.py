@@ -1,0 +1,56 @@
+"""Hardening of the local edges: the state folder's permissions, the admin
+socket's size bound, JSON nested too deep, --remote in clear text, and the
+names the hosts file publishes to the LAN's resolver."""
+
+import asyncio
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+import meshbox
+import tsclient
+from meshproc import MeshboxProcess, auth_key, free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEEP = 100_000          # far past Python's recursion limit, well under a request body's bound
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "meshbox.py"), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def mode_of(path):
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def wait_for(predicate, seconds=10):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def deep_array(depth=DEEP):
+    return "[" * depth + "]" * depth
+
+
+# -- the hosts file --
+
+def test_hosts_file_publishes_only_full_names():
+    nodes = [types.SimpleNamespace(id=i, given_name=name, ipv4=f"100.64.0.{i}", ipv6=f"fd7a:115c:a1e0::{i}")
+             for i, name in enumerate(("wpad", "router", "localhost"), 1)]
+    devices = [{"name": "printer", "ipv4": "100.64.0.9", "ipv6": "fd7a:115c:a1e0::9"}]
+    lines = meshbox.hosts_file_text(nodes, devices, "mesh.internal").splitlines()
+    assert lines[0].startswith("#")
+    entries = [line.split("\t") for line in lines[1:]]
+    assert entries == [[address, f"{name}.mesh.internal"]
+                       for name, n in (("wpad", 1), ("router", 2), ("localhost", 3), ("printer", 9))
+                       for address in (f"100.64.0.{n}", f"fd7a:115c:a1e0::{n}")]
