@@ -7148,7 +7148,8 @@ settings come from (later wins): defaults, the JSON file given by --config
 (keys as in the flags, e.g. {"listen": "0.0.0.0:443", "server_url": ...}),
 environment variables MESHBOX_<NAME> (e.g. MESHBOX_LISTEN), then flags.
 remote administration: create a key with 'apikeys create' on the server, then
-  meshbox.py --remote http://SERVER:8080 --api-key KEY nodes list
+  meshbox.py --remote https://SERVER --api-key KEY nodes list
+  (http:// only to loopback or a tailnet address, or with --insecure-remote)
 """
 
 
@@ -7269,11 +7270,33 @@ def api_call(url, api_key, noun, verb, params):
     return answer
 
 
+def check_remote_url(url, config, insecure):
+    """Refuse an http:// remote whose API key would cross a network in clear text:
+    loopback (an SSH tunnel) and the tailnet (WireGuard) are private already."""
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("http", "https"):
+        raise ValueError(f"--remote must be an http:// or https:// URL, got {url!r}")
+    if scheme == "https" or insecure:
+        return
+    host = parse_host_port(rest.partition("/")[0], 80)[0]
+    try:
+        address = ipaddress.ip_address(host)
+        private = address.is_loopback or any(address in ipaddress.ip_network(p)
+                                             for p in (config.prefix_v4, config.prefix_v6))
+    except ValueError:
+        private = host == "localhost"
+    if not private:
+        raise ValueError(f"--remote {url} would send the API key in clear text: use an https:// URL (a TLS proxy "
+                         "in front of meshbox), the server's tailnet address, an SSH tunnel to its 127.0.0.1, "
+                         "or add --insecure-remote on a network you trust")
+
+
 def run_verb(args, config, noun, verb, params):
     """Run a verb remotely, in the running server, or on the state folder."""
     if args.remote:
         if not args.api_key:
             raise ValueError("--remote needs --api-key (create one on the server: meshbox apikeys create)")
+        check_remote_url(args.remote, config, args.insecure_remote)
         answer = api_call(args.remote, args.api_key, noun, verb, params)
     else:
         answer = admin_socket_call(config.state_dir, noun, verb, params)
@@ -7339,7 +7362,8 @@ def show_status(result):
 
 def verb_params(args, noun, verb):
     """The keyword arguments a verb takes, from the parsed command line."""
-    skip = {"command", "verb", "state", "config", "remote", "api_key", "output", "qr", "file", "topology"}
+    skip = {"command", "verb", "state", "config", "remote", "api_key", "insecure_remote", "output", "qr", "file",
+            "topology"}
     params = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     if noun == "policy" and verb in ("set", "check", "compile"):
         params["policy"] = read_text_file(args.file, "policy file")
@@ -7432,6 +7456,8 @@ def build_parser():
                         help="administer the server at this URL through its API (env MESHBOX_REMOTE)")
     parser.add_argument("--api-key", dest="api_key", default=os.environ.get("MESHBOX_API_KEY"),
                         help="API key for --remote (env MESHBOX_API_KEY)")
+    parser.add_argument("--insecure-remote", dest="insecure_remote", action="store_true",
+                        help="allow an http:// --remote beyond loopback and the tailnet (the key travels in clear text)")
     parser.add_argument("--version", action="version", version=f"meshbox {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -54,3 +54,32 @@ def test_hosts_file_publishes_only_full_names():
     assert entries == [[address, f"{name}.mesh.internal"]
                        for name, n in (("wpad", 1), ("router", 2), ("localhost", 3), ("printer", 9))
                        for address in (f"100.64.0.{n}", f"fd7a:115c:a1e0::{n}")]
+
+
+# -- --remote --
+
+def test_remote_in_clear_text_is_refused_off_loopback(monkeypatch, capsys):
+    dialled = []
+
+    def create_connection(address, *args, **kwargs):
+        dialled.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+    monkeypatch.setattr(meshbox.socket, "create_connection", create_connection)
+    monkeypatch.delenv("MESHBOX_REMOTE", raising=False)
+
+    def run(*args):
+        return meshbox.main(["--api-key", "msapi-" + "0" * 48, *args, "users", "list"])
+
+    for url in ("http://192.0.2.1:8080", "http://router.example:8080", "http://[2001:db8::1]:8080"):
+        assert run("--remote", url) == 1
+        refusal = capsys.readouterr().err
+        assert "in clear text" in refusal and "https://" in refusal and "--insecure-remote" in refusal, refusal
+    assert run("--remote", "ftp://192.0.2.1") == 1 and "http:// or https://" in capsys.readouterr().err
+    assert dialled == []           # the key never left the machine
+
+    # Loopback and the tailnet (WireGuard encrypts it) are fine, and so is an explicit choice.
+    for args in (["--remote", "http://127.0.0.1:9"], ["--remote", "http://localhost:9"],
+                 ["--remote", "http://[::1]:9"], ["--remote", "http://100.64.0.1:9"],
+                 ["--remote", "http://192.0.2.1:9", "--insecure-remote"]):
+        assert run(*args) == 1 and "Connection refused" in capsys.readouterr().err
+    assert [port for _, port in dialled] == [9] * 5
