@@ -189,6 +189,30 @@ def json_bytes(obj):
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+MAX_JSON_DEPTH = 64     # Tailscale's messages and policies nest a handful of levels
+
+
+def parse_json(data):
+    """json.loads for input others control: nesting deeper than MAX_JSON_DEPTH
+    (which would exhaust the recursion of the parser or of whatever walks the
+    value later) is a ValueError like any other malformed JSON."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    opening = (b"[", b"{") if isinstance(data, (bytes, bytearray)) else ("[", "{")
+    if data.count(opening[0]) + data.count(opening[1]) <= MAX_JSON_DEPTH:
+        return value           # too few brackets to nest that deep: no walk needed
+    containers, level = ([value] if isinstance(value, (list, dict)) else []), 0
+    while containers and level < MAX_JSON_DEPTH:      # one level of containers at a time
+        containers = [v for c in containers for v in (c.values() if isinstance(c, dict) else c)
+                      if isinstance(v, (list, dict))]
+        level += 1
+    if containers:
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
 def key_text(prefix, raw):
     """A 32-byte key in Tailscale's text form, e.g. ``nodekey:<hex>``."""
     return prefix + ":" + raw.hex()
@@ -1049,6 +1073,15 @@ class User:
     created: float
 
 
+def stored_hostinfo(text):
+    """A node's Hostinfo as stored; {} for one nested too deep to use (stored
+    before meshbox capped nesting), so the node still loads."""
+    try:
+        return parse_json(text)
+    except ValueError:
+        return {}
+
+
 @dataclasses.dataclass
 class Node:
     """A registered machine: durable fields from the store, live ones in memory."""
@@ -1082,7 +1115,7 @@ class Node:
             given_name=row["given_name"], ipv4=row["ipv4"], ipv6=row["ipv6"],
             tags=json.loads(row["tags"]), ephemeral=bool(row["ephemeral"]),
             auth_key_id=row["auth_key_id"], expiry=row["expiry"], created=row["created"],
-            last_seen=row["last_seen"], hostinfo=json.loads(row["hostinfo"]),
+            last_seen=row["last_seen"], hostinfo=stored_hostinfo(row["hostinfo"]),
             endpoints=json.loads(row["endpoints"]),
             approved_routes=json.loads(row["approved_routes"]), cap=row["cap"], kind=row["kind"])
 
@@ -1581,9 +1614,11 @@ def _syntax_error(text, pos, what):
 def parse_hujson(text):
     """HuJSON (JSON + comments + trailing commas) -> Python value; PolicyError on bad syntax."""
     try:
-        return json.loads(_strip_hujson(text))
+        return parse_json(_strip_hujson(text))
     except json.JSONDecodeError as e:
         raise _syntax_error(text, e.pos, e.msg) from None
+    except ValueError as e:
+        raise PolicyError(f"hujson: {e}") from None
 
 
 # -- Policy model --
@@ -4719,7 +4754,7 @@ def open_client_info(server_private, body):
     nonce = body[DERP_KEY_LEN:DERP_KEY_LEN + DERP_NONCE_LEN]
     sealed = body[DERP_KEY_LEN + DERP_NONCE_LEN:]
     try:
-        info = json.loads(box_open(server_private, client_key, nonce, sealed))
+        info = parse_json(box_open(server_private, client_key, nonce, sealed))
     except CryptoError:
         raise DerpError("ClientInfo box does not open") from None
     except ValueError:
@@ -5200,7 +5235,7 @@ class ControlConnection:
         method, path = headers.get(":method"), headers.get(":path", "").partition("?")[0]
         try:
             try:
-                request = json.loads(body) if body else {}
+                request = parse_json(body) if body else {}
                 if not isinstance(request, dict):
                     raise ValueError("expected a JSON object")
             except ValueError as e:
@@ -6010,7 +6045,7 @@ async def https_json(context, url, form=None, headers=()):
         raise OidcError(f"cannot reach the identity provider at {host_header}: {e or 'timed out'}") from None
     try:
         status, payload = parse_http_answer(data)
-        answer = json.loads(payload)
+        answer = parse_json(payload)
     except ValueError:
         raise OidcError(f"the identity provider at {host_header} answered {url} with something that is not JSON") \
             from None
@@ -6025,7 +6060,7 @@ def id_token_claims(token):
     try:
         if len(parts) != 3:
             raise ValueError("not three parts")
-        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        claims = parse_json(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except (ValueError, binascii.Error):
         raise OidcError("the identity provider sent an ID token that is not a JWT") from None
     if not isinstance(claims, dict):
@@ -6705,11 +6740,17 @@ class Server:
         """The local admin socket: one JSON request line, one JSON answer line."""
         try:
             line = await asyncio.wait_for(reader.readline(), 10)
-            request = json.loads(line or b"{}")
-            answer = await self.run_admin(str(request.get("noun")), request.get("verb"), request.get("params"))
+            try:
+                request = parse_json(line or b"{}")
+                if not isinstance(request, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                answer = {"error": f"malformed admin request: {e}"}
+            else:
+                answer = await self.run_admin(str(request.get("noun")), request.get("verb"), request.get("params"))
             writer.write(json_bytes(answer) + b"\n")
             await writer.drain()
-        except (ValueError, AttributeError, asyncio.TimeoutError, ConnectionError):
+        except (asyncio.TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()
@@ -6725,7 +6766,7 @@ class Server:
         if length > MAX_REQUEST_BODY:
             raise HttpError(413, "request body too large")
         try:
-            params = json.loads(await reader.readexactly(length)) if length else {}
+            params = parse_json(await reader.readexactly(length)) if length else {}
             if not isinstance(params, dict):
                 raise ValueError("the body must be a JSON object")
         except ValueError as e:
@@ -7262,7 +7303,7 @@ def api_call(url, api_key, noun, verb, params):
     head, _, payload = data.partition(b"\r\n\r\n")
     try:
         status = int(head.split(b" ")[1])
-        answer = json.loads(payload)
+        answer = parse_json(payload)
     except (IndexError, ValueError):
         raise ValueError(f"unexpected answer from {url}: {head[:80]!r}") from None
     if status == 401:

@@ -83,3 +83,96 @@ def test_remote_in_clear_text_is_refused_off_loopback(monkeypatch, capsys):
                  ["--remote", "http://192.0.2.1:9", "--insecure-remote"]):
         assert run(*args) == 1 and "Connection refused" in capsys.readouterr().err
     assert [port for _, port in dialled] == [9] * 5
+
+
+# -- JSON nested too deep --
+
+def test_json_nesting_is_bounded():
+    nested = lambda depth: "[" * depth + "]" * depth     # noqa: E731
+    assert meshbox.parse_json(nested(meshbox.MAX_JSON_DEPTH)) == json.loads(nested(meshbox.MAX_JSON_DEPTH))
+    assert meshbox.parse_json(b'{"a": "[[[[[[", "b": [1, {"c": null}]}') == {"a": "[[[[[[", "b": [1, {"c": None}]}
+    for text in (nested(meshbox.MAX_JSON_DEPTH + 1), deep_array(), '{"a":' * DEEP + "1" + "}" * DEEP):
+        with pytest.raises(ValueError, match="nested deeper than"):
+            meshbox.parse_json(text)
+    with pytest.raises(ValueError):
+        meshbox.parse_json(b"{not json")
+
+
+def test_nested_policy_is_a_policy_error(tmp_path):
+    for text in (deep_array(), '{"acls": [], "grants": [{"src": ["*"], "dst": ["*"], "app": {"example.com/cap": '
+                 + deep_array(meshbox.MAX_JSON_DEPTH) + "}}]}"):
+        with pytest.raises(meshbox.PolicyError, match="nested deeper than"):
+            meshbox.parse_hujson(text)
+    policy = tmp_path / "policy.hujson"
+    policy.write_text(deep_array())
+    result = cli("--state", str(tmp_path / "state"), "policy", "check", str(policy))
+    assert result.returncode == 1 and "nested deeper than" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_nested_provider_answers_and_client_info_are_refused(monkeypatch):
+    async def exchange(context, host, port, request):
+        return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + deep_array().encode()
+    monkeypatch.setattr(meshbox, "_https_exchange", exchange)
+    with pytest.raises(meshbox.OidcError, match="not JSON"):
+        asyncio.run(meshbox.https_json(None, "https://id.example.com/.well-known/openid-configuration"))
+    part = meshbox.base64.urlsafe_b64encode(deep_array().encode()).rstrip(b"=").decode()
+    with pytest.raises(meshbox.OidcError, match="not a JWT"):
+        meshbox.id_token_claims(f"eyJhbGciOiJSUzI1NiJ9.{part}.c2lnbmF0dXJl")
+    server, client = meshbox.new_private_key(), meshbox.new_private_key()
+    nonce = os.urandom(meshbox.DERP_NONCE_LEN)
+    sealed = meshbox.box_seal(client, meshbox.x25519_public(server), nonce, deep_array(10_000).encode())
+    with pytest.raises(meshbox.DerpError, match="not JSON"):
+        meshbox.open_client_info(server, meshbox.x25519_public(client) + nonce + sealed)
+
+
+@pytest.fixture
+def server(tmp_path):
+    with MeshboxProcess(tmp_path / "state", log_path=tmp_path / "serve.log") as proc:
+        yield proc
+
+
+async def http_request(port, method, path, body=b"", headers=(), timeout=10):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close",
+                f"Content-Length: {len(body)}", *headers]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        data = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), payload
+
+
+def test_nested_bodies_get_an_error_and_the_server_serves_on(server):
+    key = auth_key(server.state_dir)
+    api_key = cli("--state", server.state_dir, "apikeys", "create").stdout.strip().splitlines()[-1]
+
+    async def main():
+        bearer = [f"Authorization: Bearer {api_key}", "Content-Type: application/json"]
+        status, answer = await http_request(server.port, "POST", "/api/v1/users/list", deep_array().encode(), bearer)
+        assert status == 400 and "nested deeper than" in json.loads(answer)["error"]
+        status, answer = await http_request(server.port, "POST", "/api/v1/users/list", b"{}", bearer)
+        assert status == 200 and [u["name"] for u in json.loads(answer)["result"]] == ["alice"]
+
+        client = tsclient.ControlClient("127.0.0.1", server.port, "nested")
+        await client.connect()
+        try:
+            for path, request in (("/machine/register", client.register_request(key)),
+                                  ("/machine/map", client.map_request(stream=False))):
+                body = json.dumps({**request, "Hostinfo": None}).encode().replace(b'"Hostinfo": null',
+                                                                                  b'"Hostinfo": ' + deep_array().encode())
+                status, answer = await client.request(path, body, timeout=5)
+                assert status == 400 and b"nested deeper than" in answer, (status, answer[:200])
+            assert (await client.register(key))["MachineAuthorized"]      # the same connection serves on
+        finally:
+            await client.close()
+
+        # The admin socket answers a nested request with an error, too.
+        reader, writer = await asyncio.open_unix_connection(os.path.join(server.state_dir, "admin.sock"))
+        writer.write(deep_array(10_000).encode() + b"\n")
+        answer = json.loads(await asyncio.wait_for(reader.readline(), 10))
+        writer.close()
+        assert "nested deeper than" in answer["error"]
+    asyncio.run(main())
+    assert "Traceback" not in server.log_text() and "RecursionError" not in server.log_text()
