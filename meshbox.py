@@ -6436,7 +6436,8 @@ class Server:
         admin_path = os.path.join(config.state_dir, "admin.sock")
         if os.path.exists(admin_path):
             os.unlink(admin_path)
-        self.listeners.append(await asyncio.start_unix_server(self.handle_admin, admin_path))
+        self.listeners.append(await asyncio.start_unix_server(self.handle_admin, admin_path,
+                                                              limit=MAX_REQUEST_BODY + 1))   # a large policy fits
         os.chmod(admin_path, 0o600)
         self.tasks.append(asyncio.ensure_future(self.upkeep()))
         self.gateway = None
@@ -6739,8 +6740,13 @@ class Server:
     async def handle_admin(self, reader, writer):
         """The local admin socket: one JSON request line, one JSON answer line."""
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
             try:
+                line = await asyncio.wait_for(reader.readline(), 10)
+            except ValueError:              # longer than the reader's limit
+                line = None
+            try:
+                if line is None:
+                    raise ValueError(f"larger than {MAX_REQUEST_BODY >> 20} MiB")
                 request = parse_json(line or b"{}")
                 if not isinstance(request, dict):
                     raise ValueError("not a JSON object")
@@ -7265,19 +7271,21 @@ def admin_socket_call(state_dir, noun, verb, params):
     path = os.path.join(state_dir, "admin.sock")
     if not os.path.exists(path):
         return None
+    request = json_bytes({"noun": noun, "verb": verb, "params": params})
+    if len(request) > MAX_REQUEST_BODY:
+        raise ValueError(f"this request is larger than the {MAX_REQUEST_BODY >> 20} MiB the server accepts "
+                         f"({len(request) >> 10} KiB): shorten the policy, e.g. with groups and hosts")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(30)
             s.connect(path)
-            s.sendall(json_bytes({"noun": noun, "verb": verb, "params": params}) + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            s.sendall(request + b"\n")
+            with s.makefile("rb") as answer:
+                data = answer.readline()
     except OSError:
         return None
+    if not data:
+        raise ValueError(f"the running server closed {path} without an answer: see its log")
     return json.loads(data)
 
 

@@ -176,3 +176,41 @@ def test_nested_bodies_get_an_error_and_the_server_serves_on(server):
         assert "nested deeper than" in answer["error"]
     asyncio.run(main())
     assert "Traceback" not in server.log_text() and "RecursionError" not in server.log_text()
+
+
+# -- the admin socket --
+
+def large_policy(hosts):
+    """A valid policy of about 25 bytes per host."""
+    names = {f"host-{i}": f"100.100.{i // 250}.{i % 250 + 1}" for i in range(hosts)}
+    return json.dumps({"hosts": names, "acls": [{"action": "accept", "src": ["*"], "dst": ["host-0:22"]}]},
+                      indent=1)
+
+
+def test_a_large_policy_goes_through_the_running_server(server, tmp_path):
+    policy = tmp_path / "policy.hujson"
+    policy.write_text(large_policy(3500))
+    assert 100_000 < policy.stat().st_size < meshbox.MAX_REQUEST_BODY
+    checked = cli("--state", server.state_dir, "policy", "check", str(policy))
+    assert checked.returncode == 0 and "policy is valid" in checked.stdout, checked.stderr
+    assert cli("--state", server.state_dir, "policy", "set", str(policy)).returncode == 0
+    got = cli("--state", server.state_dir, "policy", "get")
+    assert json.loads(got.stdout) == json.loads(policy.read_text())
+
+    # Beyond the bound: a clear error from the CLI, before anything is sent.
+    policy.write_text(large_policy(50_000))
+    refused = cli("--state", server.state_dir, "policy", "set", str(policy))
+    assert refused.returncode == 1 and "larger than" in refused.stderr and "MiB" in refused.stderr, refused.stderr
+    assert json.loads(cli("--state", server.state_dir, "policy", "get").stdout) == json.loads(large_policy(3500))
+
+    # And from the server, for a client that sends more anyway.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(os.path.join(server.state_dir, "admin.sock"))
+        line = json.dumps({"noun": "policy", "verb": "check", "params": {"policy": large_policy(50_000)}})
+        try:
+            s.sendall(line.encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass                   # the server answered and closed before reading it all
+        answer = json.loads(s.makefile("rb").readline())
+    assert "larger than" in answer["error"]
