@@ -265,6 +265,32 @@ def parse_host_port(text, default_port):
     return host or "127.0.0.1", int(port) if port else default_port
 
 
+def make_private(path, mode):
+    """Narrow path to mode (0700 for a folder, 0600 for a file) when its group
+    or others may use it, saying so; where the filesystem has no such
+    permissions (FAT), a warning instead."""
+    current = os.stat(path).st_mode & 0o777
+    if not current & 0o077:
+        return
+    try:
+        os.chmod(path, mode)
+    except OSError as e:
+        log.warning("cannot make %s private (mode %o): %s; it holds meshbox's secrets, keep it where only "
+                    "meshbox's user can read it", path, current, e.strerror)
+        return
+    log.warning("%s was open to others (mode %o): tightened to %o", path, current, mode)
+
+
+def write_file_atomically(path, data, mode=0o600):
+    """Write bytes to path through a temporary file renamed over it: readers never
+    see half a file, and it has exactly mode, whatever the umask or an older file."""
+    temporary = path + ".tmp"
+    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
+        os.fchmod(f.fileno(), mode)     # O_CREAT keeps an existing file's mode; the umask narrows a new one
+        f.write(data)
+    os.replace(temporary, path)
+
+
 # ---- Native crypto ----
 # native/ builds a freestanding libmeshbox_crypto.so (ChaCha20-Poly1305,
 # X25519, BLAKE2s; NEON on ARM).  It is looked for in this order:
@@ -1137,13 +1163,18 @@ class Store:
         self.path = path
         self.free_from = 1       # address offset where the next allocation starts looking
         try:
+            # SQLite creates -wal and -shm with the database's mode: 0600, as it holds the server's keys.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            for name in (path, path + "-wal", path + "-shm"):
+                if os.path.exists(name):
+                    make_private(name, 0o600)
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot open state database {path}: {e}") from e
 
     def transaction(self):
@@ -1288,6 +1319,14 @@ class Store:
         a deletion sends it back to the start to reuse what was freed."""
         ipv4, ipv6, self.free_from = allocate_addresses(prefix_v4, prefix_v6, self.address_taken, self.free_from)
         return ipv4, ipv6
+
+
+def open_state(state_dir):
+    """The Store of a state folder, which is created, or narrowed, 0700: it holds
+    the server's private keys."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    make_private(state_dir, 0o700)
+    return Store(os.path.join(state_dir, "meshbox.db"))
 
 
 class _Transaction:
@@ -6367,8 +6406,7 @@ class Server:
         self.stopping = asyncio.Event()
 
     def _open_state(self):
-        os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
-        self.store = Store(os.path.join(self.config.state_dir, "meshbox.db"))
+        self.store = open_state(self.config.state_dir)
         self.noise_private = self.store.secret("noise_private", new_private_key)
         self.challenge_private = self.store.secret("challenge_private", new_private_key)
         self.noise_public = x25519_public(self.noise_private)
@@ -6387,11 +6425,8 @@ class Server:
         der = self.store.secret(f"derp_cert:{host}", lambda: self_signed_certificate(seed, host, ips))
         cert_path = os.path.join(self.config.state_dir, "derp-cert.pem")
         key_path = os.path.join(self.config.state_dir, "derp-key.pem")
-        with open(cert_path, "wb") as f:
-            f.write(pem(der, "CERTIFICATE"))
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(ed25519_private_key_pem(seed))
+        write_file_atomically(cert_path, pem(der, "CERTIFICATE"))
+        write_file_atomically(key_path, ed25519_private_key_pem(seed))
         return tls_server_context(cert_path, key_path), certificate_pin(der)
 
     async def start(self):
@@ -6542,15 +6577,14 @@ class Server:
             await self.sync_gateway(devices)
 
     def write_hosts_file(self, devices):
-        """The tailnet's names for dnsmasq (addn-hosts/hostsdir) or any resolver; replaced atomically."""
+        """The tailnet's names for dnsmasq (addn-hosts/hostsdir) or any resolver; replaced atomically.
+        A --hosts-file is 0644: the resolver runs as its own user (dnsmasq on OpenWrt)."""
         text = hosts_file_text(self.coordinator.nodes.values(), devices, self.config.base_domain)
         if text == self.hosts_written:
             return
         path = self.config.hosts_file or os.path.join(self.config.state_dir, "hosts")
         try:
-            with open(path + ".tmp", "w") as f:
-                f.write(text)
-            os.replace(path + ".tmp", path)
+            write_file_atomically(path, text.encode(), 0o644 if self.config.hosts_file else 0o600)
             self.hosts_written = text
         except OSError as e:
             log.error("cannot write hosts file %s: %s", path, e.strerror)
@@ -7350,8 +7384,7 @@ def run_verb(args, config, noun, verb, params):
     else:
         answer = admin_socket_call(config.state_dir, noun, verb, params)
         if answer is None:
-            os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
-            return Admin(Store(os.path.join(config.state_dir, "meshbox.db")), config).call(noun, verb, params)
+            return Admin(open_state(config.state_dir), config).call(noun, verb, params)
     if "error" in answer:
         raise ValueError(answer["error"])
     return answer["result"]

@@ -214,3 +214,73 @@ def test_a_large_policy_goes_through_the_running_server(server, tmp_path):
             pass                   # the server answered and closed before reading it all
         answer = json.loads(s.makefile("rb").readline())
     assert "larger than" in answer["error"]
+
+
+# -- the state folder --
+
+def state_modes(state):
+    """Mode of the folder and of every file meshbox keeps in it (the admin socket aside: 0600 since its start)."""
+    return mode_of(state), {name: mode_of(os.path.join(state, name)) for name in os.listdir(state)
+                            if name != "admin.sock"}
+
+
+def open_to_others(state):
+    """A state folder as an older meshbox left it: everything readable by everyone."""
+    os.chmod(state, 0o755)
+    for name in os.listdir(state):
+        os.chmod(os.path.join(state, name), 0o644)
+
+
+def test_the_cli_keeps_the_state_folder_private(tmp_path):
+    state = str(tmp_path / "state")
+    old_umask = os.umask(0o022)
+    try:
+        assert cli("--state", state, "users", "create", "alice").returncode == 0
+        folder, files = state_modes(state)
+        assert folder == 0o700 and "meshbox.db" in files and set(files.values()) == {0o600}, (oct(folder), files)
+
+        # A folder left open by an older version is tightened, with a word in the log.
+        open_to_others(state)
+        result = cli("--state", state, "users", "list")
+        assert result.returncode == 0 and "alice" in result.stdout
+        folder, files = state_modes(state)
+        assert folder == 0o700 and set(files.values()) == {0o600}, (oct(folder), files)
+        assert "tightened" in result.stderr and state in result.stderr
+    finally:
+        os.umask(old_umask)
+
+
+def test_serve_keeps_the_state_folder_private(tmp_path):
+    state = str(tmp_path / "state")
+    auth_key(state)
+    open_to_others(state)
+    resolver = tmp_path / "resolver"
+    resolver.mkdir()
+    old_umask = os.umask(0o022)
+    try:
+        proc = MeshboxProcess(state, derp_port=free_port(), log_path=str(tmp_path / "serve.log"))
+        proc.start()
+    finally:
+        os.umask(old_umask)
+    try:
+        key = auth_key(state)
+
+        async def join():
+            client = tsclient.ControlClient("127.0.0.1", proc.port, "alpha")
+            await client.join(key)
+            await client.close()
+        asyncio.run(join())
+        wait_for(lambda: os.path.exists(os.path.join(state, "hosts")))
+        folder, files = state_modes(state)
+        assert {"meshbox.db", "meshbox.db-wal", "meshbox.db-shm", "derp-cert.pem", "derp-key.pem", "hosts"} <= \
+            set(files), files
+        assert folder == 0o700 and set(files.values()) == {0o600}, (oct(folder), files)
+        assert "tightened" in proc.log_text()
+    finally:
+        proc.stop()
+
+    # A hosts file outside the state folder is for the LAN's resolver, which runs as its own user.
+    with MeshboxProcess(state, log_path=str(tmp_path / "serve.log"),
+                        extra_args=["--hosts-file", str(resolver / "meshbox")]):
+        wait_for(lambda: (resolver / "meshbox").exists())
+        assert mode_of(resolver / "meshbox") == 0o644 and os.listdir(resolver) == ["meshbox"]
