@@ -116,6 +116,7 @@ config meshbox 'main'
 	list advertise_routes '192.168.1.0/24'
 	list advertise_routes '192.168.2.0/24'
 	option advertise_exit_node '1'
+	option hosts_file '/tmp/hosts/meshbox'
 """)
     assert lines[0] == "mkdir -p /overlay/meshbox"
     assert command_of(lines) == [
@@ -124,7 +125,8 @@ config meshbox 'main'
         "--derp-listen", "198.51.100.1:8443", "--stun-listen", "off",
         "--gateway", "--wg-interface", "mb1", "--wg-port", "51820",
         "--public-endpoint", "198.51.100.1:51820",
-        "--advertise-routes", "192.168.1.0/24,192.168.2.0/24", "--advertise-exit-node"]
+        "--advertise-routes", "192.168.1.0/24,192.168.2.0/24", "--advertise-exit-node",
+        "--hosts-file", "/tmp/hosts/meshbox"]
 
 
 def test_init_script_without_gateway_and_disabled(tmp_path):
