@@ -88,10 +88,13 @@ def test_remote_in_clear_text_is_refused_off_loopback(monkeypatch, capsys):
 # -- JSON nested too deep --
 
 def test_json_nesting_is_bounded():
-    nested = lambda depth: "[" * depth + "]" * depth     # noqa: E731
-    assert meshbox.parse_json(nested(meshbox.MAX_JSON_DEPTH)) == json.loads(nested(meshbox.MAX_JSON_DEPTH))
-    assert meshbox.parse_json(b'{"a": "[[[[[[", "b": [1, {"c": null}]}') == {"a": "[[[[[[", "b": [1, {"c": None}]}
-    for text in (nested(meshbox.MAX_JSON_DEPTH + 1), deep_array(), '{"a":' * DEEP + "1" + "}" * DEEP):
+    deepest = deep_array(meshbox.MAX_JSON_DEPTH)
+    assert meshbox.parse_json(deepest) == json.loads(deepest)
+    assert meshbox.parse_json(deepest.encode()) == json.loads(deepest)
+    assert meshbox.parse_json(b'{"a": "' + b"[" * 100 + b'", "b": [1, {"c": null}]}') == \
+        {"a": "[" * 100, "b": [1, {"c": None}]}
+    for text in (deep_array(meshbox.MAX_JSON_DEPTH + 1), deep_array(), '{"a":' * DEEP + "1" + "}" * DEEP,
+                 ('{"a": [1, "x", {"b": ' * 40 + "null" + "}]}" * 40).encode()):
         with pytest.raises(ValueError, match="nested deeper than"):
             meshbox.parse_json(text)
     with pytest.raises(ValueError):
