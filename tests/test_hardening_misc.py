@@ -65,6 +65,7 @@ def test_remote_in_clear_text_is_refused_off_loopback(monkeypatch, capsys):
         dialled.append(address)
         raise ConnectionRefusedError(111, "Connection refused")
     monkeypatch.setattr(meshbox.socket, "create_connection", create_connection)
+    monkeypatch.setattr(meshbox, "setup_logging", lambda config, serving: None)   # pytest's logging stays
     monkeypatch.delenv("MESHBOX_REMOTE", raising=False)
 
     def run(*args):
