@@ -148,9 +148,14 @@ async def http_request(port, method, path, body=b"", headers=(), timeout=10):
     return int(head.split(b" ")[1]), payload
 
 
-def test_nested_bodies_get_an_error_and_the_server_serves_on(server):
+def test_nested_bodies_get_an_error_and_the_server_serves_on(server, tmp_path):
     key = auth_key(server.state_dir)
     api_key = cli("--state", server.state_dir, "apikeys", "create").stdout.strip().splitlines()[-1]
+    policy = tmp_path / "policy.hujson"
+    policy.write_text(deep_array())
+    for verb in ("check", "set"):
+        refused = cli("--state", server.state_dir, "policy", verb, str(policy))      # inside the server
+        assert refused.returncode == 1 and "nested deeper than" in refused.stderr, refused.stderr
 
     async def main():
         bearer = [f"Authorization: Bearer {api_key}", "Content-Type: application/json"]
