@@ -1189,16 +1189,19 @@ class Store:
         return [dict(r) for r in self.db.execute(
             "SELECT k.*, u.name AS user FROM preauth_keys k JOIN users u ON u.id=k.user_id ORDER BY k.id")]
 
-    def preauth_key(self, secret_or_prefix):
-        """A key row by its secret, or by its displayed prefix."""
-        row = self.db.execute("SELECT * FROM preauth_keys WHERE hash=?", (hash_secret(secret_or_prefix),)).fetchone()
-        if row is None and len(secret_or_prefix) >= 10:
-            rows = self.db.execute("SELECT * FROM preauth_keys WHERE prefix=?", (secret_or_prefix,)).fetchall()
-            row = rows[0] if len(rows) == 1 else None
+    def preauth_key(self, secret):
+        """A key row by its secret, found by the secret's hash only: the
+        displayed prefix (32 bits) must never pass for the key."""
+        row = self.db.execute("SELECT * FROM preauth_keys WHERE hash=?", (hash_secret(secret),)).fetchone()
         return dict(row) if row else None
 
     def expire_preauth_key(self, secret_or_prefix):
+        """Revoke a key given its secret or the prefix `preauthkeys list` shows."""
         row = self.preauth_key(secret_or_prefix)
+        prefix = secret_or_prefix.rstrip("…")
+        if row is None and len(prefix) >= 10:
+            rows = self.db.execute("SELECT * FROM preauth_keys WHERE prefix=?", (prefix,)).fetchall()
+            row = rows[0] if len(rows) == 1 else None
         if not row:
             raise ValueError("no such pre-auth key")
         with self.transaction():
