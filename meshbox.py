@@ -4085,7 +4085,8 @@ class Coordinator:
         if not secret:
             if req.get("Followup"):
                 pending = self.auth_requests.get(str(req["Followup"]).rstrip("/").rsplit("/", 1)[-1])
-                if pending is None:
+                # Its AuthURL is no secret from other machines: only the one that asked gets the answer.
+                if pending is None or (pending.machine_key, pending.node_key) != (machine_key, node_key):
                     raise RegistrationRefused("unknown_login", "this login request expired or is unknown: log in again")
                 return pending
             return self._new_auth_request(machine_key, node_key, hostinfo, requested, at)

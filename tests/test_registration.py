@@ -24,3 +24,31 @@ def test_a_key_displayed_prefix_does_not_register(tmp_path):
             meshbox.Admin(server.store, server.config, server).call("preauthkeys", "expire", {"key": prefix})
             assert server.store.preauth_key(key)["revoked"]
     asyncio.run(main())
+
+
+def test_only_the_machine_that_asked_may_follow_its_login(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            user = server.store.create_user("carol")
+            owner = tsclient.ControlClient("127.0.0.1", port, "tablet")
+            thief = tsclient.ControlClient("127.0.0.1", port, "thief")
+            await owner.connect()
+            await thief.connect()
+            url = (await owner.register(""))["AuthURL"]
+            stolen = asyncio.ensure_future(thief.register("", timeout=30, Followup=url))
+            # Same machine, another node key: not the login it started either.
+            other_key = asyncio.ensure_future(owner.register("", timeout=30, Followup=url,
+                                                             NodeKey=meshbox.key_text("nodekey", bytes([7]) * 32)))
+            follow = asyncio.ensure_future(owner.register("", timeout=30, Followup=url))
+            await asyncio.sleep(0.3)
+            server.coordinator.approve(url.rsplit("/", 1)[1], user.id)
+            response = await asyncio.wait_for(follow, 10)
+            assert response["MachineAuthorized"] and response["User"]["LoginName"] == "carol"
+            for attempt in (stolen, other_key):
+                response = await asyncio.wait_for(attempt, 10)
+                assert "login request expired or is unknown" in response["Error"]
+                assert not response.get("MachineAuthorized") and "User" not in response
+            assert [n.hostname for n in server.coordinator.nodes.values()] == ["tablet"]
+            await owner.close()
+            await thief.close()
+    asyncio.run(main())
