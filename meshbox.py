@@ -54,6 +54,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -239,6 +240,52 @@ def parse_host_port(text, default_port):
     if port and not port.isdigit():
         raise ValueError(f"bad port in {text!r}")
     return host or "127.0.0.1", int(port) if port else default_port
+
+
+def address_block(host):
+    """The block of addresses one party holds, for per-source limits: an IPv4
+    address, or an IPv6 /64 (one home or server gets a whole /64)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return str(address) if address.version == 4 else str(ipaddress.ip_network((address, 64), strict=False))
+
+
+class AttemptLimiter:
+    """Failed attempts per key (a source address, a machine key): a burst of
+    `burst` failures, then one more per `interval` seconds (a token bucket
+    kept as one number per key: when its failures are forgotten).  The table
+    holds at most `capacity` keys; past that the key that failed longest ago
+    goes, so no number of keys grows it without bound."""
+
+    def __init__(self, burst, interval, capacity):
+        self.burst, self.interval, self.capacity = burst, interval, capacity
+        self.forgotten_at = {}      # key -> when its failures are forgotten; least recent failure first
+
+    def __len__(self):
+        return len(self.forgotten_at)
+
+    def wait(self, key, at):
+        """Seconds until key may try again; 0 when it may now."""
+        forgotten_at = self.forgotten_at.get(key)
+        if forgotten_at is None:
+            return 0
+        if forgotten_at <= at:
+            del self.forgotten_at[key]
+            return 0
+        return max(0, forgotten_at - at - (self.burst - 1) * self.interval)
+
+    def failed(self, key, at):
+        """Count a failure of a key that may try now; True when it uses up the
+        burst (the key is then locked out: log it once)."""
+        forgotten_at = max(self.forgotten_at.pop(key, at), at) + self.interval
+        while len(self.forgotten_at) >= self.capacity:
+            del self.forgotten_at[next(iter(self.forgotten_at))]
+        self.forgotten_at[key] = forgotten_at
+        return self.wait(key, at) > 0
 
 
 # ---- Native crypto ----
@@ -3671,6 +3718,9 @@ class MapSession:
 
 
 AUTH_REQUEST_TTL = 15 * 60   # seconds a login request waits for approval
+REGISTER_ATTEMPT_BURST = 10      # failed registrations a source or machine may make in a row...
+REGISTER_ATTEMPT_INTERVAL = 6    # ...then one per this many seconds
+REGISTER_ATTEMPT_KEYS = 1024     # sources and machines whose failures are remembered (~200 bytes each)
 DEFAULT_NODE_EXPIRY = 180 * 86400
 EPHEMERAL_TIMEOUT = 30 * 60
 
@@ -3773,6 +3823,8 @@ class Coordinator:
         self.settings = settings
         self.node_expiry = node_expiry   # seconds; 0: keys never expire
         self.auth_requests = {}          # id -> AuthRequest
+        self.failed_registrations = AttemptLimiter(REGISTER_ATTEMPT_BURST, REGISTER_ATTEMPT_INTERVAL,
+                                                   REGISTER_ATTEMPT_KEYS)
         with store.transaction():        # requests of a previous run: their clients ask again
             store.db.execute("DELETE FROM auth_requests")
         self.prefix_v4, self.prefix_v6 = prefix_v4, prefix_v6
@@ -4052,9 +4104,31 @@ class Coordinator:
             i += 1
         return name
 
-    def register(self, machine_key, req):
-        """Handle a RegisterRequest; returns the RegisterResponse body."""
+    def register(self, machine_key, req, source=None):
+        """Handle a RegisterRequest from a client at address source (None:
+        from within); returns the RegisterResponse body, or for a follow-up
+        the AuthRequest to wait for.  Strangers that keep failing are turned
+        away for a while without their keys being looked at; a registered
+        machine without a key proves itself by its machine key and is not."""
         at = now()
+        secret = json_field(json_field(req, "Auth", dict, {}), "AuthKey", str, "")
+        blocks = [key for key in (address_block(source) if source else None, machine_key) if key is not None]
+        if secret or self.node_by_machine(machine_key) is None:
+            wait = max(self.failed_registrations.wait(key, at) for key in blocks)
+            if wait:
+                raise RegistrationRefused("too_many_attempts", f"too many attempts, try again in {math.ceil(wait)} s "
+                                          f"(registrations from this address or machine failed repeatedly)")
+        try:
+            return self._answer_registration(machine_key, req, secret, source, at)
+        except RegistrationRefused:
+            locked = [key for key in blocks if self.failed_registrations.failed(key, at)]
+            if locked:
+                log.warning("too many failed registrations from %s: refused for %d s", " and machine ".join(
+                    key if isinstance(key, str) else key_text("mkey", key)[:16] for key in locked),
+                    math.ceil(max(self.failed_registrations.wait(key, at) for key in locked)))
+            raise
+
+    def _answer_registration(self, machine_key, req, secret, source, at):
         try:
             node_key = key_bytes(req.get("NodeKey"), "nodekey")
             old_text = req.get("OldNodeKey") or ""
@@ -4062,7 +4136,6 @@ class Coordinator:
             expiry = parse_go_time(req.get("Expiry"))
         except (ValueError, TypeError) as e:
             raise RegistrationRefused("malformed", f"malformed register request: {e}") from None
-        secret = json_field(json_field(req, "Auth", dict, {}), "AuthKey", str, "")
         hostinfo = checked_hostinfo(req.get("Hostinfo")) or {}
         node = self.node_by_machine(machine_key)
         holder = self.node_by_node_key(node_key)
@@ -5099,6 +5172,7 @@ class ControlConnection:
     def __init__(self, server, stream, writer, noise, peer):
         self.server, self.stream, self.writer = server, stream, writer
         self.noise, self.peer = noise, peer
+        self.source = peer.rpartition(":")[0].strip("[]")     # the client's address, without its port
         self.machine_key = noise.peer_static
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
         self.h2.local_settings.max_concurrent_streams = MAX_STREAMS
@@ -5228,7 +5302,7 @@ class ControlConnection:
     async def register(self, request):
         coordinator = self.server.coordinator
         try:
-            result = coordinator.register(self.machine_key, request)
+            result = coordinator.register(self.machine_key, request, self.source)
             if isinstance(result, AuthRequest):      # a follow-up: wait for approval
                 await result.done.wait()
                 result = result.result
@@ -5236,8 +5310,9 @@ class ControlConnection:
                 self.server.metrics["registrations"] += 1
             return result
         except RegistrationRefused as e:
-            log.warning("registration refused (%s) for %s from %s: %s", e.reason,
-                        key_text("mkey", self.machine_key)[:16], self.peer, e)
+            if e.reason != "too_many_attempts":     # the coordinator logged the lockout once
+                log.warning("registration refused (%s) for %s from %s: %s", e.reason,
+                            key_text("mkey", self.machine_key)[:16], self.peer, e)
             self.server.refusals[e.reason] = self.server.refusals.get(e.reason, 0) + 1
             return {"Error": str(e)}
 

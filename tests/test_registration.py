@@ -2,9 +2,11 @@
 
 import asyncio
 
+import pytest
+
 import meshbox
 import tsclient
-from test_coordinator import running_server, new_key, joined
+from test_coordinator import running_server, new_key
 
 
 def test_a_key_displayed_prefix_does_not_register(tmp_path):
@@ -51,4 +53,87 @@ def test_only_the_machine_that_asked_may_follow_its_login(tmp_path):
             assert [n.hostname for n in server.coordinator.nodes.values()] == ["tablet"]
             await owner.close()
             await thief.close()
+    asyncio.run(main())
+
+
+def logged(server, text):
+    return [line for line in server.recent_logs.lines if text in line]
+
+
+def test_a_burst_of_refusals_locks_the_source_out_even_with_a_valid_key(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            guesser = tsclient.ControlClient("127.0.0.1", port, "guesser")
+            await guesser.connect()
+            for i in range(meshbox.REGISTER_ATTEMPT_BURST):
+                response = await guesser.register(f"mskey-{i:048x}")
+                assert "no such pre-auth key" in response["Error"]
+            for _ in range(3):           # the key is not even looked at during the lockout
+                response = await guesser.register(key)
+                assert response["Error"].startswith("too many attempts, try again in ")
+                assert not response.get("MachineAuthorized")
+            # A new machine from the same address is locked out too; so are keyless logins.
+            newcomer = tsclient.ControlClient("127.0.0.1", port, "newcomer")
+            await newcomer.connect()
+            assert "too many attempts" in (await newcomer.register(key))["Error"]
+            assert "too many attempts" in (await newcomer.register(""))["Error"]
+            assert server.coordinator.nodes == {} and server.coordinator.auth_requests == {}
+            assert len(logged(server, "too many failed registrations")) == 1     # once per burst
+            assert len(logged(server, "registration refused")) == meshbox.REGISTER_ATTEMPT_BURST
+            await guesser.close()
+            await newcomer.close()
+    asyncio.run(main())
+
+
+def test_refusals_lock_out_their_source_and_machine_only(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            coordinator, key = server.coordinator, new_key(server)
+
+            def register(machine, auth_key, source):
+                request = tsclient.ControlClient("127.0.0.1", port).register_request(auth_key)   # a fresh node key
+                return coordinator.register(bytes(machine) * (32 // len(machine)), request, source)
+
+            for _ in range(meshbox.REGISTER_ATTEMPT_BURST):
+                with pytest.raises(meshbox.RegistrationRefused, match="no such pre-auth key"):
+                    register([1], "mskey-wrong", "192.0.2.7")
+            with pytest.raises(meshbox.RegistrationRefused, match="too many attempts, try again in 6 s"):
+                register([2], key, "192.0.2.7")
+            # The same machine from elsewhere is still locked out: it tried too often.
+            with pytest.raises(meshbox.RegistrationRefused, match="too many attempts"):
+                register([1], key, "198.51.100.9")
+            # Another machine at another address is not.
+            assert register([3], key, "198.51.100.9")["MachineAuthorized"]
+            # A typo or two, then the right key: fine; and successes do not count.
+            for _ in range(2):
+                with pytest.raises(meshbox.RegistrationRefused, match="no such pre-auth key"):
+                    register([4], "mskey-typo", "203.0.113.5")
+            assert register([4], key, "203.0.113.5")["MachineAuthorized"]
+            for i in range(30):          # many good nodes behind one NAT
+                assert register([5, i], key, "203.0.113.5")["MachineAuthorized"]
+            # An IPv6 party holds a /64: its addresses share one allowance.
+            for i in range(meshbox.REGISTER_ATTEMPT_BURST):
+                with pytest.raises(meshbox.RegistrationRefused, match="no such pre-auth key"):
+                    register([6, i], "mskey-wrong", f"2001:db8::{i}")
+            with pytest.raises(meshbox.RegistrationRefused, match="too many attempts"):
+                register([7], key, "2001:db8::ffff")
+            assert register([7], key, "2001:db8:0:1::1")["MachineAuthorized"]
+    asyncio.run(main())
+
+
+def test_the_table_of_refused_attempts_stays_bounded(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            coordinator = server.coordinator
+            client = tsclient.ControlClient("127.0.0.1", port, "many")
+            request = client.register_request("mskey-wrong")
+            for i in range(3 * meshbox.REGISTER_ATTEMPT_KEYS):     # a fresh machine key and address each time
+                with pytest.raises(meshbox.RegistrationRefused):
+                    coordinator.register(i.to_bytes(32, "big"), request, f"2001:db8:{i >> 16:x}:{i & 0xffff:x}::1")
+                assert len(coordinator.failed_registrations) <= meshbox.REGISTER_ATTEMPT_KEYS
+            # The most recent ones are still remembered.
+            last = 3 * meshbox.REGISTER_ATTEMPT_KEYS - 1
+            assert coordinator.failed_registrations.wait(last.to_bytes(32, "big"), meshbox.now()) == 0
+            assert last.to_bytes(32, "big") in coordinator.failed_registrations.forgotten_at
     asyncio.run(main())
