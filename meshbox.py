@@ -1053,7 +1053,7 @@ class WebSocketStream:
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS auth_requests (id TEXT PRIMARY KEY, created REAL NOT NULL, user_id INTEGER);
+DROP TABLE IF EXISTS auth_requests;  -- login requests live in the server's memory (older versions kept them here)
 CREATE TABLE IF NOT EXISTS api_keys (
     id INTEGER PRIMARY KEY, prefix TEXT NOT NULL, hash TEXT UNIQUE NOT NULL, created REAL NOT NULL,
     expiration REAL, revoked INTEGER NOT NULL DEFAULT 0);
@@ -3718,6 +3718,10 @@ class MapSession:
 
 
 AUTH_REQUEST_TTL = 15 * 60   # seconds a login request waits for approval
+AUTH_REQUESTS_MAX = 256      # login requests waiting at once (a few KB each)...
+AUTH_REQUESTS_PER_SOURCE = 16    # ...and from one address (an IPv6 /64)
+AUTH_REQUEST_MAX_TAGS = 32   # tags a login may ask for, each of at most...
+AUTH_REQUEST_MAX_TAG_LEN = 128   # ...this many characters
 REGISTER_ATTEMPT_BURST = 10      # failed registrations a source or machine may make in a row...
 REGISTER_ATTEMPT_INTERVAL = 6    # ...then one per this many seconds
 REGISTER_ATTEMPT_KEYS = 1024     # sources and machines whose failures are remembered (~200 bytes each)
@@ -3725,17 +3729,20 @@ DEFAULT_NODE_EXPIRY = 180 * 86400
 EPHEMERAL_TIMEOUT = 30 * 60
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class AuthRequest:
-    """A client waiting at its AuthURL for an admin (or its identity provider)."""
+    """A client waiting at its AuthURL for an admin (or its identity
+    provider), with only what approving it needs: a stranger's Hostinfo may
+    be a megabyte, and the client sends it again in its first map request."""
     id: str
     machine_key: bytes
     node_key: bytes
-    hostinfo: dict
+    hostname: str
     requested_tags: list
     created: float
     base_url: str
-    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    source: str              # the address block it came from (None: from within)
+    done: Signal = dataclasses.field(default_factory=Signal)
     result: dict = None
 
     @property
@@ -3822,11 +3829,9 @@ class Coordinator:
         self.store = store
         self.settings = settings
         self.node_expiry = node_expiry   # seconds; 0: keys never expire
-        self.auth_requests = {}          # id -> AuthRequest
+        self.auth_requests = {}          # id -> AuthRequest, in memory only: their clients ask again after a restart
         self.failed_registrations = AttemptLimiter(REGISTER_ATTEMPT_BURST, REGISTER_ATTEMPT_INTERVAL,
                                                    REGISTER_ATTEMPT_KEYS)
-        with store.transaction():        # requests of a previous run: their clients ask again
-            store.db.execute("DELETE FROM auth_requests")
         self.prefix_v4, self.prefix_v6 = prefix_v4, prefix_v6
         self.users = {u.id: u for u in store.users()}
         self.nodes = NodeTable(store.nodes())
@@ -4162,7 +4167,7 @@ class Coordinator:
                 if pending is None or (pending.machine_key, pending.node_key) != (machine_key, node_key):
                     raise RegistrationRefused("unknown_login", "this login request expired or is unknown: log in again")
                 return pending
-            return self._new_auth_request(machine_key, node_key, hostinfo, requested, at)
+            return self._new_auth_request(machine_key, node_key, hostinfo, requested, source, at)
         key_row = self._check_auth_key(secret, at)
         tags = json.loads(key_row["tags"]) or self._checked_requested_tags(requested, key_row["user_id"])
 
@@ -4221,29 +4226,40 @@ class Coordinator:
 
     # interactive login: the client gets an AuthURL; an admin (or OIDC)
     # approves it; the client's follow-up request, held open, then succeeds.
-    def _new_auth_request(self, machine_key, node_key, hostinfo, requested, at):
+    def _new_auth_request(self, machine_key, node_key, hostinfo, requested, source, at):
+        """A login request waiting in memory (nothing durable: a restart
+        forgets it and its client asks again), within the caps."""
+        hostname = str(hostinfo.get("Hostname") or "node")[:255]
         for pending in self.auth_requests.values():   # the same machine asking again
-            if pending.machine_key == machine_key and not pending.done.is_set():
-                pending.node_key, pending.hostinfo = node_key, hostinfo
+            if pending.machine_key == machine_key and not pending.done.flag:
+                pending.node_key, pending.hostname = node_key, hostname
                 return {"AuthURL": pending.url, "MachineAuthorized": False}
-        request = AuthRequest(secrets.token_urlsafe(18), machine_key, node_key, hostinfo, requested, at,
-                              f"{self.settings.control_url}/register/")
-        with self.store.transaction():
-            self.store.db.execute("INSERT INTO auth_requests(id, created) VALUES(?, ?)", (request.id, at))
+        if len(requested) > AUTH_REQUEST_MAX_TAGS or any(len(t) > AUTH_REQUEST_MAX_TAG_LEN for t in requested):
+            raise RegistrationRefused("malformed", f"too many or too long requested tags: at most "
+                                      f"{AUTH_REQUEST_MAX_TAGS} tags of {AUTH_REQUEST_MAX_TAG_LEN} characters")
+        if len(self.auth_requests) >= AUTH_REQUESTS_MAX:
+            raise RegistrationRefused("too_many_logins", f"too many login requests are waiting for approval "
+                                      f"({AUTH_REQUESTS_MAX}): try again in a few minutes, or join with a pre-auth key")
+        source = address_block(source) if source else None
+        if source and sum(r.source == source for r in self.auth_requests.values()) >= AUTH_REQUESTS_PER_SOURCE:
+            raise RegistrationRefused("too_many_logins", f"too many login requests from this address are waiting "
+                                      f"for approval ({AUTH_REQUESTS_PER_SOURCE}): approve or let them expire "
+                                      f"({AUTH_REQUEST_TTL // 60} min), or join with a pre-auth key")
+        request = AuthRequest(secrets.token_urlsafe(18), machine_key, node_key, hostname, list(requested), at,
+                              f"{self.settings.control_url}/register/", source)
         self.auth_requests[request.id] = request
-        log.info("login request %s from %s: waiting for approval at %s", request.id,
-                 hostinfo.get("Hostname", "?"), request.url)
+        log.info("login request %s from %s: waiting for approval at %s", request.id, hostname, request.url)
         return {"AuthURL": request.url, "MachineAuthorized": False}
 
     def approve(self, request_id, user_id):
         """Admit the machine behind a login request for a user; wakes its client."""
         request = self.auth_requests.get(request_id)
-        if request is None or request.done.is_set():
-            raise ValueError("no such login request (it may have expired)")
+        if request is None or request.done.flag:
+            raise ValueError(f"no login request {request_id!r} is waiting (it may have expired)")
         try:
             tags = self._checked_requested_tags(request.requested_tags, user_id)
-            node = self.admit(request.machine_key, request.node_key, request.hostinfo, user_id, tags, False, None,
-                              lambda: self.store.db.execute("DELETE FROM auth_requests WHERE id=?", (request_id,)))
+            node = self.admit(request.machine_key, request.node_key, {"Hostname": request.hostname}, user_id, tags,
+                              False, None)
             request.result = self._registered_response(node)
         except RegistrationRefused as e:
             request.result = {"Error": str(e)}
@@ -4266,8 +4282,6 @@ class Coordinator:
             request.result = {"Error": "login request expired before anyone approved it: log in again"}
             request.done.set()
             del self.auth_requests[request.id]
-            with self.store.transaction():
-                self.store.db.execute("DELETE FROM auth_requests WHERE id=?", (request.id,))
             log.info("login request %s expired", request.id)
 
     def expire_due(self, at, ephemeral_timeout):
@@ -4402,10 +4416,6 @@ class Coordinator:
             return
         self.data_version = version
         self.users = {u.id: u for u in self.store.users()}
-        for request_id, user_id in self.store.db.execute(
-                "SELECT id, user_id FROM auth_requests WHERE user_id IS NOT NULL").fetchall():
-            if request_id in self.auth_requests:
-                self.approve(request_id, user_id)
         fresh = {n.id: n for n in self.store.nodes()}
         removed = [i for i in self.nodes if i not in fresh]
         changed = []
@@ -7027,12 +7037,12 @@ class Admin:
 
     def nodes_register(self, user, key):
         owner = self.store.user_named(user)
-        with self.store.transaction():
-            cur = self.store.db.execute("UPDATE auth_requests SET user_id=? WHERE id=? AND user_id IS NULL",
-                                        (owner.id, key))
-        if cur.rowcount != 1:
-            raise ValueError(f"no login request {key!r} is waiting (it may have expired, or serve is not running)")
-        return {"message": f"approved: the device joins as {owner.name} within a second"}
+        if self.server is None:          # login requests wait in the server's memory
+            raise ValueError(f"no login request {key!r} is waiting: meshbox serve is not running")
+        result = self.server.coordinator.approve(key, owner.id)
+        if "Error" in result:
+            raise ValueError(result["Error"])
+        return {"message": f"approved: the device joins as {owner.name}"}
 
     # routes
     def routes_list(self):

@@ -1,6 +1,7 @@
 """Registration facing strangers: pre-auth keys, refused attempts, pending logins (issue 11)."""
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -136,4 +137,74 @@ def test_the_table_of_refused_attempts_stays_bounded(tmp_path):
             last = 3 * meshbox.REGISTER_ATTEMPT_KEYS - 1
             assert coordinator.failed_registrations.wait(last.to_bytes(32, "big"), meshbox.now()) == 0
             assert last.to_bytes(32, "big") in coordinator.failed_registrations.forgotten_at
+    asyncio.run(main())
+
+
+def keyless_request(port, hostname="stranger", **hostinfo):
+    client = tsclient.ControlClient("127.0.0.1", port, hostname)
+    client.hostinfo_extra = hostinfo
+    return meshbox.x25519_public(client.machine_private), client.register_request("")
+
+
+def test_pending_logins_are_capped_per_source_and_overall(tmp_path, monkeypatch):
+    monkeypatch.setattr(meshbox, "AUTH_REQUESTS_MAX", 40)
+
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            coordinator = server.coordinator
+            for i in range(meshbox.AUTH_REQUESTS_PER_SOURCE):
+                assert "AuthURL" in coordinator.register(*keyless_request(port), "192.0.2.7")
+            with pytest.raises(meshbox.RegistrationRefused, match="too many login requests from this address"):
+                coordinator.register(*keyless_request(port), "192.0.2.7")
+            # The same machine asking again gets its own request back, cap or not.
+            machine, request = keyless_request(port)
+            first = coordinator.register(machine, request, "198.51.100.1")["AuthURL"]
+            assert coordinator.register(machine, request, "198.51.100.1")["AuthURL"] == first
+            source = 0
+            while len(coordinator.auth_requests) < meshbox.AUTH_REQUESTS_MAX:
+                source += 1
+                coordinator.register(*keyless_request(port), f"203.0.113.{source // 8}")
+            with pytest.raises(meshbox.RegistrationRefused, match="too many login requests are waiting"):
+                coordinator.register(*keyless_request(port), "198.51.100.200")
+            assert len(coordinator.auth_requests) == meshbox.AUTH_REQUESTS_MAX
+            # Over the wire the client reads why.
+            client = tsclient.ControlClient("127.0.0.1", port, "late")
+            await client.connect()
+            assert "too many login requests" in (await client.register(""))["Error"]
+            await client.close()
+    asyncio.run(main())
+
+
+def test_a_pending_login_keeps_only_what_approval_needs(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            coordinator = server.coordinator
+            user = server.store.create_user("dave")
+            big = {"Hostname": "h" * 2000, "RequestTags": [], "Services": [{"Description": "x" * 1000}] * 400,
+                   "NetInfo": {"DERPLatency": {str(i): 0.1 for i in range(5000)}}}
+            machine, request = keyless_request(port, **big)
+            url = coordinator.register(machine, request, "192.0.2.7")["AuthURL"]
+            pending = coordinator.auth_requests[url.rsplit("/", 1)[1]]
+            held = [getattr(pending, f.name) for f in dataclasses.fields(pending) if f.name not in ("done", "base_url")]
+            assert len(repr(held)) < 1000          # not the client's 0.5 MB Hostinfo
+            coordinator.approve(pending.id, user.id)
+            node = coordinator.node_by_machine(machine)
+            assert node.hostname == "h" * 255 and node.user_id == user.id
+            # A login asking for many or huge tags is refused outright, not kept.
+            for tags in (["tag:t%d" % i for i in range(meshbox.AUTH_REQUEST_MAX_TAGS + 1)], ["tag:" + "x" * 5000]):
+                with pytest.raises(meshbox.RegistrationRefused, match="tags"):
+                    coordinator.register(*keyless_request(port, RequestTags=tags), "192.0.2.8")
+    asyncio.run(main())
+
+
+def test_starting_a_login_writes_nothing_to_the_state_file(tmp_path):
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            coordinator = server.coordinator
+            writes = []
+            server.store.db.set_trace_callback(lambda sql: writes.append(sql) if not sql.startswith("SELECT") else None)
+            for i in range(5):
+                coordinator.register(*keyless_request(port), f"192.0.2.{i}")
+            server.store.db.set_trace_callback(None)
+            assert writes == [] and len(coordinator.auth_requests) == 5
     asyncio.run(main())
