@@ -6140,16 +6140,26 @@ def check_id_token(claims, issuer, client_id, nonce, at):
         raise OidcError("the ID token names no subject")
 
 
-def oidc_identity(claims):
+def oidc_subject_name(sub, issuer):
+    """A user name for a subject: ``sub@issuer-host``.  The subject is the
+    one claim the provider keeps unique and stable (Core 2); one that cannot
+    be a user name (too long, a space or an @) is replaced by a hash of it."""
+    host = split_https_url(issuer)[2][:42]
+    if len(sub) + 1 + len(host) > 63 or "@" in sub or any(c.isspace() for c in sub):
+        sub = hashlib.sha256(sub.encode()).hexdigest()[:20]
+    return f"{sub}@{host}"
+
+
+def oidc_identity(claims, issuer):
     """The person the provider vouches for: meshbox user name, display name, email and groups.
-    The user name is the email address (only a verified one), else the
-    preferred_username, else the subject."""
-    email = claims.get("email") if claims.get("email_verified") is not False else None
+    The user name is the email address when the provider says it verified
+    it, else the subject at the issuer: never preferred_username, which
+    people choose themselves and which need not be unique."""
+    email = claims.get("email") if claims.get("email_verified") is True else None
     email = email if isinstance(email, str) and "@" in email else ""
-    username = claims.get("preferred_username") if isinstance(claims.get("preferred_username"), str) else ""
     groups = claims.get("groups")
     groups = [groups] if isinstance(groups, str) else groups if isinstance(groups, list) else []
-    name = email or username or claims["sub"]
+    name = email or oidc_subject_name(claims["sub"], issuer)
     display = claims.get("name") if isinstance(claims.get("name"), str) and claims.get("name") else name
     return {"name": name, "display_name": display, "email": email, "groups": [g for g in groups if isinstance(g, str)]}
 
@@ -6245,7 +6255,7 @@ class OidcLogin:
             if status != 200 or info.get("sub") != claims["sub"]:
                 raise OidcError(f"the identity provider's user info does not match the ID token (HTTP {status})")
             claims = {**info, **claims}
-        identity = oidc_identity(claims)
+        identity = oidc_identity(claims, metadata["issuer"])
         check_allowed(identity, *self.allowed)
         return request_id, identity
 
@@ -6454,6 +6464,10 @@ class Server:
             raise RuntimeError(crypto_backend_problem())
         self.recent_logs.setFormatter(log_formatter(config))
         log.addHandler(self.recent_logs)
+        if self.oidc and not any(self.oidc.allowed):
+            log.warning("OIDC: every account of %s may sign in and join the tailnet: no oidc_allowed_domains, "
+                        "oidc_allowed_users or oidc_allowed_groups is set (set one to narrow who may)",
+                        config.oidc_issuer)
         self._open_state()
         loop = asyncio.get_running_loop()
         derp_port = stun_port = 0
