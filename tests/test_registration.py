@@ -208,3 +208,20 @@ def test_starting_a_login_writes_nothing_to_the_state_file(tmp_path):
             server.store.db.set_trace_callback(None)
             assert writes == [] and len(coordinator.auth_requests) == 5
     asyncio.run(main())
+
+
+def test_api_keys_by_hash_unexpired_and_unrevoked_only(tmp_path):
+    store = meshbox.Store(str(tmp_path / "meshbox.db"))
+    admin = meshbox.Admin(store, meshbox.Config(state_dir=str(tmp_path)))
+    secret = admin.call("apikeys", "create", {})["key"]
+    assert meshbox.api_key_valid(store, secret)
+    shown = admin.call("apikeys", "list", {})[0]["prefix"]
+    for wrong in (shown, shown.rstrip("…"), secret[:-1], secret[:-1] + ("0" if secret[-1] != "0" else "1"), "", " "):
+        assert not meshbox.api_key_valid(store, wrong)
+    with store.transaction():
+        store.db.execute("UPDATE api_keys SET expiration=?", (meshbox.now() - 1,))
+    assert not meshbox.api_key_valid(store, secret)
+    other = admin.call("apikeys", "create", {"expiration": "1h"})["key"]
+    assert meshbox.api_key_valid(store, other)
+    admin.call("apikeys", "expire", {"prefix": other[:14]})
+    assert not meshbox.api_key_valid(store, other)
