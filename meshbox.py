@@ -279,13 +279,13 @@ class AttemptLimiter:
         return max(0, forgotten_at - at - (self.burst - 1) * self.interval)
 
     def failed(self, key, at):
-        """Count a failure of a key that may try now; True when it uses up the
-        burst (the key is then locked out: log it once)."""
+        """Count a failure; True for the one that locks the key out (log it once)."""
+        was_locked = self.wait(key, at) > 0
         forgotten_at = max(self.forgotten_at.pop(key, at), at) + self.interval
         while len(self.forgotten_at) >= self.capacity:
             del self.forgotten_at[next(iter(self.forgotten_at))]
         self.forgotten_at[key] = forgotten_at
-        return self.wait(key, at) > 0
+        return not was_locked and self.wait(key, at) > 0
 
 
 # ---- Native crypto ----
@@ -4128,9 +4128,9 @@ class Coordinator:
         except RegistrationRefused:
             locked = [key for key in blocks if self.failed_registrations.failed(key, at)]
             if locked:
-                log.warning("too many failed registrations from %s: refused for %d s", " and machine ".join(
-                    key if isinstance(key, str) else key_text("mkey", key)[:16] for key in locked),
-                    math.ceil(max(self.failed_registrations.wait(key, at) for key in locked)))
+                log.warning("too many failed registrations from %s: refused for %d s", " and ".join(
+                    f"address {key}" if isinstance(key, str) else "machine " + key_text("mkey", key)[:16]
+                    for key in locked), math.ceil(max(self.failed_registrations.wait(key, at) for key in locked)))
             raise
 
     def _answer_registration(self, machine_key, req, secret, source, at):
@@ -6143,9 +6143,10 @@ def check_id_token(claims, issuer, client_id, nonce, at):
 def oidc_subject_name(sub, issuer):
     """A user name for a subject: ``sub@issuer-host``.  The subject is the
     one claim the provider keeps unique and stable (Core 2); one that cannot
-    be a user name (too long, a space or an @) is replaced by a hash of it."""
+    be a user name (too long, a space, a control character or an @) is
+    replaced by a hash of it."""
     host = split_https_url(issuer)[2][:42]
-    if len(sub) + 1 + len(host) > 63 or "@" in sub or any(c.isspace() for c in sub):
+    if len(sub) + 1 + len(host) > 63 or "@" in sub or " " in sub or not sub.isprintable():
         sub = hashlib.sha256(sub.encode()).hexdigest()[:20]
     return f"{sub}@{host}"
 

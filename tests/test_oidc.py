@@ -380,7 +380,7 @@ def test_identity_and_who_may_sign_in():
     name = meshbox.oidc_identity(long_sub, issuer)["name"]
     assert name == meshbox.oidc_identity(long_sub, issuer)["name"] and name.endswith("@id.example.com")
     assert len(name) <= 63 and name != meshbox.oidc_identity({"sub": "x" * 199}, issuer)["name"]
-    for odd in ("a b", "evil@example.com"):
+    for odd in ("a b", "evil@example.com", "line\nbreak"):
         name = meshbox.oidc_identity({"sub": odd}, issuer)["name"]
         assert name.endswith("@id.example.com") and odd not in name and " " not in name
     meshbox.check_allowed(identity, ["example.com"], [], ["ops"])
