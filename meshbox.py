@@ -5988,6 +5988,8 @@ OIDC_CLOCK_SKEW = 120          # seconds the provider's clock may be ahead or be
 OIDC_HTTP_TIMEOUT = 10         # seconds for one request to the provider
 OIDC_MAX_RESPONSE = 1 << 20    # bytes of one answer from the provider
 OIDC_MAX_PENDING = 1000        # sign-ins in flight; the oldest give way
+OIDC_PENDING_PER_LOGIN = 3     # sign-ins in flight for one login request: reloading its page
+                               # pushes out its own oldest, never another's (3 x 256 < 1000)
 OIDC_METADATA_TTL = 3600       # seconds the discovery document is kept
 _URL_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
@@ -6219,6 +6221,9 @@ class OidcLogin:
         metadata = await self.provider_metadata()
         at = now()
         for state in [s for s, p in self.pending.items() if p[3] + AUTH_REQUEST_TTL <= at]:
+            del self.pending[state]
+        same_login = [s for s, p in self.pending.items() if p[0] == request_id]
+        for state in same_login[:len(same_login) - OIDC_PENDING_PER_LOGIN + 1]:
             del self.pending[state]
         while len(self.pending) >= OIDC_MAX_PENDING:
             del self.pending[next(iter(self.pending))]

@@ -433,3 +433,23 @@ def test_config_checks_the_oidc_settings():
         with pytest.raises(ValueError, match=refusal):
             meshbox.Config(**settings).check()
     meshbox.Config(oidc_issuer="https://id.example.com", oidc_client_id="m").check()
+
+
+def test_a_login_request_opened_again_and_again_pushes_out_no_other_sign_in():
+    login = meshbox.OidcLogin(meshbox.Config(oidc_issuer="https://id.example.com", oidc_client_id="meshbox"))
+    login.metadata = {"issuer": "https://id.example.com", "authorization_endpoint": "https://id.example.com/auth",
+                      "token_endpoint": "https://id.example.com/token"}
+    login.metadata_at = meshbox.now()
+
+    async def main():
+        theirs = await login.authorization_url("someone-else")
+        for _ in range(meshbox.OIDC_MAX_PENDING + 10):       # a stranger reloading their own AuthURL page
+            mine = await login.authorization_url("strangers-request")
+        return theirs, mine
+
+    theirs, mine = asyncio.run(main())
+    states = {login.pending[s][0] for s in login.pending}
+    assert states == {"someone-else", "strangers-request"}
+    assert sum(p[0] == "strangers-request" for p in login.pending.values()) == meshbox.OIDC_PENDING_PER_LOGIN
+    assert meshbox.parse_query(mine.partition("?")[2])["state"] in login.pending
+    assert meshbox.OIDC_PENDING_PER_LOGIN * meshbox.AUTH_REQUESTS_MAX < meshbox.OIDC_MAX_PENDING

@@ -225,3 +225,10 @@ def test_api_keys_by_hash_unexpired_and_unrevoked_only(tmp_path):
     assert meshbox.api_key_valid(store, other)
     admin.call("apikeys", "expire", {"prefix": other[:14]})
     assert not meshbox.api_key_valid(store, other)
+
+
+def test_nodes_register_needs_the_running_server(tmp_path):
+    from test_coordinator import cli
+    assert cli(tmp_path, "users", "create", "erin").returncode == 0
+    result = cli(tmp_path, "nodes", "register", "--user", "erin", "--key", "abc")
+    assert result.returncode == 1 and "meshbox serve is not running" in result.stderr
