@@ -54,6 +54,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -289,6 +290,52 @@ def write_file_atomically(path, data, mode=0o600):
         os.fchmod(f.fileno(), mode)     # O_CREAT keeps an existing file's mode; the umask narrows a new one
         f.write(data)
     os.replace(temporary, path)
+
+
+def address_block(host):
+    """The block of addresses one party holds, for per-source limits: an IPv4
+    address, or an IPv6 /64 (one home or server gets a whole /64)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return str(address) if address.version == 4 else str(ipaddress.ip_network((address, 64), strict=False))
+
+
+class AttemptLimiter:
+    """Failed attempts per key (a source address, a machine key): a burst of
+    `burst` failures, then one more per `interval` seconds (a token bucket
+    kept as one number per key: when its failures are forgotten).  The table
+    holds at most `capacity` keys; past that the key that failed longest ago
+    goes, so no number of keys grows it without bound."""
+
+    def __init__(self, burst, interval, capacity):
+        self.burst, self.interval, self.capacity = burst, interval, capacity
+        self.forgotten_at = {}      # key -> when its failures are forgotten; least recent failure first
+
+    def __len__(self):
+        return len(self.forgotten_at)
+
+    def wait(self, key, at):
+        """Seconds until key may try again; 0 when it may now."""
+        forgotten_at = self.forgotten_at.get(key)
+        if forgotten_at is None:
+            return 0
+        if forgotten_at <= at:
+            del self.forgotten_at[key]
+            return 0
+        return max(0, forgotten_at - at - (self.burst - 1) * self.interval)
+
+    def failed(self, key, at):
+        """Count a failure; True for the one that locks the key out (log it once)."""
+        was_locked = self.wait(key, at) > 0
+        forgotten_at = max(self.forgotten_at.pop(key, at), at) + self.interval
+        while len(self.forgotten_at) >= self.capacity:
+            del self.forgotten_at[next(iter(self.forgotten_at))]
+        self.forgotten_at[key] = forgotten_at
+        return not was_locked and self.wait(key, at) > 0
 
 
 # ---- Native crypto ----
@@ -1056,7 +1103,7 @@ class WebSocketStream:
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS auth_requests (id TEXT PRIMARY KEY, created REAL NOT NULL, user_id INTEGER);
+DROP TABLE IF EXISTS auth_requests;  -- login requests live in the server's memory (older versions kept them here)
 CREATE TABLE IF NOT EXISTS api_keys (
     id INTEGER PRIMARY KEY, prefix TEXT NOT NULL, hash TEXT UNIQUE NOT NULL, created REAL NOT NULL,
     expiration REAL, revoked INTEGER NOT NULL DEFAULT 0);
@@ -1253,16 +1300,19 @@ class Store:
         return [dict(r) for r in self.db.execute(
             "SELECT k.*, u.name AS user FROM preauth_keys k JOIN users u ON u.id=k.user_id ORDER BY k.id")]
 
-    def preauth_key(self, secret_or_prefix):
-        """A key row by its secret, or by its displayed prefix."""
-        row = self.db.execute("SELECT * FROM preauth_keys WHERE hash=?", (hash_secret(secret_or_prefix),)).fetchone()
-        if row is None and len(secret_or_prefix) >= 10:
-            rows = self.db.execute("SELECT * FROM preauth_keys WHERE prefix=?", (secret_or_prefix,)).fetchall()
-            row = rows[0] if len(rows) == 1 else None
+    def preauth_key(self, secret):
+        """A key row by its secret, found by the secret's hash only: the
+        displayed prefix (32 bits) must never pass for the key."""
+        row = self.db.execute("SELECT * FROM preauth_keys WHERE hash=?", (hash_secret(secret),)).fetchone()
         return dict(row) if row else None
 
     def expire_preauth_key(self, secret_or_prefix):
+        """Revoke a key given its secret or the prefix `preauthkeys list` shows."""
         row = self.preauth_key(secret_or_prefix)
+        prefix = secret_or_prefix.rstrip("…")
+        if row is None and len(prefix) >= 10:
+            rows = self.db.execute("SELECT * FROM preauth_keys WHERE prefix=?", (prefix,)).fetchall()
+            row = rows[0] if len(rows) == 1 else None
         if not row:
             raise ValueError("no such pre-auth key")
         with self.transaction():
@@ -3744,21 +3794,31 @@ class MapSession:
 
 
 AUTH_REQUEST_TTL = 15 * 60   # seconds a login request waits for approval
+AUTH_REQUESTS_MAX = 256      # login requests waiting at once (a few KB each)...
+AUTH_REQUESTS_PER_SOURCE = 16    # ...and from one address (an IPv6 /64)
+AUTH_REQUEST_MAX_TAGS = 32   # tags a login may ask for, each of at most...
+AUTH_REQUEST_MAX_TAG_LEN = 128   # ...this many characters
+REGISTER_ATTEMPT_BURST = 10      # failed registrations a source or machine may make in a row...
+REGISTER_ATTEMPT_INTERVAL = 6    # ...then one per this many seconds
+REGISTER_ATTEMPT_KEYS = 1024     # sources and machines whose failures are remembered (~200 bytes each)
 DEFAULT_NODE_EXPIRY = 180 * 86400
 EPHEMERAL_TIMEOUT = 30 * 60
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class AuthRequest:
-    """A client waiting at its AuthURL for an admin (or its identity provider)."""
+    """A client waiting at its AuthURL for an admin (or its identity
+    provider), with only what approving it needs: a stranger's Hostinfo may
+    be a megabyte, and the client sends it again in its first map request."""
     id: str
     machine_key: bytes
     node_key: bytes
-    hostinfo: dict
+    hostname: str
     requested_tags: list
     created: float
     base_url: str
-    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    source: str              # the address block it came from (None: from within)
+    done: Signal = dataclasses.field(default_factory=Signal)
     result: dict = None
 
     @property
@@ -3845,9 +3905,9 @@ class Coordinator:
         self.store = store
         self.settings = settings
         self.node_expiry = node_expiry   # seconds; 0: keys never expire
-        self.auth_requests = {}          # id -> AuthRequest
-        with store.transaction():        # requests of a previous run: their clients ask again
-            store.db.execute("DELETE FROM auth_requests")
+        self.auth_requests = {}          # id -> AuthRequest, in memory only: their clients ask again after a restart
+        self.failed_registrations = AttemptLimiter(REGISTER_ATTEMPT_BURST, REGISTER_ATTEMPT_INTERVAL,
+                                                   REGISTER_ATTEMPT_KEYS)
         self.prefix_v4, self.prefix_v6 = prefix_v4, prefix_v6
         self.users = {u.id: u for u in store.users()}
         self.nodes = NodeTable(store.nodes())
@@ -4125,9 +4185,31 @@ class Coordinator:
             i += 1
         return name
 
-    def register(self, machine_key, req):
-        """Handle a RegisterRequest; returns the RegisterResponse body."""
+    def register(self, machine_key, req, source=None):
+        """Handle a RegisterRequest from a client at address source (None:
+        from within); returns the RegisterResponse body, or for a follow-up
+        the AuthRequest to wait for.  Strangers that keep failing are turned
+        away for a while without their keys being looked at; a registered
+        machine without a key proves itself by its machine key and is not."""
         at = now()
+        secret = json_field(json_field(req, "Auth", dict, {}), "AuthKey", str, "")
+        blocks = [key for key in (address_block(source) if source else None, machine_key) if key is not None]
+        if secret or self.node_by_machine(machine_key) is None:
+            wait = max(self.failed_registrations.wait(key, at) for key in blocks)
+            if wait:
+                raise RegistrationRefused("too_many_attempts", f"too many attempts, try again in {math.ceil(wait)} s "
+                                          f"(registrations from this address or machine failed repeatedly)")
+        try:
+            return self._answer_registration(machine_key, req, secret, source, at)
+        except RegistrationRefused:
+            locked = [key for key in blocks if self.failed_registrations.failed(key, at)]
+            if locked:
+                log.warning("too many failed registrations from %s: refused for %d s", " and ".join(
+                    f"address {key}" if isinstance(key, str) else "machine " + key_text("mkey", key)[:16]
+                    for key in locked), math.ceil(max(self.failed_registrations.wait(key, at) for key in locked)))
+            raise
+
+    def _answer_registration(self, machine_key, req, secret, source, at):
         try:
             node_key = key_bytes(req.get("NodeKey"), "nodekey")
             old_text = req.get("OldNodeKey") or ""
@@ -4135,7 +4217,6 @@ class Coordinator:
             expiry = parse_go_time(req.get("Expiry"))
         except (ValueError, TypeError) as e:
             raise RegistrationRefused("malformed", f"malformed register request: {e}") from None
-        secret = json_field(json_field(req, "Auth", dict, {}), "AuthKey", str, "")
         hostinfo = checked_hostinfo(req.get("Hostinfo")) or {}
         node = self.node_by_machine(machine_key)
         holder = self.node_by_node_key(node_key)
@@ -4158,10 +4239,11 @@ class Coordinator:
         if not secret:
             if req.get("Followup"):
                 pending = self.auth_requests.get(str(req["Followup"]).rstrip("/").rsplit("/", 1)[-1])
-                if pending is None:
+                # Its AuthURL is no secret from other machines: only the one that asked gets the answer.
+                if pending is None or (pending.machine_key, pending.node_key) != (machine_key, node_key):
                     raise RegistrationRefused("unknown_login", "this login request expired or is unknown: log in again")
                 return pending
-            return self._new_auth_request(machine_key, node_key, hostinfo, requested, at)
+            return self._new_auth_request(machine_key, node_key, hostinfo, requested, source, at)
         key_row = self._check_auth_key(secret, at)
         tags = json.loads(key_row["tags"]) or self._checked_requested_tags(requested, key_row["user_id"])
 
@@ -4220,29 +4302,40 @@ class Coordinator:
 
     # interactive login: the client gets an AuthURL; an admin (or OIDC)
     # approves it; the client's follow-up request, held open, then succeeds.
-    def _new_auth_request(self, machine_key, node_key, hostinfo, requested, at):
+    def _new_auth_request(self, machine_key, node_key, hostinfo, requested, source, at):
+        """A login request waiting in memory (nothing durable: a restart
+        forgets it and its client asks again), within the caps."""
+        hostname = str(hostinfo.get("Hostname") or "node")[:255]
         for pending in self.auth_requests.values():   # the same machine asking again
-            if pending.machine_key == machine_key and not pending.done.is_set():
-                pending.node_key, pending.hostinfo = node_key, hostinfo
+            if pending.machine_key == machine_key and not pending.done.flag:
+                pending.node_key, pending.hostname = node_key, hostname
                 return {"AuthURL": pending.url, "MachineAuthorized": False}
-        request = AuthRequest(secrets.token_urlsafe(18), machine_key, node_key, hostinfo, requested, at,
-                              f"{self.settings.control_url}/register/")
-        with self.store.transaction():
-            self.store.db.execute("INSERT INTO auth_requests(id, created) VALUES(?, ?)", (request.id, at))
+        if len(requested) > AUTH_REQUEST_MAX_TAGS or any(len(t) > AUTH_REQUEST_MAX_TAG_LEN for t in requested):
+            raise RegistrationRefused("malformed", f"too many or too long requested tags: at most "
+                                      f"{AUTH_REQUEST_MAX_TAGS} tags of {AUTH_REQUEST_MAX_TAG_LEN} characters")
+        if len(self.auth_requests) >= AUTH_REQUESTS_MAX:
+            raise RegistrationRefused("too_many_logins", f"too many login requests are waiting for approval "
+                                      f"({AUTH_REQUESTS_MAX}): try again in a few minutes, or join with a pre-auth key")
+        source = address_block(source) if source else None
+        if source and sum(r.source == source for r in self.auth_requests.values()) >= AUTH_REQUESTS_PER_SOURCE:
+            raise RegistrationRefused("too_many_logins", f"too many login requests from this address are waiting "
+                                      f"for approval ({AUTH_REQUESTS_PER_SOURCE}): approve or let them expire "
+                                      f"({AUTH_REQUEST_TTL // 60} min), or join with a pre-auth key")
+        request = AuthRequest(secrets.token_urlsafe(18), machine_key, node_key, hostname, list(requested), at,
+                              f"{self.settings.control_url}/register/", source)
         self.auth_requests[request.id] = request
-        log.info("login request %s from %s: waiting for approval at %s", request.id,
-                 hostinfo.get("Hostname", "?"), request.url)
+        log.info("login request %s from %s: waiting for approval at %s", request.id, hostname, request.url)
         return {"AuthURL": request.url, "MachineAuthorized": False}
 
     def approve(self, request_id, user_id):
         """Admit the machine behind a login request for a user; wakes its client."""
         request = self.auth_requests.get(request_id)
-        if request is None or request.done.is_set():
-            raise ValueError("no such login request (it may have expired)")
+        if request is None or request.done.flag:
+            raise ValueError(f"no login request {request_id!r} is waiting (it may have expired)")
         try:
             tags = self._checked_requested_tags(request.requested_tags, user_id)
-            node = self.admit(request.machine_key, request.node_key, request.hostinfo, user_id, tags, False, None,
-                              lambda: self.store.db.execute("DELETE FROM auth_requests WHERE id=?", (request_id,)))
+            node = self.admit(request.machine_key, request.node_key, {"Hostname": request.hostname}, user_id, tags,
+                              False, None)
             request.result = self._registered_response(node)
         except RegistrationRefused as e:
             request.result = {"Error": str(e)}
@@ -4265,8 +4358,6 @@ class Coordinator:
             request.result = {"Error": "login request expired before anyone approved it: log in again"}
             request.done.set()
             del self.auth_requests[request.id]
-            with self.store.transaction():
-                self.store.db.execute("DELETE FROM auth_requests WHERE id=?", (request.id,))
             log.info("login request %s expired", request.id)
 
     def expire_due(self, at, ephemeral_timeout):
@@ -4401,10 +4492,6 @@ class Coordinator:
             return
         self.data_version = version
         self.users = {u.id: u for u in self.store.users()}
-        for request_id, user_id in self.store.db.execute(
-                "SELECT id, user_id FROM auth_requests WHERE user_id IS NOT NULL").fetchall():
-            if request_id in self.auth_requests:
-                self.approve(request_id, user_id)
         fresh = {n.id: n for n in self.store.nodes()}
         removed = [i for i in self.nodes if i not in fresh]
         changed = []
@@ -5171,6 +5258,7 @@ class ControlConnection:
     def __init__(self, server, stream, writer, noise, peer):
         self.server, self.stream, self.writer = server, stream, writer
         self.noise, self.peer = noise, peer
+        self.source = peer.rpartition(":")[0].strip("[]")     # the client's address, without its port
         self.machine_key = noise.peer_static
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
         self.h2.local_settings.max_concurrent_streams = MAX_STREAMS
@@ -5300,7 +5388,7 @@ class ControlConnection:
     async def register(self, request):
         coordinator = self.server.coordinator
         try:
-            result = coordinator.register(self.machine_key, request)
+            result = coordinator.register(self.machine_key, request, self.source)
             if isinstance(result, AuthRequest):      # a follow-up: wait for approval
                 await result.done.wait()
                 result = result.result
@@ -5308,8 +5396,9 @@ class ControlConnection:
                 self.server.metrics["registrations"] += 1
             return result
         except RegistrationRefused as e:
-            log.warning("registration refused (%s) for %s from %s: %s", e.reason,
-                        key_text("mkey", self.machine_key)[:16], self.peer, e)
+            if e.reason != "too_many_attempts":     # the coordinator logged the lockout once
+                log.warning("registration refused (%s) for %s from %s: %s", e.reason,
+                            key_text("mkey", self.machine_key)[:16], self.peer, e)
             self.server.refusals[e.reason] = self.server.refusals.get(e.reason, 0) + 1
             return {"Error": str(e)}
 
@@ -5975,6 +6064,8 @@ OIDC_CLOCK_SKEW = 120          # seconds the provider's clock may be ahead or be
 OIDC_HTTP_TIMEOUT = 10         # seconds for one request to the provider
 OIDC_MAX_RESPONSE = 1 << 20    # bytes of one answer from the provider
 OIDC_MAX_PENDING = 1000        # sign-ins in flight; the oldest give way
+OIDC_PENDING_PER_LOGIN = 3     # sign-ins in flight for one login request: reloading its page
+                               # pushes out its own oldest, never another's (3 x 256 < 1000)
 OIDC_METADATA_TTL = 3600       # seconds the discovery document is kept
 _URL_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
@@ -6127,16 +6218,27 @@ def check_id_token(claims, issuer, client_id, nonce, at):
         raise OidcError("the ID token names no subject")
 
 
-def oidc_identity(claims):
+def oidc_subject_name(sub, issuer):
+    """A user name for a subject: ``sub@issuer-host``.  The subject is the
+    one claim the provider keeps unique and stable (Core 2); one that cannot
+    be a user name (too long, a space, a control character or an @) is
+    replaced by a hash of it."""
+    host = split_https_url(issuer)[2][:42]
+    if len(sub) + 1 + len(host) > 63 or "@" in sub or " " in sub or not sub.isprintable():
+        sub = hashlib.sha256(sub.encode()).hexdigest()[:20]
+    return f"{sub}@{host}"
+
+
+def oidc_identity(claims, issuer):
     """The person the provider vouches for: meshbox user name, display name, email and groups.
-    The user name is the email address (only a verified one), else the
-    preferred_username, else the subject."""
-    email = claims.get("email") if claims.get("email_verified") is not False else None
+    The user name is the email address when the provider says it verified
+    it, else the subject at the issuer: never preferred_username, which
+    people choose themselves and which need not be unique."""
+    email = claims.get("email") if claims.get("email_verified") is True else None
     email = email if isinstance(email, str) and "@" in email else ""
-    username = claims.get("preferred_username") if isinstance(claims.get("preferred_username"), str) else ""
     groups = claims.get("groups")
     groups = [groups] if isinstance(groups, str) else groups if isinstance(groups, list) else []
-    name = email or username or claims["sub"]
+    name = email or oidc_subject_name(claims["sub"], issuer)
     display = claims.get("name") if isinstance(claims.get("name"), str) and claims.get("name") else name
     return {"name": name, "display_name": display, "email": email, "groups": [g for g in groups if isinstance(g, str)]}
 
@@ -6196,6 +6298,9 @@ class OidcLogin:
         at = now()
         for state in [s for s, p in self.pending.items() if p[3] + AUTH_REQUEST_TTL <= at]:
             del self.pending[state]
+        same_login = [s for s, p in self.pending.items() if p[0] == request_id]
+        for state in same_login[:len(same_login) - OIDC_PENDING_PER_LOGIN + 1]:
+            del self.pending[state]
         while len(self.pending) >= OIDC_MAX_PENDING:
             del self.pending[next(iter(self.pending))]
         state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
@@ -6232,7 +6337,7 @@ class OidcLogin:
             if status != 200 or info.get("sub") != claims["sub"]:
                 raise OidcError(f"the identity provider's user info does not match the ID token (HTTP {status})")
             claims = {**info, **claims}
-        identity = oidc_identity(claims)
+        identity = oidc_identity(claims, metadata["issuer"])
         check_allowed(identity, *self.allowed)
         return request_id, identity
 
@@ -6437,6 +6542,10 @@ class Server:
             raise RuntimeError(crypto_backend_problem())
         self.recent_logs.setFormatter(log_formatter(config))
         log.addHandler(self.recent_logs)
+        if self.oidc and not any(self.oidc.allowed):
+            log.warning("OIDC: every account of %s may sign in and join the tailnet: no oidc_allowed_domains, "
+                        "oidc_allowed_users or oidc_allowed_groups is set (set one to narrow who may)",
+                        config.oidc_issuer)
         self._open_state()
         loop = asyncio.get_running_loop()
         derp_port = stun_port = 0
@@ -7031,12 +7140,12 @@ class Admin:
 
     def nodes_register(self, user, key):
         owner = self.store.user_named(user)
-        with self.store.transaction():
-            cur = self.store.db.execute("UPDATE auth_requests SET user_id=? WHERE id=? AND user_id IS NULL",
-                                        (owner.id, key))
-        if cur.rowcount != 1:
-            raise ValueError(f"no login request {key!r} is waiting (it may have expired, or serve is not running)")
-        return {"message": f"approved: the device joins as {owner.name} within a second"}
+        if self.server is None:          # login requests wait in the server's memory
+            raise ValueError(f"no login request {key!r} is waiting: meshbox serve is not running")
+        result = self.server.coordinator.approve(key, owner.id)
+        if "Error" in result:
+            raise ValueError(result["Error"])
+        return {"message": f"approved: the device joins as {owner.name}"}
 
     # routes
     def routes_list(self):

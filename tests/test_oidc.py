@@ -43,6 +43,10 @@ ACCOUNTS = {
     "mallory": {"email": "mallory@elsewhere.example", "email_verified": True, "name": "Mallory",
                 "groups": ["mesh-users"]},
     "bob": {"email": "bob@example.com", "email_verified": True, "name": "Bob", "groups": ["contractors"]},
+    # Emails the provider does not vouch for: no email_verified, or false with a name that is alice's.
+    "erin": {"email": "erin@example.com", "name": "Erin", "groups": ["mesh-users"]},
+    "frank": {"email": "frank@example.com", "email_verified": False, "preferred_username": "alice@example.com",
+              "name": "Frank", "groups": ["mesh-users"]},
 }
 
 
@@ -271,6 +275,24 @@ def test_people_the_settings_do_not_allow_are_refused(oidc, login, refusal):
     assert ACCOUNTS[login]["email"] not in users and hostname not in node_owners(oidc)
 
 
+@pytest.mark.parametrize("login", ["erin", "frank"])
+def test_an_email_the_provider_did_not_verify_names_no_one(oidc, login):
+    """Such a person is their subject at the issuer, and the allowed email domain does not let them in."""
+    hostname = fresh_hostname("unverified")
+
+    async def main():
+        client, auth_url, follow = await waiting_client(oidc, hostname)
+        status, _, page = await in_browser(Browser(oidc.cert).sign_in, auth_url, login)
+        subject = f"{login}@{oidc.issuer.removeprefix('https://')}"
+        assert status == 403 and f"{subject} may not sign in to this meshbox: neither the user nor the email " \
+            "domain is allowed" in html.unescape(page), page
+        assert not follow.done()
+        follow.cancel()
+        await client.close()
+    asyncio.run(main())
+    assert hostname not in node_owners(oidc)
+
+
 def test_unknown_login_request_is_not_sent_to_the_provider(oidc):
     status, _, page = Browser(oidc.cert).open(oidc.url + "/register/no-such-request")
     assert status == 404 and "unknown or has expired" in page
@@ -338,21 +360,54 @@ def test_id_token_claim_checks():
 
 
 def test_identity_and_who_may_sign_in():
-    identity = meshbox.oidc_identity({"sub": "42", "email": "Dana@Example.COM", "name": "Dana", "groups": "ops"})
+    issuer = "https://id.example.com"
+    identity = meshbox.oidc_identity({"sub": "42", "email": "Dana@Example.COM", "email_verified": True, "name": "Dana",
+                                      "groups": "ops"}, issuer)
     assert identity == {"name": "Dana@Example.COM", "display_name": "Dana", "email": "Dana@Example.COM",
                         "groups": ["ops"]}
     unverified = meshbox.oidc_identity({"sub": "42", "email": "boss@example.com", "email_verified": False,
-                                        "preferred_username": "dana"})
-    assert unverified["name"] == "dana" and unverified["email"] == ""
-    assert meshbox.oidc_identity({"sub": "42"})["name"] == "42"
+                                        "preferred_username": "boss@example.com"}, issuer)
+    assert unverified["name"] == "42@id.example.com" and unverified["email"] == ""
+    # Without email_verified an email is not believed either; preferred_username never names anyone.
+    for claims in ({"sub": "42", "email": "boss@example.com"}, {"sub": "42", "preferred_username": "dana"},
+                   {"sub": "42", "email": "boss@example.com", "email_verified": "yes"}):
+        assert meshbox.oidc_identity(claims, issuer)["name"] == "42@id.example.com"
+    # The subject is unique at its issuer: the same subject elsewhere is someone else.
+    assert meshbox.oidc_identity({"sub": "42"}, "https://login.example.org:8443/realms/x")["name"] == \
+        "42@login.example.org:8443"
+    # A subject that cannot be a user name is shortened to a stable hash of it.
+    long_sub = {"sub": "x" * 200}
+    name = meshbox.oidc_identity(long_sub, issuer)["name"]
+    assert name == meshbox.oidc_identity(long_sub, issuer)["name"] and name.endswith("@id.example.com")
+    assert len(name) <= 63 and name != meshbox.oidc_identity({"sub": "x" * 199}, issuer)["name"]
+    for odd in ("a b", "evil@example.com", "line\nbreak"):
+        name = meshbox.oidc_identity({"sub": odd}, issuer)["name"]
+        assert name.endswith("@id.example.com") and odd not in name and " " not in name
     meshbox.check_allowed(identity, ["example.com"], [], ["ops"])
     meshbox.check_allowed(identity, [], [], [])
-    meshbox.check_allowed(meshbox.oidc_identity({"sub": "1", "email": "eve@other.example"}), ["example.com"],
-                          ["eve@other.example"], [])
+    meshbox.check_allowed(meshbox.oidc_identity({"sub": "1", "email": "eve@other.example", "email_verified": True},
+                                                issuer), ["example.com"], ["eve@other.example"], [])
     with pytest.raises(meshbox.OidcError, match="email domain"):
         meshbox.check_allowed(unverified, ["example.com"], [], [])     # an unverified email is no domain
+    with pytest.raises(meshbox.OidcError, match="email domain"):
+        meshbox.check_allowed(unverified, [], ["boss@example.com"], [])
     with pytest.raises(meshbox.OidcError, match="allowed group"):
         meshbox.check_allowed(identity, ["example.com"], [], ["admins"])
+
+
+def test_no_allow_list_is_warned_about_at_start(tmp_path):
+    async def start(state, **allowed):
+        config = meshbox.Config(state_dir=str(state), listen=f"127.0.0.1:{free_port()}", derp_listen="off",
+                                stun_listen="off", oidc_issuer="https://id.example.com", oidc_client_id="meshbox",
+                                **allowed)
+        server = meshbox.Server(config)
+        await server.start()
+        await server.stop()
+        return [line for line in server.recent_logs.lines if "every account" in line]
+
+    warned = asyncio.run(start(tmp_path / "open"))
+    assert len(warned) == 1 and "https://id.example.com" in warned[0] and "oidc_allowed_domains" in warned[0]
+    assert asyncio.run(start(tmp_path / "narrow", oidc_allowed_domains=["example.com"])) == []
 
 
 def test_answers_the_provider_may_send():
@@ -378,3 +433,23 @@ def test_config_checks_the_oidc_settings():
         with pytest.raises(ValueError, match=refusal):
             meshbox.Config(**settings).check()
     meshbox.Config(oidc_issuer="https://id.example.com", oidc_client_id="m").check()
+
+
+def test_a_login_request_opened_again_and_again_pushes_out_no_other_sign_in():
+    login = meshbox.OidcLogin(meshbox.Config(oidc_issuer="https://id.example.com", oidc_client_id="meshbox"))
+    login.metadata = {"issuer": "https://id.example.com", "authorization_endpoint": "https://id.example.com/auth",
+                      "token_endpoint": "https://id.example.com/token"}
+    login.metadata_at = meshbox.now()
+
+    async def main():
+        theirs = await login.authorization_url("someone-else")
+        for _ in range(meshbox.OIDC_MAX_PENDING + 10):       # a stranger reloading their own AuthURL page
+            mine = await login.authorization_url("strangers-request")
+        return theirs, mine
+
+    theirs, mine = asyncio.run(main())
+    states = {login.pending[s][0] for s in login.pending}
+    assert states == {"someone-else", "strangers-request"}
+    assert sum(p[0] == "strangers-request" for p in login.pending.values()) == meshbox.OIDC_PENDING_PER_LOGIN
+    assert meshbox.parse_query(mine.partition("?")[2])["state"] in login.pending
+    assert meshbox.OIDC_PENDING_PER_LOGIN * meshbox.AUTH_REQUESTS_MAX < meshbox.OIDC_MAX_PENDING
