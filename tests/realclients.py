@@ -392,11 +392,14 @@ class StockClient:
                                    f"--statedir={self.workdir / 'state'}", f"--socket={self.socket}",
                                    f"--port={self.port}"],
                                   self.log_path, env=client_env(self.workdir, ca_file=self.ca_file), cwd=self.workdir)
-        if not netlab.wait_until(lambda: self.cli("status", "--json", check=False).returncode == 0
-                                 or not self.proc.running(), timeout, interval=0.1) or not self.proc.running():
+        answered_or_exited = netlab.wait_until(
+            lambda: not self.proc.running() or self.cli("status", "--json", check=False).returncode == 0,
+            timeout, interval=0.1)
+        if not answered_or_exited or not self.proc.running():
+            why = (f"exited with {self.proc.popen.returncode}" if not self.proc.running()
+                   else f"did not answer on {self.socket} within {timeout} s")
             self.stop()
-            raise RuntimeError(f"tailscaled did not answer on {self.socket} within {timeout} s; "
-                               f"log:\n{self.log_text()[-3000:]}")
+            raise RuntimeError(f"tailscaled {why}; log:\n{self.log_text()[-3000:]}")
         return self
 
     def cli(self, *args, timeout=CLI_TIMEOUT, check=True):
