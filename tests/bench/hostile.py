@@ -12,8 +12,8 @@ RSS from /proc and kills it past --rss-ceiling, as a router's OOM killer
 would.
 
 A good node lost its session when its map stream closed, or when it went
-LOST_AFTER seconds without a map message while changes flowed (a silent
-stream: a stock client would not notice for two minutes).  After a close it
+LOST_AFTER seconds without a map message other than a keep-alive while
+changes flowed (a silent stream: a stock client would not notice).  After a close it
 rejoins as a stock client does, a bounded number of times.  One new node
 joins halfway through the attack and one after it.  A change that a node
 did not see within CHANGE_TIMEOUT counts as missed, and at that latency in
@@ -55,6 +55,7 @@ REJOIN_ATTEMPTS = 20
 UPDATES_IN_FLIGHT = 20    # endpoint updates waiting for an answer; more are skipped, not queued
 NETWORK_TIMEOUT = 10.0    # every connect, request and read of both sides
 SAMPLE_INTERVAL = 0.25    # seconds between RSS samples
+TIMELINE_STEP = 5.0       # seconds between the RSS figures printed
 JOIN_TIMEOUT = 120.0
 
 # Each attack: what it does, and its bounds (rates per second, counts in total).
@@ -72,8 +73,8 @@ ATTACKS = {
 KEYLESS_RATE, KEYLESS_COUNT, KEYLESS_IN_FLIGHT = 5, 300, 8
 KEYLESS_BODY = 1_000_000           # bytes of RegisterRequest (the limit is MAX_REQUEST_BODY, 1 MiB)
 WRONGKEY_RATE, WRONGKEY_COUNT, WRONGKEY_MACHINES = 50, 3000, 4
-IDLE_RATE = 100                    # connections opened per second, all kinds together
-IDLE_KINDS = {"control_silent": 700, "tls_silent": 500, "ts2021_upgraded": 400, "derp_upgraded": 300}
+IDLE_RATE = 200                    # connections opened per second, all kinds together
+IDLE_KINDS = {"control_silent": 900, "tls_silent": 500, "ts2021_upgraded": 400, "derp_upgraded": 300}
 IDLE_REOPENS = 3                   # a slot the server closes is opened again, at most this many times
 SLOWHEAD_SLOTS, SLOWHEAD_RATE, SLOWHEAD_OPENS = 200, 20, 1000
 BIGHEAD_RATE, BIGHEAD_COUNT, BIGHEAD_IN_FLIGHT = 2, 120, 4
@@ -170,8 +171,10 @@ class Fleet:
                 self.closed.add(index)
                 await self.rejoin(index)
                 continue
-            self.last_message[index] = arrival
-            self.saw(index, arrival, tsclient.decode_map_frame(frame))
+            message = tsclient.decode_map_frame(frame)
+            if message != {"KeepAlive": True}:     # keep-alives alone do not make a live session
+                self.last_message[index] = arrival
+            self.saw(index, arrival, message)
 
     async def rejoin(self, index):
         client = self.clients[index]
@@ -357,6 +360,8 @@ async def guarded(counters, awaitable):
 
 
 class Attacker:
+    """The attacks of one run, each a method named as in ATTACKS, and their counters."""
+
     def __init__(self, spec):
         self.spec = spec
         self.port, self.derp_port = spec["port"], spec["derp_port"]
@@ -365,7 +370,6 @@ class Attacker:
         self.counters = {name: {kind: collections.Counter() for kind in IDLE_KINDS} if name == "idle"
                          else collections.Counter() for name in spec["attacks"]}
         self.server_public = None
-        self.closers = []      # connections to close at the end
 
     def time_left(self):
         return time.monotonic() < self.deadline
@@ -477,10 +481,11 @@ class Attacker:
                 await pace.wait()
                 if not self.time_left():
                     return
-                c["opened"] += 1
+                c["attempts"] += 1
                 opened = await open_one(kind, c)
                 if opened is None:
                     continue
+                c["opened"] += 1
                 held, close = opened
                 if isinstance(held, tsclient.ControlClient):
                     try:
@@ -702,8 +707,9 @@ class Attacker:
         await asyncio.gather(*attacks, return_exceptions=True)
 
         def plain(counters):
-            return {k: plain(v) for k, v in counters.items()} if isinstance(counters, dict) and not \
-                isinstance(counters, collections.Counter) else dict(sorted(counters.items()))
+            if isinstance(counters, collections.Counter):
+                return dict(sorted(counters.items()))
+            return {kind: plain(c) for kind, c in counters.items()}
         return {"counters": plain(self.counters), "cut_off": sorted(attacks[t] for t in pending)}
 
 
@@ -771,24 +777,27 @@ async def run(args, tmp):
         await fleet.stdin.drain()
         reports = asyncio.gather(last_json_line(attacker, args.seconds + 60),
                                  last_json_line(fleet, args.seconds + 90))
-        peak, samples, server_fate = 0.0, [], "running"
+        start, peak, timeline, server_fate = time.monotonic(), 0.0, [], "running"
         while not reports.done():
             status = proc_status(server.pid) if server.running() else None
+            at = time.monotonic() - start
             if status is None:
                 if server_fate == "running":
-                    server_fate = f"exited with {server.proc.poll()}"
+                    server_fate = f"exited with {server.proc.poll()} {at:.0f} s into the attack"
             else:
                 peak = max(peak, status["VmRSS"])
-                samples.append(status["VmRSS"])
+                if at >= len(timeline) * TIMELINE_STEP:
+                    timeline.append(round(status["VmRSS"], 1))
                 if status["VmRSS"] > args.rss_ceiling:
-                    server_fate = f"killed at {status['VmRSS']:.0f} MiB (over --rss-ceiling)"
+                    server_fate = (f"killed at {status['VmRSS']:.0f} MiB (over --rss-ceiling) "
+                                   f"{at:.0f} s into the attack")
                     server.kill()
                 result["rss_hwm_mb"] = round(status["VmHWM"], 1)
             await asyncio.wait([reports], timeout=SAMPLE_INTERVAL)
         attack_report, fleet_report = reports.result()
         status = proc_status(server.pid) if server.running() else None
         result.update(rss_peak_mb=round(peak, 1), rss_end_mb=round(status["VmRSS"], 1) if status else None,
-                      server=server_fate, attackers=attack_report, **fleet_report)
+                      rss_timeline_mb=timeline, server=server_fate, attackers=attack_report, **fleet_report)
         return result
     finally:
         for proc in (fleet, attacker):
@@ -809,6 +818,7 @@ def print_table(result):
         print(f"attacks cut off at the end: {attackers.get('cut_off')} {attackers.get('error', '')}")
     print(f"server RSS: peak {result.get('rss_peak_mb')} MiB (VmHWM {result.get('rss_hwm_mb')}), "
           f"at the end {result.get('rss_end_mb')}; server {result.get('server')}")
+    print(f"server RSS every {TIMELINE_STEP:.0f} s of the attack (MiB): {result.get('rss_timeline_mb')}")
     if "p99_ms" in result:
         print(f"good nodes: {result['changes']} changes, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
               f"max {result['max_ms']} ms, {result['missed']} missed; update errors {result['update_errors']}")
