@@ -599,11 +599,14 @@ class Attacker:
                         await pace.wait()
                         writer.write(ping)
                         counters[f"{path}_pings_sent"] += 1
-                        try:
-                            await until(time.monotonic() + NETWORK_TIMEOUT, writer.drain())
-                        except TimeoutError:
-                            counters[f"{path}_stalled"] += 1     # the server stopped reading our pings
+                        t0 = time.monotonic()
+                        await until(self.deadline, writer.drain())
+                        if time.monotonic() - t0 > 1.0:
+                            counters[f"{path}_stalled"] += 1     # the server stopped reading our pings a while
                     counters[f"{path}_open_at_end"] += 1
+                    return
+                except TimeoutError:
+                    counters[f"{path}_stalled_at_end"] += 1
                     return
                 except (OSError, ConnectionError):
                     counters[f"{path}_closed_by_server"] += 1
@@ -701,16 +704,22 @@ class Attacker:
         self.server_public = await tsclient.fetch_server_key(HOST, self.port, timeout=NETWORK_TIMEOUT)
         attacks = {asyncio.ensure_future(getattr(self, name)(self.counters[name])): name
                    for name in self.spec["attacks"]}
-        _, pending = await asyncio.wait(attacks, timeout=self.spec["seconds"] + 2 * NETWORK_TIMEOUT)
+        pending = set()
+        if attacks:
+            _, pending = await asyncio.wait(attacks, timeout=self.spec["seconds"] + 2 * NETWORK_TIMEOUT)
+        else:                      # a baseline: the good nodes alone
+            await asyncio.sleep(self.spec["seconds"])
         for task in pending:       # bounded even when the server hangs mid-request
             task.cancel()
         await asyncio.gather(*attacks, return_exceptions=True)
+        crashed = {name: f"{type(task.exception()).__name__}: {task.exception()}"[:300]
+                   for task, name in attacks.items() if not task.cancelled() and task.exception()}
 
         def plain(counters):
             if isinstance(counters, collections.Counter):
                 return dict(sorted(counters.items()))
             return {kind: plain(c) for kind, c in counters.items()}
-        return {"counters": plain(self.counters), "cut_off": sorted(attacks[t] for t in pending)}
+        return {"counters": plain(self.counters), "cut_off": sorted(attacks[t] for t in pending), "crashed": crashed}
 
 
 async def run_attacker(spec):
@@ -814,8 +823,9 @@ def print_table(result):
     print(f"{'attack':22s} counters")
     for name, counters in rows:
         print(f"{name:22s} " + (", ".join(f"{k} {v}" for k, v in counters.items()) or "-"))
-    if attackers.get("cut_off") or "error" in attackers:
-        print(f"attacks cut off at the end: {attackers.get('cut_off')} {attackers.get('error', '')}")
+    for problem in ("cut_off", "crashed", "error"):
+        if attackers.get(problem):
+            print(f"attacks {problem.replace('_', ' ')}: {attackers[problem]}")
     print(f"server RSS: peak {result.get('rss_peak_mb')} MiB (VmHWM {result.get('rss_hwm_mb')}), "
           f"at the end {result.get('rss_end_mb')}; server {result.get('server')}")
     print(f"server RSS every {TIMELINE_STEP:.0f} s of the attack (MiB): {result.get('rss_timeline_mb')}")
@@ -835,7 +845,7 @@ def main():
     parser.add_argument("--nodes", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--attacks", default=",".join(ATTACKS),
-                        help="comma-separated subset of: " + "; ".join(f"{k} ({v})" for k, v in ATTACKS.items()))
+                        help="comma-separated subset (empty: none, a baseline) of: " + "; ".join(f"{k} ({v})" for k, v in ATTACKS.items()))
     parser.add_argument("--rss-ceiling", dest="rss_ceiling", type=float, default=600,
                         help="MiB of server RSS at which the bench kills the server, as an OOM killer would "
                              "(default 600; a router has 128 MB)")
