@@ -7,17 +7,18 @@ DERP-TLS on loopback.  The fleet (--nodes simulated nodes, tests/tsclient.py)
 joins, keeps its map sessions and, while the attack lasts, makes endpoint
 changes at a steady rate, timing until every other good node sees each one
 (as fanout.py does).  The attacker runs the chosen ATTACKS together for
---seconds, each bounded in count and rate.  This one samples the server's
-RSS from /proc and kills it past --rss-ceiling, as a router's OOM killer
-would.
+--seconds, each bounded in count and rate, and counts what became of them.
+The bench itself starts the three, samples the server's RSS from /proc, and
+kills the server past --rss-ceiling, as a router's OOM killer would.
 
 A good node lost its session when its map stream closed, or when it went
 LOST_AFTER seconds without a map message other than a keep-alive while
-changes flowed (a silent stream: a stock client would not notice).  After a close it
-rejoins as a stock client does, a bounded number of times.  One new node
-joins halfway through the attack and one after it.  A change that a node
-did not see within CHANGE_TIMEOUT counts as missed, and at that latency in
-the percentiles.  Prints a table, then a JSON summary as the last line.
+changes flowed (a silent stream, which a stock client does not notice).
+After a close it rejoins as a stock client does, a bounded number of times.
+One new node joins halfway through the attack and one after it.  A change
+that a node did not see within CHANGE_TIMEOUT counts as missed, and at that
+latency in the percentiles.  Prints a table, then a JSON summary as the last
+line.
 """
 
 import argparse
@@ -84,10 +85,6 @@ HOSTINFO_RATE, HOSTINFO_COUNT, HOSTINFO_RECONNECTS = 2, 120, 20
 DERPKEYS_CLIENTS, DERPKEYS_RATE, DERPKEYS_SEND_INTERVAL = 300, 20, 2.0
 
 
-def nested_list(depth):
-    return "[" * depth + "]" * depth
-
-
 # Hostinfo shapes a hostile node sends (tailcfg.Hostinfo's fields with the
 # wrong types or sizes); a str is sent as raw JSON text.
 BAD_HOSTINFOS = {
@@ -101,7 +98,7 @@ BAD_HOSTINFOS = {
     "request_tags_object": {"RequestTags": {"tag:x": 1}},
     "wrong_types": {"OS": 5, "OSVersion": [], "IPNVersion": {}, "ShieldsUp": "no", "Userspace": 1},
     "not_an_object": [],
-    "deep_nesting": '{"Hostname": "deep", "Services": %s}' % nested_list(100_000),
+    "deep_nesting": '{"Hostname": "deep", "Services": %s%s}' % ("[" * 100_000, "]" * 100_000),
 }
 BAD_ENDPOINTS = {"endpoints_huge": ["192.0.2.%d:%d" % (i % 250 + 1, 1024 + i) for i in range(20000)],
                  "endpoints_shape": [{"IP": 1}, 5, None]}
