@@ -191,8 +191,9 @@ class ControlClient:
             self.map_arrived.set()
 
     def start_request(self, path, body):
+        """Send a request whose body is JSON, or bytes sent as they are (malformed on purpose)."""
         stream_id = self.h2.get_next_available_stream_id()
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()   # bytes: sent as they are
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.streams[stream_id] = stream = Stream()
         stream.stream_id = stream_id
         self.h2.send_headers(stream_id, [(":method", "POST"), (":path", path), (":scheme", "http"),
