@@ -4373,11 +4373,13 @@ class Coordinator:
 # The little HTTP/1.1 that meshbox needs, on asyncio streams (http.server
 # would pull in the email package, which OpenWrt ships separately).
 
-MAX_HEADER_LINE = 8192
+MAX_HEADER_LINE = 8192       # bytes of the request line or of one header line
 MAX_HEADERS = 64
+MAX_REQUEST_HEAD = 32 << 10  # bytes of a whole request head (a browser's cookies fit)
 HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 204: "No Content", 302: "Found", 400: "Bad Request",
                 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-                413: "Payload Too Large", 426: "Upgrade Required", 500: "Internal Server Error",
+                413: "Payload Too Large", 426: "Upgrade Required", 431: "Request Header Fields Too Large",
+                500: "Internal Server Error",
                 501: "Not Implemented", 503: "Service Unavailable"}
 
 
@@ -4422,16 +4424,28 @@ def _percent_decode(text):
     return out.decode(errors="replace")
 
 
+async def _read_head_line(reader, budget, what):
+    """One CRLF-ended line of a request head, within MAX_HEADER_LINE and the head's remaining budget."""
+    try:
+        line = await reader.readuntil(b"\r\n")
+    except asyncio.LimitOverrunError:
+        raise HttpError(431, f"{what} too long (limit {MAX_HEADER_LINE} bytes)") from None
+    if len(line) > MAX_HEADER_LINE:
+        raise HttpError(431, f"{what} too long (limit {MAX_HEADER_LINE} bytes)")
+    if len(line) > budget:
+        raise HttpError(431, f"request head too large (limit {MAX_REQUEST_HEAD} bytes)")
+    return line
+
+
 async def read_http_request(reader):
     """Read a request head; None on a clean close before any byte."""
     try:
-        line = await reader.readuntil(b"\r\n")
+        line = await _read_head_line(reader, MAX_REQUEST_HEAD, "request line")
     except asyncio.IncompleteReadError as e:
         if not e.partial:
             return None
         raise HttpError(400, "truncated request line") from None
-    except asyncio.LimitOverrunError:
-        raise HttpError(400, "request line too long") from None
+    budget = MAX_REQUEST_HEAD - len(line)
     parts = line.decode("latin-1").strip().split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise HttpError(400, "malformed request line")
@@ -4439,9 +4453,10 @@ async def read_http_request(reader):
     headers = {}
     for _ in range(MAX_HEADERS + 1):
         try:
-            line = await reader.readuntil(b"\r\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            line = await _read_head_line(reader, budget, "header line")
+        except asyncio.IncompleteReadError:
             raise HttpError(400, "malformed header") from None
+        budget -= len(line)
         if line == b"\r\n":
             break
         name, sep, value = line.decode("latin-1").partition(":")
@@ -4449,7 +4464,7 @@ async def read_http_request(reader):
             raise HttpError(400, "malformed header line")
         headers[name.strip().lower()] = value.strip()
     else:
-        raise HttpError(400, "too many headers")
+        raise HttpError(431, "too many headers")
     path, _, query = target.partition("?")
     return HttpRequest(method.upper(), path, parse_query(query), headers)
 
