@@ -921,11 +921,21 @@ def map_frame(message):
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 WS_OP_CONT, WS_OP_BINARY, WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG = 0x0, 0x2, 0x8, 0x9, 0xA
 WS_MAX_MESSAGE = 1 << 20
+WS_MAX_CONTROL = 125                 # RFC 6455 5.5: control frames are short and never fragmented
+WS_CONTROL_BUFFER = 64 << 10         # bytes waiting for a peer past which its pings get no pong
 
 
 def websocket_accept_value(client_key):
     """Sec-WebSocket-Accept for a client's Sec-WebSocket-Key."""
     return base64.b64encode(hashlib.sha1(client_key.encode() + WS_GUID).digest()).decode()
+
+
+def websocket_mask(mask, data):
+    """data XORed with the 4-byte mask repeated (masking and unmasking are
+    the same): one big-integer XOR, 20 times faster than a loop over bytes."""
+    n = len(data)
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
 def websocket_frame(opcode, payload):
@@ -945,30 +955,34 @@ class WebSocketStream:
 
     def __init__(self, reader, writer):
         self.reader, self.writer = reader, writer
+        self.transport = writer.transport
         self.buffer = bytearray()
 
     async def _read_message(self):
         while True:
             b0, b1 = await self.reader.readexactly(2)
             opcode, masked, n = b0 & 0x0F, b1 & 0x80, b1 & 0x7F
+            if not masked:
+                raise ConnectionError("unmasked websocket frame: clients must mask (RFC 6455 5.1)")
+            if opcode & 0x08 and (n > WS_MAX_CONTROL or not b0 & 0x80):
+                raise ConnectionError("websocket control frame longer than 125 bytes or fragmented")
             if n == 126:
                 n = struct.unpack(">H", await self.reader.readexactly(2))[0]
             elif n == 127:
                 n = struct.unpack(">Q", await self.reader.readexactly(8))[0]
             if n > WS_MAX_MESSAGE:
                 raise ConnectionError("websocket frame too large")
-            mask = await self.reader.readexactly(4) if masked else b""
-            data = bytearray(await self.reader.readexactly(n))
-            if mask:
-                for i in range(n):
-                    data[i] ^= mask[i & 3]
+            mask = await self.reader.readexactly(4)
+            data = websocket_mask(mask, await self.reader.readexactly(n))
             if opcode == WS_OP_CLOSE:
                 raise asyncio.IncompleteReadError(b"", None)
             if opcode == WS_OP_PING:
-                self.writer.write(websocket_frame(WS_OP_PONG, bytes(data)))
+                # Pings need no login: a peer that sends them without reading gets no more pongs.
+                if self.transport.get_write_buffer_size() <= WS_CONTROL_BUFFER:
+                    self.writer.write(websocket_frame(WS_OP_PONG, data))
                 continue
             if opcode in (WS_OP_BINARY, WS_OP_CONT):
-                return bytes(data)
+                return data
 
     async def readexactly(self, n):
         while len(self.buffer) < n:

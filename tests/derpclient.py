@@ -177,7 +177,7 @@ class WebSocketClientStream:
             head = struct.pack(">BBH", 0x82, 0x80 | 126, n)
         else:
             head = struct.pack(">BBQ", 0x82, 0x80 | 127, n)
-        self.writer.write(head + mask + bytes(b ^ mask[i & 3] for i, b in enumerate(data)))
+        self.writer.write(head + mask + meshbox.websocket_mask(mask, data))
 
     async def drain(self):
         await self.writer.drain()
@@ -202,8 +202,9 @@ class FakeTransport:
 class FakeWriter:
     """A stream writer that keeps what is written to it."""
 
-    def __init__(self):
+    def __init__(self, transport=None):
         self.frames = []
+        self.transport = transport or FakeTransport()
 
     def write(self, data):
         self.frames.append(bytes(data))
