@@ -4390,6 +4390,7 @@ class Coordinator:
 MAX_HEADER_LINE = 8192       # bytes of the request line or of one header line
 MAX_HEADERS = 64
 MAX_REQUEST_HEAD = 32 << 10  # bytes of a whole request head (a browser's cookies fit)
+WRITE_TIMEOUT = 30           # seconds a peer may leave a full buffer unread before it is dropped
 HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 204: "No Content", 302: "Found", 400: "Bad Request",
                 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
                 413: "Payload Too Large", 426: "Upgrade Required", 431: "Request Header Fields Too Large",
@@ -4481,6 +4482,18 @@ async def read_http_request(reader):
         raise HttpError(431, "too many headers")
     path, _, query = target.partition("?")
     return HttpRequest(method.upper(), path, parse_query(query), headers)
+
+
+async def drain_within(writer):
+    """writer.drain(), but a peer that leaves what waits for it unread for
+    WRITE_TIMEOUT seconds is dropped (ConnectionError) instead of holding
+    the buffer and the task that feeds it forever."""
+    try:
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await writer.drain()
+    except TimeoutError:
+        writer.transport.abort()
+        raise ConnectionError(f"peer read nothing for {WRITE_TIMEOUT} s") from None
 
 
 def http_response(status, body=b"", content_type="text/plain; charset=utf-8", headers=()):
@@ -4822,9 +4835,12 @@ class DerpConnection:
 class DerpServer:
     """The DERP relay: joined clients by key and the packets between them."""
 
-    def __init__(self, private_key):
+    def __init__(self, private_key, admit=None):
         self.private_key = private_key
         self.public_key = x25519_public(private_key)
+        # admit(client key): None to serve the client, or why it is refused
+        # (told in a Health frame before the close); None serves any key.
+        self.admit = admit
         # key -> its connections; the last one (newest, or the last to send
         # a frame) is the one packets go to, as derper's default policy.
         self._clients = {}
@@ -4853,8 +4869,9 @@ class DerpServer:
             for conn in conns:
                 conn.writer.close()
 
-    async def handle_upgrade(self, headers, reader, writer):
-        """Answer ``GET /derp`` asking for an upgrade, then serve the connection."""
+    async def handle_upgrade(self, headers, reader, writer, joined=None):
+        """Answer ``GET /derp`` asking for an upgrade, then serve the connection;
+        joined() is called once the client's key is admitted."""
         upgrade = headers.get("upgrade", "").lower()
         if upgrade == "websocket" and "derp" in headers.get("sec-websocket-protocol", ""):
             # Browser clients (tsconnect): frames inside WebSocket binary messages.
@@ -4862,7 +4879,7 @@ class DerpServer:
                 ("Sec-WebSocket-Accept", websocket_accept_value(headers.get("sec-websocket-key", ""))),
                 ("Sec-WebSocket-Protocol", "derp")]))
             stream = WebSocketStream(reader, writer)
-            await self.serve_client(stream, stream, writer.transport)
+            await self.serve_client(stream, stream, joined)
             return
         # Old clients said "websocket" but spoke plain DERP, so derper takes both.
         if upgrade not in ("derp", "websocket"):
@@ -4874,14 +4891,12 @@ class DerpServer:
             writer.write(http_upgrade_response("DERP", [
                 ("Derp-Version", DERP_PROTOCOL_VERSION),
                 ("Derp-Public-Key", self.public_key.hex())]))
-        await self.serve_client(reader, writer)
+        await self.serve_client(reader, writer, joined)
 
-    async def serve_client(self, reader, writer, transport=None):
-        """Run DERP on an upgraded connection until it ends.
-
-        transport is the socket's own transport when writer wraps it.
-        """
-        transport = transport or writer.transport
+    async def serve_client(self, reader, writer, joined=None):
+        """Run DERP on an upgraded connection until it ends (writer may be a
+        WebSocketStream: its transport is the socket's own)."""
+        transport = writer.transport
         remote = address_text(transport.get_extra_info("peername"))
         try:
             writer.write(server_key_frame(self.public_key))
@@ -4890,11 +4905,17 @@ class DerpServer:
             if frame_type != FRAME_CLIENT_INFO:
                 raise DerpError(f"expected ClientInfo, got frame 0x{frame_type:02x}")
             client_key, _info = open_client_info(self.private_key, body)
+            refusal = self.admit(client_key) if self.admit else None
+            if refusal:
+                writer.write(frame(FRAME_HEALTH, refusal.encode()))
+                raise DerpError(f"{short_key(client_key)} refused: {refusal}")
             writer.write(server_info_frame(self.private_key, client_key))
         except (DerpError, EOFError, OSError, TimeoutError) as e:
             log.info("derp: handshake with %s failed: %s", remote, e or type(e).__name__)
             writer.close()
             return
+        if joined:
+            joined()
         conn = DerpConnection(client_key, remote, writer, transport)
         self._register(conn)
         log.info("derp: %s connected from %s", short_key(client_key), remote)
@@ -4991,9 +5012,20 @@ class DerpServer:
         # Besides telling the client we are alive, this keeps TCP sending to
         # a vanished client, so its retransmissions time out and end the
         # connection; meanwhile its buffer stays within DERP_DISCO_BUFFER.
+        # A client whose buffer is full at two keepalives in a row reads
+        # nothing: it is dropped rather than held.
+        stalled = False
         while True:
             await asyncio.sleep(DERP_KEEPALIVE * random.uniform(1.0, 1.08))   # jitter as derper
-            conn.send(KEEP_ALIVE_FRAME, DERP_DISCO_BUFFER)
+            if conn.send(KEEP_ALIVE_FRAME, DERP_DISCO_BUFFER):
+                stalled = False
+            elif stalled:
+                log.info("derp: %s from %s read nothing for %d s, dropped", short_key(conn.key), conn.remote,
+                         2 * DERP_KEEPALIVE)
+                conn.transport.abort()
+                return
+            else:
+                stalled = True
 
     def _register(self, conn):
         self._clients.setdefault(conn.key, []).append(conn)
@@ -5116,14 +5148,17 @@ MAX_REQUEST_BODY = 1 << 20
 MAX_STREAMS = 16             # open requests per connection; a client uses a handful
 MAX_BUFFERED_BODIES = 2 * MAX_REQUEST_BODY   # request bytes one connection may hold before dispatch
 CONTROL_HANDSHAKE_TIMEOUT = 30
+CONTROL_IDLE_TIMEOUT = 30    # seconds a connection may serve no request (a map stream is one) before it is closed
 
 
 class ControlConnection:
     """One client's Noise channel carrying HTTP/2 requests."""
 
-    def __init__(self, server, stream, writer, noise, peer):
+    def __init__(self, server, stream, writer, noise, peer, proven):
         self.server, self.stream, self.writer = server, stream, writer
         self.noise, self.peer = noise, peer
+        self.proven = proven     # called once the connection registered a node or opened its map
+        self.idle_timer = None
         self.machine_key = noise.peer_static
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
         self.h2.local_settings.max_concurrent_streams = MAX_STREAMS
@@ -5137,10 +5172,29 @@ class ControlConnection:
         if data:
             self.writer.write(seal_records(self.noise.send, data))
 
+    def watch_idle(self):
+        """Close the connection CONTROL_IDLE_TIMEOUT after its last request ends:
+        one that registers nothing and opens no map does not sit forever."""
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.idle_timer = None if self.tasks else \
+            asyncio.get_running_loop().call_later(CONTROL_IDLE_TIMEOUT, self.close_idle)
+
+    def close_idle(self):
+        log.info("control %s: no request for %d s, closed", self.peer, CONTROL_IDLE_TIMEOUT)
+        self.h2.close_connection()      # GOAWAY: the client opens a new connection for its next request
+        self.flush()
+        self.writer.close()
+
+    def request_done(self, task):
+        self.tasks.discard(task)
+        self.watch_idle()
+
     async def run(self, early_payload):
         self.writer.write(seal_records(self.noise.send, early_payload))
         self.h2.initiate_connection()
         self.flush()
+        self.watch_idle()
         try:
             while True:
                 data = await read_record(self.stream, self.noise.recv)
@@ -5153,12 +5207,14 @@ class ControlConnection:
                 for event in events:
                     self.on_event(event)
                 self.flush()
-                await self.writer.drain()
+                await drain_within(self.writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except NoiseError as e:
             log.info("control %s: %s", self.peer, e)
         finally:
+            if self.idle_timer is not None:
+                self.idle_timer.cancel()
             for task in list(self.tasks):
                 task.cancel()
 
@@ -5192,7 +5248,8 @@ class ControlConnection:
         headers, body = self.requests.pop(stream_id)
         task = asyncio.ensure_future(self.handle(stream_id, headers, bytes(body)))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self.request_done)
+        self.watch_idle()
 
     def respond(self, stream_id, status, content_type="application/json", end=False):
         self.h2.send_headers(stream_id, [(":status", str(status)), ("content-type", content_type)],
@@ -5211,10 +5268,11 @@ class ControlConnection:
             chunk, view = view[:window], view[window:]
             self.h2.send_data(stream_id, bytes(chunk), end_stream=end and not view)
             self.flush()
+            await drain_within(self.writer)
         if end and not data:
             self.h2.end_stream(stream_id)
             self.flush()
-        await self.writer.drain()
+        await drain_within(self.writer)
 
     async def reply(self, stream_id, status, body, content_type="application/json"):
         if not isinstance(body, bytes):
@@ -5259,6 +5317,7 @@ class ControlConnection:
                 result = result.result
             if result.get("MachineAuthorized"):
                 self.server.metrics["registrations"] += 1
+                self.proven()
             return result
         except RegistrationRefused as e:
             log.warning("registration refused (%s) for %s from %s: %s", e.reason,
@@ -5273,6 +5332,7 @@ class ControlConnection:
         except MapRefused as e:
             log.info("map refused for %s: %s", self.peer, e)
             raise HttpError(e.status, str(e)) from None
+        self.proven()
         compress = request.get("Compress") == "zstd"
 
         def encode(message):
@@ -6239,7 +6299,12 @@ class Config:
     node_expiry: str = "180d"   # how long a node key lasts before its owner logs in again; 0: forever
     ephemeral_timeout: str = "30m"   # how long an ephemeral node may be offline before it is removed
     log_level: str = "info"
-    max_connections: int = 2048  # open TCP connections (control and DERP); more are turned away
+    max_connections: int = 2048  # open TCP connections of every kind; more are turned away
+    max_control_connections: int = 1024   # of them, control (ts2021) connections
+    max_derp_connections: int = 1024      # DERP clients
+    max_http_connections: int = 64        # plain HTTP: login pages, API, metrics
+    max_connections_per_source: int = 128  # from one address (IPv6: /64), before they show a node or DERP key
+    derp_serve_any: bool = False  # relay for any DERP client key, not only the tailnet's nodes and the box's
     log_format: str = "text"    # text, or json (one object per line)
     gateway: bool = False       # be a WireGuard peer, subnet router and exit node of the tailnet
     wg_interface: str = "meshbox0"
@@ -6341,6 +6406,78 @@ def release_free_memory():
         pass
 
 
+# Connection budgets.  max_connections counts every connection from its
+# accept (TLS ones before their handshake); once the request head says what
+# a connection is, it also takes a place in its kind's budget, so a flood of
+# one kind cannot starve the others.  Until it proves something (a
+# registered node, an admitted DERP key) it also counts against its source
+# address, so one stranger cannot lock out the tailnet's nodes.
+TLS_HANDSHAKE_TIMEOUT = 10   # seconds from accept to a finished TLS handshake (asyncio's default: 60)
+
+
+def connection_source(address):
+    """What a connection from address counts against: its host, or for IPv6
+    its /64 (one subscriber's share: a stranger has the whole of it)."""
+    try:
+        host = ipaddress.ip_address(address[0].partition("%")[0])
+    except (TypeError, ValueError, IndexError):
+        return "?"
+    if host.version == 6:
+        if host.ipv4_mapped:
+            return str(host.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{host}/64", strict=False))
+    return str(host)
+
+
+class ConnectionBudgets:
+    """Open connections by kind, and unproven ones by source address."""
+
+    def __init__(self, limits, per_source):
+        self.limits, self.per_source = limits, per_source
+        self.open = collections.Counter()
+        self.unproven = collections.Counter()
+
+    def admit(self, source):
+        """A ConnectionTicket for a new connection, or None when source holds its share."""
+        if self.unproven[source] >= self.per_source:
+            return None
+        self.unproven[source] += 1
+        return ConnectionTicket(self, source)
+
+
+class ConnectionTicket:
+    """One connection's places in the budgets, given back by release()."""
+
+    __slots__ = ("budgets", "source", "kind", "proven")
+
+    def __init__(self, budgets, source):
+        self.budgets, self.source, self.kind, self.proven = budgets, source, None, False
+
+    def enter(self, kind):
+        """Take a place in kind's budget; False when it is full."""
+        if self.budgets.open[kind] >= self.budgets.limits[kind]:
+            return False
+        self.budgets.open[kind] += 1
+        self.kind = kind
+        return True
+
+    def prove(self):
+        """The connection showed a node or an admitted key: its address stops paying for it."""
+        if not self.proven:
+            self.proven = True
+            unproven = self.budgets.unproven
+            unproven[self.source] -= 1
+            if not unproven[self.source]:
+                del unproven[self.source]
+
+    def release(self):
+        """Give back its place in its kind's budget, and its address's while unproven."""
+        if self.kind is not None:
+            self.budgets.open[self.kind] -= 1
+            self.kind = None
+        self.prove()
+
+
 class Server:
     """A running meshbox: store, coordinator, DERP, STUN and their listeners."""
 
@@ -6366,7 +6503,18 @@ class Server:
         self.noise_public = x25519_public(self.noise_private)
         challenge = json_bytes({"nodeKeyChallenge": key_text("chalpub", x25519_public(self.challenge_private))})
         self.early_payload = EARLY_PAYLOAD_MAGIC + struct.pack(">I", len(challenge)) + challenge
-        self.derp = DerpServer(self.store.secret("derp_private", new_private_key)) if self.config.derp_address() else None
+        admit = None if self.config.derp_serve_any else self.derp_refusal
+        self.derp = DerpServer(self.store.secret("derp_private", new_private_key), admit) \
+            if self.config.derp_address() else None
+
+    def derp_refusal(self, key):
+        """Why a DERP client key is not served (None: it is a live node's, the box's included)."""
+        node = self.coordinator.node_by_node_key(key)
+        if node is None:
+            return "this key is not a node of this tailnet (meshbox serves only its nodes; see derp_serve_any)"
+        if is_expired(node, now()):
+            return "this node's key has expired: log in again"
+        return None
 
     def _derp_certificate(self):
         """Create (once per DERP host name) the pinned self-signed certificate."""
@@ -6389,6 +6537,9 @@ class Server:
     async def start(self):
         config = self.config
         config.check()
+        self.budgets = ConnectionBudgets(
+            {kind: int(getattr(config, f"max_{kind}_connections")) for kind in ("control", "derp", "http")},
+            int(config.max_connections_per_source))
         self.oidc = OidcLogin(config) if config.oidc_issuer else None
         if crypto_backend_problem():
             raise RuntimeError(crypto_backend_problem())
@@ -6405,7 +6556,7 @@ class Server:
             context, cert_name = self._derp_certificate()
             host, derp_port = config.derp_address()
             self.listeners.append(await asyncio.start_server(
-                lambda r, w: self.handle_http(r, w, tls=True), host, derp_port, ssl=context))
+                lambda r, w: self.handle_http(r, w, tls=context), host, derp_port))
         if config.stun_address():
             host, stun_port = config.stun_address()
             transport, _ = await loop.create_datagram_endpoint(StunProtocol, local_addr=(host, stun_port))
@@ -6586,21 +6737,31 @@ class Server:
         log.removeHandler(self.recent_logs)
 
     # HTTP/1.1 requests
-    async def handle_http(self, reader, writer, tls=False):
-        peer = writer.get_extra_info("peername")
-        peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+    async def handle_http(self, reader, writer, tls=None):
+        """One connection from its accept; tls is the DERP port's context, its handshake bounded in time."""
+        address = writer.get_extra_info("peername")
+        peer = f"{address[0]}:{address[1]}" if address else "?"
+        ticket = None
         if len(self.connections) >= int(self.config.max_connections):
+            refusal = "too many connections, try again later"
+        else:
+            ticket = self.budgets.admit(connection_source(address))
+            refusal = "too many connections from your address, try again later"
+        if ticket is None:
             # Refused before reading a byte: a flood cannot make us buffer or parse.
             self.metrics["connections_turned_away"] += 1
-            writer.write(http_response(503, "too many connections, try again later\n"))
+            if tls is None:
+                writer.write(http_response(503, refusal + "\n"))
             writer.close()
             return
         self.connections[asyncio.current_task()] = writer
         try:
+            if tls is not None:
+                await writer.start_tls(tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
             request = await asyncio.wait_for(read_http_request(reader), CONTROL_HANDSHAKE_TIMEOUT)
             if request is None:
                 return
-            control = await self.route_http(request, reader, writer, peer)
+            control = await self.route_http(request, reader, writer, peer, ticket)
             if control is not None:
                 del request       # a control connection lasts hours: keep nothing of its HTTP request
                 await control.run(self.early_payload)
@@ -6612,24 +6773,30 @@ class Server:
             log.exception("error serving %s", peer)
         finally:
             self.connections.pop(asyncio.current_task(), None)
+            ticket.release()
             try:
-                await writer.drain()
+                await drain_within(writer)
                 writer.close()
             except (ConnectionError, OSError):
                 pass
 
-    async def route_http(self, request, reader, writer, peer):
+    async def route_http(self, request, reader, writer, peer, ticket):
         """Answer one HTTP request; for an upgrade to the control protocol,
         the ControlConnection to run."""
         path, upgrade = request.path, request.headers.get("upgrade", "").lower()
+        derp = path == "/derp" and upgrade in ("derp", "websocket") and self.derp
+        kind = "control" if path == "/ts2021" else "derp" if derp else "http"
+        if not ticket.enter(kind):
+            self.metrics["connections_turned_away"] += 1
+            raise HttpError(503, f"too many {kind} connections, try again later")
         if path == "/key" and request.method == "GET":
             body = {"legacyPublicKey": key_text("mkey", bytes(32)),
                     "publicKey": key_text("mkey", self.noise_public)}
             writer.write(http_response(200, json_bytes(body), "application/json"))
         elif path == "/ts2021":
-            return self.upgrade_control(request, upgrade, reader, writer, peer)
-        elif path == "/derp" and upgrade in ("derp", "websocket") and self.derp:
-            await self.derp.handle_upgrade(request.headers, reader, writer)
+            return self.upgrade_control(request, upgrade, reader, writer, peer, ticket)
+        elif derp:
+            await self.derp.handle_upgrade(request.headers, reader, writer, ticket.prove)
         elif path in ("/derp/probe", "/derp/latency-check"):
             writer.write(http_response(200, b""))
         elif path == "/generate_204":
@@ -6654,7 +6821,7 @@ class Server:
         else:
             raise HttpError(404, f"{path} is not served here")
 
-    def upgrade_control(self, request, upgrade, reader, writer, peer):
+    def upgrade_control(self, request, upgrade, reader, writer, peer, ticket):
         """Complete the Noise handshake of a control upgrade: its ControlConnection."""
         if upgrade == "websocket":
             protocols = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
@@ -6682,7 +6849,7 @@ class Server:
         else:
             writer.write(http_upgrade_response(CONTROL_UPGRADE) + response)
             stream, out = reader, writer
-        return ControlConnection(self, stream, out, noise, peer)
+        return ControlConnection(self, stream, out, noise, peer, ticket.prove)
 
     # interactive login: the AuthURL shows the approve command, or sends the
     # person to the identity provider, who sends them back to /oidc/callback
@@ -6788,7 +6955,8 @@ class Server:
         metric("registrations_total", "counter", "Successful registrations.", [({}, self.metrics["registrations"])])
         metric("registration_refusals_total", "counter", "Refused registrations by reason.",
                [({"reason": reason}, count) for reason, count in sorted(self.refusals.items())] or [({}, 0)])
-        metric("connections_turned_away_total", "counter", "Connections refused at max_connections.",
+        metric("connections_turned_away_total", "counter",
+               "Connections refused at a limit (overall, of their kind, or of their address).",
                [({}, self.metrics["connections_turned_away"])])
         metric("api_refused_total", "counter", "API requests refused for a bad key.", [({}, self.metrics["api_refused"])])
         metric("derp_clients", "gauge", "Connected DERP clients.", [({}, derp.get("clients", 0))])
@@ -7475,7 +7643,16 @@ def build_parser():
     serve.add_argument("--policy-file", dest="policy_file",
                        help="HuJSON ACL policy file, reloaded when it changes (default: the one set with 'policy set')")
     serve.add_argument("--max-connections", dest="max_connections", type=int,
-                       help="open connections (control and DERP) before new ones are refused (default 2048)")
+                       help="open connections of every kind before new ones are refused (default 2048)")
+    for kind, what, default in (("control", "control (ts2021)", 1024), ("derp", "DERP", 1024),
+                                ("http", "plain HTTP (login pages, API, metrics)", 64)):
+        serve.add_argument(f"--max-{kind}-connections", dest=f"max_{kind}_connections", type=int,
+                           help=f"of them, {what} connections (default {default})")
+    serve.add_argument("--max-connections-per-source", dest="max_connections_per_source", type=int,
+                       help="connections from one address (IPv6: one /64) that have not yet shown a node "
+                            "or DERP key (default 128)")
+    serve.add_argument("--derp-serve-any", dest="derp_serve_any", action="store_true", default=None,
+                       help="relay for any DERP client, not only the tailnet's nodes (default: nodes only)")
     serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", dest="log_format", choices=["text", "json"], help="log lines as text or JSON")
     gw = serve.add_argument_group("gateway (the box as a WireGuard peer, subnet router and exit node)")

@@ -16,7 +16,7 @@ import struct
 import meshbox
 from meshbox import (DERP_KEY_LEN, DERP_MAGIC, DERP_MAX_INFO, DERP_NONCE_LEN,
                      DERP_PROTOCOL_VERSION, FRAME_CLIENT_INFO, FRAME_KEEP_ALIVE,
-                     FRAME_PING, FRAME_PONG, FRAME_RECV_PACKET, FRAME_SEND_PACKET,
+                     FRAME_HEALTH, FRAME_PING, FRAME_PONG, FRAME_RECV_PACKET, FRAME_SEND_PACKET,
                      FRAME_SERVER_INFO, FRAME_SERVER_KEY, frame, read_frame)
 
 
@@ -96,6 +96,8 @@ class DerpClient:
         self.writer.write(frame(FRAME_CLIENT_INFO, self.public_key + nonce + meshbox.box_seal(
             self.private_key, self.server_key, nonce, info)))
         frame_type, body = await read_frame(self.reader, DERP_MAX_INFO)
+        if frame_type == FRAME_HEALTH:
+            raise ConnectionError(f"refused: {body.decode(errors='replace')}")
         if frame_type != FRAME_SERVER_INFO or len(body) < DERP_NONCE_LEN:
             raise ConnectionError(f"expected ServerInfo, got frame 0x{frame_type:02x}")
         self.server_info = json.loads(meshbox.box_open(
