@@ -4488,6 +4488,8 @@ async def drain_within(writer):
     """writer.drain(), but a peer that leaves what waits for it unread for
     WRITE_TIMEOUT seconds is dropped (ConnectionError) instead of holding
     the buffer and the task that feeds it forever."""
+    if not writer.transport.get_write_buffer_size():
+        return          # all taken already: the common case, without a timer
     try:
         async with asyncio.timeout(WRITE_TIMEOUT):
             await writer.drain()
