@@ -4871,6 +4871,16 @@ class DerpServer:
             for conn in conns:
                 conn.writer.close()
 
+    def close_refused(self):
+        """Tell the clients whose keys admit() now refuses (a node deleted,
+        a key expired) why, and close them."""
+        for key, conns in list(self._clients.items()):
+            refusal = self.admit(key) if self.admit else None
+            for conn in conns if refusal else ():
+                log.info("derp: %s from %s dropped: %s", short_key(key), conn.remote, refusal)
+                conn.send(frame(FRAME_HEALTH, refusal.encode()), DERP_DISCO_BUFFER)
+                conn.writer.close()
+
     async def handle_upgrade(self, headers, reader, writer, joined=None):
         """Answer ``GET /derp`` asking for an upgrade, then serve the connection;
         joined() is called once the client's key is admitted."""
@@ -6494,6 +6504,7 @@ class Server:
         self.wireguard_stats = {}   # node key -> the gateway's handshake and byte counters
         self.metrics = collections.Counter()
         self.frames = {}            # id(map message) -> (message, its zstd frame)
+        self.derp_nodes = None      # node key -> node, for DERP admission; None after a change
         self.recent_logs = RecentLogs()
         self.stopping = asyncio.Event()
 
@@ -6511,7 +6522,9 @@ class Server:
 
     def derp_refusal(self, key):
         """Why a DERP client key is not served (None: it is a live node's, the box's included)."""
-        node = self.coordinator.node_by_node_key(key)
+        if self.derp_nodes is None:       # rebuilt after a change: DERP asks once per client
+            self.derp_nodes = {n.node_key: n for n in self.coordinator.nodes.values()}
+        node = self.derp_nodes.get(key)
         if node is None:
             return "this key is not a node of this tailnet (meshbox serves only its nodes; see derp_serve_any)"
         if is_expired(node, now()):
@@ -6672,6 +6685,7 @@ class Server:
     # following the tailnet: the gateway and the hosts file
     def tailnet_changed(self):
         """Schedule one follow-up for a burst of changes."""
+        self.derp_nodes = None
         if not self.follow_pending:
             self.follow_pending = True
             asyncio.get_running_loop().call_later(UPDATE_BATCH_DELAY,
@@ -6682,6 +6696,8 @@ class Server:
         self.follow_pending = False
         devices = self.store.devices()
         self.write_hosts_file(devices)
+        if self.derp is not None:
+            self.derp.close_refused()
         if self.gateway is not None:
             await self.sync_gateway(devices)
 

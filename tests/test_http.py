@@ -293,6 +293,27 @@ def test_derp_serves_the_tailnet_keys_only(tmp_path):
     run(main())
 
 
+def test_derp_client_of_a_deleted_node_is_told_and_dropped(tmp_path):
+    async def main():
+        async with serving(tmp_path, derp=True) as (server, port, derp_port):
+            key = new_key(server)
+            member, other = (tsclient.ControlClient("127.0.0.1", port, name) for name in ("member", "other"))
+            await member.join(key)
+            await other.join(key)
+            relayed, stays = [await DerpClient.connect("127.0.0.1", derp_port, private_key=c.node_private,
+                                                       pin=derp_pin(server)) for c in (member, other)]
+            node = next(n for n in server.coordinator.nodes.values() if n.hostname == "member")
+            await asyncio.get_running_loop().run_in_executor(None, cli, tmp_path, "nodes", "delete", str(node.id))
+            assert await relayed.recv_frame() == (meshbox.FRAME_HEALTH,
+                                                  b"this key is not a node of this tailnet "
+                                                  b"(meshbox serves only its nodes; see derp_serve_any)")
+            assert await closed_within(relayed.reader, 5)
+            assert await stays.ping() and server.derp.clients == 1
+            for c in (relayed, stays, member, other):
+                await c.close()
+    run(main())
+
+
 def test_derp_serve_any_admits_strangers(tmp_path):
     async def main():
         async with serving(tmp_path, derp=True, derp_serve_any=True) as (server, port, derp_port):
