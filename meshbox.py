@@ -1018,11 +1018,21 @@ def map_frame(message):
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 WS_OP_CONT, WS_OP_BINARY, WS_OP_CLOSE, WS_OP_PING, WS_OP_PONG = 0x0, 0x2, 0x8, 0x9, 0xA
 WS_MAX_MESSAGE = 1 << 20
+WS_MAX_CONTROL = 125                 # RFC 6455 5.5: control frames are short and never fragmented
+WS_CONTROL_BUFFER = 64 << 10         # bytes waiting for a peer past which its pings get no pong
 
 
 def websocket_accept_value(client_key):
     """Sec-WebSocket-Accept for a client's Sec-WebSocket-Key."""
     return base64.b64encode(hashlib.sha1(client_key.encode() + WS_GUID).digest()).decode()
+
+
+def websocket_mask(mask, data):
+    """data XORed with the 4-byte mask repeated (masking and unmasking are
+    the same): one big-integer XOR, 20 times faster than a loop over bytes."""
+    n = len(data)
+    key = (mask * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
 def websocket_frame(opcode, payload):
@@ -1042,30 +1052,34 @@ class WebSocketStream:
 
     def __init__(self, reader, writer):
         self.reader, self.writer = reader, writer
+        self.transport = writer.transport
         self.buffer = bytearray()
 
     async def _read_message(self):
         while True:
             b0, b1 = await self.reader.readexactly(2)
             opcode, masked, n = b0 & 0x0F, b1 & 0x80, b1 & 0x7F
+            if not masked:
+                raise ConnectionError("unmasked websocket frame: clients must mask (RFC 6455 5.1)")
+            if opcode & 0x08 and (n > WS_MAX_CONTROL or not b0 & 0x80):
+                raise ConnectionError("websocket control frame longer than 125 bytes or fragmented")
             if n == 126:
                 n = struct.unpack(">H", await self.reader.readexactly(2))[0]
             elif n == 127:
                 n = struct.unpack(">Q", await self.reader.readexactly(8))[0]
             if n > WS_MAX_MESSAGE:
                 raise ConnectionError("websocket frame too large")
-            mask = await self.reader.readexactly(4) if masked else b""
-            data = bytearray(await self.reader.readexactly(n))
-            if mask:
-                for i in range(n):
-                    data[i] ^= mask[i & 3]
+            mask = await self.reader.readexactly(4)
+            data = websocket_mask(mask, await self.reader.readexactly(n))
             if opcode == WS_OP_CLOSE:
                 raise asyncio.IncompleteReadError(b"", None)
             if opcode == WS_OP_PING:
-                self.writer.write(websocket_frame(WS_OP_PONG, bytes(data)))
+                # Pings need no login: a peer that sends them without reading gets no more pongs.
+                if self.transport.get_write_buffer_size() <= WS_CONTROL_BUFFER:
+                    self.writer.write(websocket_frame(WS_OP_PONG, data))
                 continue
             if opcode in (WS_OP_BINARY, WS_OP_CONT):
-                return bytes(data)
+                return data
 
     async def readexactly(self, n):
         while len(self.buffer) < n:
@@ -4536,11 +4550,14 @@ class Coordinator:
 # The little HTTP/1.1 that meshbox needs, on asyncio streams (http.server
 # would pull in the email package, which OpenWrt ships separately).
 
-MAX_HEADER_LINE = 8192
+MAX_HEADER_LINE = 8192       # bytes of the request line or of one header line
 MAX_HEADERS = 64
+MAX_REQUEST_HEAD = 32 << 10  # bytes of a whole request head (a browser's cookies fit)
+WRITE_TIMEOUT = 30           # seconds a peer may leave a full buffer unread before it is dropped
 HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 204: "No Content", 302: "Found", 400: "Bad Request",
                 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-                413: "Payload Too Large", 426: "Upgrade Required", 500: "Internal Server Error",
+                413: "Payload Too Large", 426: "Upgrade Required", 431: "Request Header Fields Too Large",
+                500: "Internal Server Error",
                 501: "Not Implemented", 503: "Service Unavailable"}
 
 
@@ -4585,16 +4602,28 @@ def _percent_decode(text):
     return out.decode(errors="replace")
 
 
+async def _read_head_line(reader, budget, what):
+    """One CRLF-ended line of a request head, within MAX_HEADER_LINE and the head's remaining budget."""
+    try:
+        line = await reader.readuntil(b"\r\n")
+    except asyncio.LimitOverrunError:
+        raise HttpError(431, f"{what} too long (limit {MAX_HEADER_LINE} bytes)") from None
+    if len(line) > MAX_HEADER_LINE:
+        raise HttpError(431, f"{what} too long (limit {MAX_HEADER_LINE} bytes)")
+    if len(line) > budget:
+        raise HttpError(431, f"request head too large (limit {MAX_REQUEST_HEAD} bytes)")
+    return line
+
+
 async def read_http_request(reader):
     """Read a request head; None on a clean close before any byte."""
     try:
-        line = await reader.readuntil(b"\r\n")
+        line = await _read_head_line(reader, MAX_REQUEST_HEAD, "request line")
     except asyncio.IncompleteReadError as e:
         if not e.partial:
             return None
         raise HttpError(400, "truncated request line") from None
-    except asyncio.LimitOverrunError:
-        raise HttpError(400, "request line too long") from None
+    budget = MAX_REQUEST_HEAD - len(line)
     parts = line.decode("latin-1").strip().split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise HttpError(400, "malformed request line")
@@ -4602,9 +4631,10 @@ async def read_http_request(reader):
     headers = {}
     for _ in range(MAX_HEADERS + 1):
         try:
-            line = await reader.readuntil(b"\r\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            line = await _read_head_line(reader, budget, "header line")
+        except asyncio.IncompleteReadError:
             raise HttpError(400, "malformed header") from None
+        budget -= len(line)
         if line == b"\r\n":
             break
         name, sep, value = line.decode("latin-1").partition(":")
@@ -4612,9 +4642,23 @@ async def read_http_request(reader):
             raise HttpError(400, "malformed header line")
         headers[name.strip().lower()] = value.strip()
     else:
-        raise HttpError(400, "too many headers")
+        raise HttpError(431, "too many headers")
     path, _, query = target.partition("?")
     return HttpRequest(method.upper(), path, parse_query(query), headers)
+
+
+async def drain_within(writer):
+    """writer.drain(), but a peer that leaves what waits for it unread for
+    WRITE_TIMEOUT seconds is dropped (ConnectionError) instead of holding
+    the buffer and the task that feeds it forever."""
+    if not writer.transport.get_write_buffer_size():
+        return          # all taken already: the common case, without a timer
+    try:
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await writer.drain()
+    except TimeoutError:
+        writer.transport.abort()
+        raise ConnectionError(f"peer read nothing for {WRITE_TIMEOUT} s") from None
 
 
 def http_response(status, body=b"", content_type="text/plain; charset=utf-8", headers=()):
@@ -4956,9 +5000,12 @@ class DerpConnection:
 class DerpServer:
     """The DERP relay: joined clients by key and the packets between them."""
 
-    def __init__(self, private_key):
+    def __init__(self, private_key, admit=None):
         self.private_key = private_key
         self.public_key = x25519_public(private_key)
+        # admit(client key): None to serve the client, or why it is refused
+        # (told in a Health frame before the close); None serves any key.
+        self.admit = admit
         # key -> its connections; the last one (newest, or the last to send
         # a frame) is the one packets go to, as derper's default policy.
         self._clients = {}
@@ -4987,8 +5034,19 @@ class DerpServer:
             for conn in conns:
                 conn.writer.close()
 
-    async def handle_upgrade(self, headers, reader, writer):
-        """Answer ``GET /derp`` asking for an upgrade, then serve the connection."""
+    def close_refused(self):
+        """Tell the clients whose keys admit() now refuses (a node deleted,
+        a key expired) why, and close them."""
+        for key, conns in list(self._clients.items()):
+            refusal = self.admit(key) if self.admit else None
+            for conn in conns if refusal else ():
+                log.info("derp: %s from %s dropped: %s", short_key(key), conn.remote, refusal)
+                conn.send(frame(FRAME_HEALTH, refusal.encode()), DERP_DISCO_BUFFER)
+                conn.writer.close()
+
+    async def handle_upgrade(self, headers, reader, writer, joined=None):
+        """Answer ``GET /derp`` asking for an upgrade, then serve the connection;
+        joined() is called once the client's key is admitted."""
         upgrade = headers.get("upgrade", "").lower()
         if upgrade == "websocket" and "derp" in headers.get("sec-websocket-protocol", ""):
             # Browser clients (tsconnect): frames inside WebSocket binary messages.
@@ -4996,7 +5054,7 @@ class DerpServer:
                 ("Sec-WebSocket-Accept", websocket_accept_value(headers.get("sec-websocket-key", ""))),
                 ("Sec-WebSocket-Protocol", "derp")]))
             stream = WebSocketStream(reader, writer)
-            await self.serve_client(stream, stream, writer.transport)
+            await self.serve_client(stream, stream, joined)
             return
         # Old clients said "websocket" but spoke plain DERP, so derper takes both.
         if upgrade not in ("derp", "websocket"):
@@ -5008,14 +5066,12 @@ class DerpServer:
             writer.write(http_upgrade_response("DERP", [
                 ("Derp-Version", DERP_PROTOCOL_VERSION),
                 ("Derp-Public-Key", self.public_key.hex())]))
-        await self.serve_client(reader, writer)
+        await self.serve_client(reader, writer, joined)
 
-    async def serve_client(self, reader, writer, transport=None):
-        """Run DERP on an upgraded connection until it ends.
-
-        transport is the socket's own transport when writer wraps it.
-        """
-        transport = transport or writer.transport
+    async def serve_client(self, reader, writer, joined=None):
+        """Run DERP on an upgraded connection until it ends (writer may be a
+        WebSocketStream: its transport is the socket's own)."""
+        transport = writer.transport
         remote = address_text(transport.get_extra_info("peername"))
         try:
             writer.write(server_key_frame(self.public_key))
@@ -5024,11 +5080,17 @@ class DerpServer:
             if frame_type != FRAME_CLIENT_INFO:
                 raise DerpError(f"expected ClientInfo, got frame 0x{frame_type:02x}")
             client_key, _info = open_client_info(self.private_key, body)
+            refusal = self.admit(client_key) if self.admit else None
+            if refusal:
+                writer.write(frame(FRAME_HEALTH, refusal.encode()))
+                raise DerpError(f"{short_key(client_key)} refused: {refusal}")
             writer.write(server_info_frame(self.private_key, client_key))
         except (DerpError, EOFError, OSError, TimeoutError) as e:
             log.info("derp: handshake with %s failed: %s", remote, e or type(e).__name__)
             writer.close()
             return
+        if joined:
+            joined()
         conn = DerpConnection(client_key, remote, writer, transport)
         self._register(conn)
         log.info("derp: %s connected from %s", short_key(client_key), remote)
@@ -5125,9 +5187,20 @@ class DerpServer:
         # Besides telling the client we are alive, this keeps TCP sending to
         # a vanished client, so its retransmissions time out and end the
         # connection; meanwhile its buffer stays within DERP_DISCO_BUFFER.
+        # A client whose buffer is full at two keepalives in a row reads
+        # nothing: it is dropped rather than held.
+        stalled = False
         while True:
             await asyncio.sleep(DERP_KEEPALIVE * random.uniform(1.0, 1.08))   # jitter as derper
-            conn.send(KEEP_ALIVE_FRAME, DERP_DISCO_BUFFER)
+            if conn.send(KEEP_ALIVE_FRAME, DERP_DISCO_BUFFER):
+                stalled = False
+            elif stalled:
+                log.info("derp: %s from %s read nothing for %d s, dropped", short_key(conn.key), conn.remote,
+                         2 * DERP_KEEPALIVE)
+                conn.transport.abort()
+                return
+            else:
+                stalled = True
 
     def _register(self, conn):
         self._clients.setdefault(conn.key, []).append(conn)
@@ -5250,15 +5323,18 @@ MAX_REQUEST_BODY = 1 << 20
 MAX_STREAMS = 16             # open requests per connection; a client uses a handful
 MAX_BUFFERED_BODIES = 2 * MAX_REQUEST_BODY   # request bytes one connection may hold before dispatch
 CONTROL_HANDSHAKE_TIMEOUT = 30
+CONTROL_IDLE_TIMEOUT = 30    # seconds a connection may serve no request (a map stream is one) before it is closed
 
 
 class ControlConnection:
     """One client's Noise channel carrying HTTP/2 requests."""
 
-    def __init__(self, server, stream, writer, noise, peer):
+    def __init__(self, server, stream, writer, noise, peer, proven):
         self.server, self.stream, self.writer = server, stream, writer
         self.noise, self.peer = noise, peer
         self.source = peer.rpartition(":")[0].strip("[]")     # the client's address, without its port
+        self.proven = proven     # called once the connection registered a node or opened its map
+        self.idle_timer = None
         self.machine_key = noise.peer_static
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
         self.h2.local_settings.max_concurrent_streams = MAX_STREAMS
@@ -5272,10 +5348,29 @@ class ControlConnection:
         if data:
             self.writer.write(seal_records(self.noise.send, data))
 
+    def watch_idle(self):
+        """Close the connection CONTROL_IDLE_TIMEOUT after its last request ends:
+        one that registers nothing and opens no map does not sit forever."""
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.idle_timer = None if self.tasks else \
+            asyncio.get_running_loop().call_later(CONTROL_IDLE_TIMEOUT, self.close_idle)
+
+    def close_idle(self):
+        log.info("control %s: no request for %d s, closed", self.peer, CONTROL_IDLE_TIMEOUT)
+        self.h2.close_connection()      # GOAWAY: the client opens a new connection for its next request
+        self.flush()
+        self.writer.close()
+
+    def request_done(self, task):
+        self.tasks.discard(task)
+        self.watch_idle()
+
     async def run(self, early_payload):
         self.writer.write(seal_records(self.noise.send, early_payload))
         self.h2.initiate_connection()
         self.flush()
+        self.watch_idle()
         try:
             while True:
                 data = await read_record(self.stream, self.noise.recv)
@@ -5288,12 +5383,14 @@ class ControlConnection:
                 for event in events:
                     self.on_event(event)
                 self.flush()
-                await self.writer.drain()
+                await drain_within(self.writer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         except NoiseError as e:
             log.info("control %s: %s", self.peer, e)
         finally:
+            if self.idle_timer is not None:
+                self.idle_timer.cancel()
             for task in list(self.tasks):
                 task.cancel()
 
@@ -5327,7 +5424,8 @@ class ControlConnection:
         headers, body = self.requests.pop(stream_id)
         task = asyncio.ensure_future(self.handle(stream_id, headers, bytes(body)))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self.request_done)
+        self.watch_idle()
 
     def respond(self, stream_id, status, content_type="application/json", end=False):
         self.h2.send_headers(stream_id, [(":status", str(status)), ("content-type", content_type)],
@@ -5346,10 +5444,11 @@ class ControlConnection:
             chunk, view = view[:window], view[window:]
             self.h2.send_data(stream_id, bytes(chunk), end_stream=end and not view)
             self.flush()
+            await drain_within(self.writer)
         if end and not data:
             self.h2.end_stream(stream_id)
             self.flush()
-        await self.writer.drain()
+        await drain_within(self.writer)
 
     async def reply(self, stream_id, status, body, content_type="application/json"):
         if not isinstance(body, bytes):
@@ -5394,6 +5493,7 @@ class ControlConnection:
                 result = result.result
             if result.get("MachineAuthorized"):
                 self.server.metrics["registrations"] += 1
+                self.proven()
             return result
         except RegistrationRefused as e:
             if e.reason != "too_many_attempts":     # the coordinator logged the lockout once
@@ -5409,6 +5509,7 @@ class ControlConnection:
         except MapRefused as e:
             log.info("map refused for %s: %s", self.peer, e)
             raise HttpError(e.status, str(e)) from None
+        self.proven()
         compress = request.get("Compress") == "zstd"
 
         def encode(message):
@@ -6391,7 +6492,12 @@ class Config:
     node_expiry: str = "180d"   # how long a node key lasts before its owner logs in again; 0: forever
     ephemeral_timeout: str = "30m"   # how long an ephemeral node may be offline before it is removed
     log_level: str = "info"
-    max_connections: int = 2048  # open TCP connections (control and DERP); more are turned away
+    max_connections: int = 2048  # open TCP connections of every kind; more are turned away
+    max_control_connections: int = 1024   # of them, control (ts2021) connections
+    max_derp_connections: int = 1024      # DERP clients
+    max_http_connections: int = 64        # plain HTTP: login pages, API, metrics
+    max_connections_per_source: int = 128  # from one address (IPv6: /64), before they show a node or DERP key
+    derp_serve_any: bool = False  # relay for any DERP client key, not only the tailnet's nodes and the box's
     log_format: str = "text"    # text, or json (one object per line)
     gateway: bool = False       # be a WireGuard peer, subnet router and exit node of the tailnet
     wg_interface: str = "meshbox0"
@@ -6493,6 +6599,78 @@ def release_free_memory():
         pass
 
 
+# Connection budgets.  max_connections counts every connection from its
+# accept (TLS ones before their handshake); once the request head says what
+# a connection is, it also takes a place in its kind's budget, so a flood of
+# one kind cannot starve the others.  Until it proves something (a
+# registered node, an admitted DERP key) it also counts against its source
+# address, so one stranger cannot lock out the tailnet's nodes.
+TLS_HANDSHAKE_TIMEOUT = 10   # seconds from accept to a finished TLS handshake (asyncio's default: 60)
+
+
+def connection_source(address):
+    """What a connection from address counts against: its host, or for IPv6
+    its /64 (one subscriber's share: a stranger has the whole of it)."""
+    try:
+        host = ipaddress.ip_address(address[0].partition("%")[0])
+    except (TypeError, ValueError, IndexError):
+        return "?"
+    if host.version == 6:
+        if host.ipv4_mapped:
+            return str(host.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{host}/64", strict=False))
+    return str(host)
+
+
+class ConnectionBudgets:
+    """Open connections by kind, and unproven ones by source address."""
+
+    def __init__(self, limits, per_source):
+        self.limits, self.per_source = limits, per_source
+        self.open = collections.Counter()
+        self.unproven = collections.Counter()
+
+    def admit(self, source):
+        """A ConnectionTicket for a new connection, or None when source holds its share."""
+        if self.unproven[source] >= self.per_source:
+            return None
+        self.unproven[source] += 1
+        return ConnectionTicket(self, source)
+
+
+class ConnectionTicket:
+    """One connection's places in the budgets, given back by release()."""
+
+    __slots__ = ("budgets", "source", "kind", "proven")
+
+    def __init__(self, budgets, source):
+        self.budgets, self.source, self.kind, self.proven = budgets, source, None, False
+
+    def enter(self, kind):
+        """Take a place in kind's budget; False when it is full."""
+        if self.budgets.open[kind] >= self.budgets.limits[kind]:
+            return False
+        self.budgets.open[kind] += 1
+        self.kind = kind
+        return True
+
+    def prove(self):
+        """The connection showed a node or an admitted key: its address stops paying for it."""
+        if not self.proven:
+            self.proven = True
+            unproven = self.budgets.unproven
+            unproven[self.source] -= 1
+            if not unproven[self.source]:
+                del unproven[self.source]
+
+    def release(self):
+        """Give back its place in its kind's budget, and its address's while unproven."""
+        if self.kind is not None:
+            self.budgets.open[self.kind] -= 1
+            self.kind = None
+        self.prove()
+
+
 class Server:
     """A running meshbox: store, coordinator, DERP, STUN and their listeners."""
 
@@ -6507,6 +6685,7 @@ class Server:
         self.wireguard_stats = {}   # node key -> the gateway's handshake and byte counters
         self.metrics = collections.Counter()
         self.frames = {}            # id(map message) -> (message, its zstd frame)
+        self.derp_nodes = None      # node key -> node, for DERP admission; None after a change
         self.recent_logs = RecentLogs()
         self.stopping = asyncio.Event()
 
@@ -6517,7 +6696,20 @@ class Server:
         self.noise_public = x25519_public(self.noise_private)
         challenge = json_bytes({"nodeKeyChallenge": key_text("chalpub", x25519_public(self.challenge_private))})
         self.early_payload = EARLY_PAYLOAD_MAGIC + struct.pack(">I", len(challenge)) + challenge
-        self.derp = DerpServer(self.store.secret("derp_private", new_private_key)) if self.config.derp_address() else None
+        admit = None if self.config.derp_serve_any else self.derp_refusal
+        self.derp = DerpServer(self.store.secret("derp_private", new_private_key), admit) \
+            if self.config.derp_address() else None
+
+    def derp_refusal(self, key):
+        """Why a DERP client key is not served (None: it is a live node's, the box's included)."""
+        if self.derp_nodes is None:       # rebuilt after a change: DERP asks once per client
+            self.derp_nodes = {n.node_key: n for n in self.coordinator.nodes.values()}
+        node = self.derp_nodes.get(key)
+        if node is None:
+            return "this key is not a node of this tailnet (meshbox serves only its nodes; see derp_serve_any)"
+        if is_expired(node, now()):
+            return "this node's key has expired: log in again"
+        return None
 
     def _derp_certificate(self):
         """Create (once per DERP host name) the pinned self-signed certificate."""
@@ -6537,6 +6729,9 @@ class Server:
     async def start(self):
         config = self.config
         config.check()
+        self.budgets = ConnectionBudgets(
+            {kind: int(getattr(config, f"max_{kind}_connections")) for kind in ("control", "derp", "http")},
+            int(config.max_connections_per_source))
         self.oidc = OidcLogin(config) if config.oidc_issuer else None
         if crypto_backend_problem():
             raise RuntimeError(crypto_backend_problem())
@@ -6557,7 +6752,7 @@ class Server:
             context, cert_name = self._derp_certificate()
             host, derp_port = config.derp_address()
             self.listeners.append(await asyncio.start_server(
-                lambda r, w: self.handle_http(r, w, tls=True), host, derp_port, ssl=context))
+                lambda r, w: self.handle_http(r, w, tls=context), host, derp_port))
         if config.stun_address():
             host, stun_port = config.stun_address()
             transport, _ = await loop.create_datagram_endpoint(StunProtocol, local_addr=(host, stun_port))
@@ -6672,6 +6867,7 @@ class Server:
     # following the tailnet: the gateway and the hosts file
     def tailnet_changed(self):
         """Schedule one follow-up for a burst of changes."""
+        self.derp_nodes = None
         if not self.follow_pending:
             self.follow_pending = True
             asyncio.get_running_loop().call_later(UPDATE_BATCH_DELAY,
@@ -6682,6 +6878,8 @@ class Server:
         self.follow_pending = False
         devices = self.store.devices()
         self.write_hosts_file(devices)
+        if self.derp is not None:
+            self.derp.close_refused()
         if self.gateway is not None:
             await self.sync_gateway(devices)
 
@@ -6738,21 +6936,31 @@ class Server:
         log.removeHandler(self.recent_logs)
 
     # HTTP/1.1 requests
-    async def handle_http(self, reader, writer, tls=False):
-        peer = writer.get_extra_info("peername")
-        peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+    async def handle_http(self, reader, writer, tls=None):
+        """One connection from its accept; tls is the DERP port's context, its handshake bounded in time."""
+        address = writer.get_extra_info("peername")
+        peer = f"{address[0]}:{address[1]}" if address else "?"
+        ticket = None
         if len(self.connections) >= int(self.config.max_connections):
+            refusal = "too many connections, try again later"
+        else:
+            ticket = self.budgets.admit(connection_source(address))
+            refusal = "too many connections from your address, try again later"
+        if ticket is None:
             # Refused before reading a byte: a flood cannot make us buffer or parse.
             self.metrics["connections_turned_away"] += 1
-            writer.write(http_response(503, "too many connections, try again later\n"))
+            if tls is None:
+                writer.write(http_response(503, refusal + "\n"))
             writer.close()
             return
         self.connections[asyncio.current_task()] = writer
         try:
+            if tls is not None:
+                await writer.start_tls(tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
             request = await asyncio.wait_for(read_http_request(reader), CONTROL_HANDSHAKE_TIMEOUT)
             if request is None:
                 return
-            control = await self.route_http(request, reader, writer, peer)
+            control = await self.route_http(request, reader, writer, peer, ticket)
             if control is not None:
                 del request       # a control connection lasts hours: keep nothing of its HTTP request
                 await control.run(self.early_payload)
@@ -6764,24 +6972,30 @@ class Server:
             log.exception("error serving %s", peer)
         finally:
             self.connections.pop(asyncio.current_task(), None)
+            ticket.release()
             try:
-                await writer.drain()
+                await drain_within(writer)
                 writer.close()
             except (ConnectionError, OSError):
                 pass
 
-    async def route_http(self, request, reader, writer, peer):
+    async def route_http(self, request, reader, writer, peer, ticket):
         """Answer one HTTP request; for an upgrade to the control protocol,
         the ControlConnection to run."""
         path, upgrade = request.path, request.headers.get("upgrade", "").lower()
+        derp = path == "/derp" and upgrade in ("derp", "websocket") and self.derp
+        kind = "control" if path == "/ts2021" else "derp" if derp else "http"
+        if not ticket.enter(kind):
+            self.metrics["connections_turned_away"] += 1
+            raise HttpError(503, f"too many {kind} connections, try again later")
         if path == "/key" and request.method == "GET":
             body = {"legacyPublicKey": key_text("mkey", bytes(32)),
                     "publicKey": key_text("mkey", self.noise_public)}
             writer.write(http_response(200, json_bytes(body), "application/json"))
         elif path == "/ts2021":
-            return self.upgrade_control(request, upgrade, reader, writer, peer)
-        elif path == "/derp" and upgrade in ("derp", "websocket") and self.derp:
-            await self.derp.handle_upgrade(request.headers, reader, writer)
+            return self.upgrade_control(request, upgrade, reader, writer, peer, ticket)
+        elif derp:
+            await self.derp.handle_upgrade(request.headers, reader, writer, ticket.prove)
         elif path in ("/derp/probe", "/derp/latency-check"):
             writer.write(http_response(200, b""))
         elif path == "/generate_204":
@@ -6806,7 +7020,7 @@ class Server:
         else:
             raise HttpError(404, f"{path} is not served here")
 
-    def upgrade_control(self, request, upgrade, reader, writer, peer):
+    def upgrade_control(self, request, upgrade, reader, writer, peer, ticket):
         """Complete the Noise handshake of a control upgrade: its ControlConnection."""
         if upgrade == "websocket":
             protocols = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
@@ -6834,7 +7048,7 @@ class Server:
         else:
             writer.write(http_upgrade_response(CONTROL_UPGRADE) + response)
             stream, out = reader, writer
-        return ControlConnection(self, stream, out, noise, peer)
+        return ControlConnection(self, stream, out, noise, peer, ticket.prove)
 
     # interactive login: the AuthURL shows the approve command, or sends the
     # person to the identity provider, who sends them back to /oidc/callback
@@ -6951,7 +7165,8 @@ class Server:
         metric("registrations_total", "counter", "Successful registrations.", [({}, self.metrics["registrations"])])
         metric("registration_refusals_total", "counter", "Refused registrations by reason.",
                [({"reason": reason}, count) for reason, count in sorted(self.refusals.items())] or [({}, 0)])
-        metric("connections_turned_away_total", "counter", "Connections refused at max_connections.",
+        metric("connections_turned_away_total", "counter",
+               "Connections refused at a limit (overall, of their kind, or of their address).",
                [({}, self.metrics["connections_turned_away"])])
         metric("api_refused_total", "counter", "API requests refused for a bad key.", [({}, self.metrics["api_refused"])])
         metric("derp_clients", "gauge", "Connected DERP clients.", [({}, derp.get("clients", 0))])
@@ -7665,7 +7880,16 @@ def build_parser():
     serve.add_argument("--policy-file", dest="policy_file",
                        help="HuJSON ACL policy file, reloaded when it changes (default: the one set with 'policy set')")
     serve.add_argument("--max-connections", dest="max_connections", type=int,
-                       help="open connections (control and DERP) before new ones are refused (default 2048)")
+                       help="open connections of every kind before new ones are refused (default 2048)")
+    for kind, what, default in (("control", "control (ts2021)", 1024), ("derp", "DERP", 1024),
+                                ("http", "plain HTTP (login pages, API, metrics)", 64)):
+        serve.add_argument(f"--max-{kind}-connections", dest=f"max_{kind}_connections", type=int,
+                           help=f"of them, {what} connections (default {default})")
+    serve.add_argument("--max-connections-per-source", dest="max_connections_per_source", type=int,
+                       help="connections from one address (IPv6: one /64) that have not yet shown a node "
+                            "or DERP key (default 128)")
+    serve.add_argument("--derp-serve-any", dest="derp_serve_any", action="store_true", default=None,
+                       help="relay for any DERP client, not only the tailnet's nodes (default: nodes only)")
     serve.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", dest="log_format", choices=["text", "json"], help="log lines as text or JSON")
     gw = serve.add_argument_group("gateway (the box as a WireGuard peer, subnet router and exit node)")

@@ -16,7 +16,7 @@ import struct
 import meshbox
 from meshbox import (DERP_KEY_LEN, DERP_MAGIC, DERP_MAX_INFO, DERP_NONCE_LEN,
                      DERP_PROTOCOL_VERSION, FRAME_CLIENT_INFO, FRAME_KEEP_ALIVE,
-                     FRAME_PING, FRAME_PONG, FRAME_RECV_PACKET, FRAME_SEND_PACKET,
+                     FRAME_HEALTH, FRAME_PING, FRAME_PONG, FRAME_RECV_PACKET, FRAME_SEND_PACKET,
                      FRAME_SERVER_INFO, FRAME_SERVER_KEY, frame, read_frame)
 
 
@@ -96,6 +96,8 @@ class DerpClient:
         self.writer.write(frame(FRAME_CLIENT_INFO, self.public_key + nonce + meshbox.box_seal(
             self.private_key, self.server_key, nonce, info)))
         frame_type, body = await read_frame(self.reader, DERP_MAX_INFO)
+        if frame_type == FRAME_HEALTH:
+            raise ConnectionError(f"refused: {body.decode(errors='replace')}")
         if frame_type != FRAME_SERVER_INFO or len(body) < DERP_NONCE_LEN:
             raise ConnectionError(f"expected ServerInfo, got frame 0x{frame_type:02x}")
         self.server_info = json.loads(meshbox.box_open(
@@ -177,7 +179,7 @@ class WebSocketClientStream:
             head = struct.pack(">BBH", 0x82, 0x80 | 126, n)
         else:
             head = struct.pack(">BBQ", 0x82, 0x80 | 127, n)
-        self.writer.write(head + mask + bytes(b ^ mask[i & 3] for i, b in enumerate(data)))
+        self.writer.write(head + mask + meshbox.websocket_mask(mask, data))
 
     async def drain(self):
         await self.writer.drain()
@@ -202,8 +204,9 @@ class FakeTransport:
 class FakeWriter:
     """A stream writer that keeps what is written to it."""
 
-    def __init__(self):
+    def __init__(self, transport=None):
         self.frames = []
+        self.transport = transport or FakeTransport()
 
     def write(self, data):
         self.frames.append(bytes(data))

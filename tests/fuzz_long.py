@@ -26,7 +26,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import meshbox  # noqa: E402
-from test_fuzz import LOOP, SERVER_PRIVATE, SERVER_PUBLIC, mutations, relayed_stream, stream_reader  # noqa: E402
+from test_fuzz import (LOOP, SERVER_PRIVATE, SERVER_PUBLIC, WEBSOCKET_SEED, mutations, relayed_stream,  # noqa: E402
+                       stream_reader, websocket_stream)
 
 
 def run(coro):
@@ -53,6 +54,11 @@ def http_head():
     seeds = [b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\n"
              b"X-Tailscale-Handshake: AAAA\r\n\r\n", b"GET /key?v=130 HTTP/1.1\r\n\r\n"]
     return seeds, lambda data: run(meshbox.read_http_request(stream_reader(data))), (meshbox.HttpError,)
+
+
+def websocket_frames():
+    """Frames of a WebSocket upgrade, read to their end (see test_fuzz.websocket_stream)."""
+    return [WEBSOCKET_SEED], websocket_stream, ()
 
 
 def derp_frame():
@@ -137,7 +143,7 @@ def register_json():
     return seeds, feed, ()
 
 
-TARGETS = {f.__name__: f for f in (noise_initiation, transport_record, http_head, derp_frame, derp_stream,
+TARGETS = {f.__name__: f for f in (noise_initiation, transport_record, http_head, websocket_frames, derp_frame, derp_stream,
                                     derp_client_info,
                                     stun, register_json)}
 

@@ -22,9 +22,9 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
-async def with_relay(test, ssl_context=None):
+async def with_relay(test, ssl_context=None, admit=None):
     """Run test(derp, port) against a DerpServer behind a loopback HTTP server."""
-    derp = meshbox.DerpServer(meshbox.new_private_key())
+    derp = meshbox.DerpServer(meshbox.new_private_key(), admit)
     server = await serve_derp_http(derp, ssl_context=ssl_context)
     port = server.sockets[0].getsockname()[1]
     try:
@@ -196,6 +196,34 @@ def test_client_info_must_be_valid_json():
     run(with_relay(test))
 
 
+def test_client_info_is_due_within_the_handshake_timeout(monkeypatch):
+    monkeypatch.setattr(meshbox, "DERP_HANDSHAKE_TIMEOUT", 0.3)
+    async def test(derp, port):
+        reader, writer = await raw_upgrade(port)
+        assert await closed_by_server(reader)
+        writer.close()
+        assert derp.clients == 0
+    run(with_relay(test))
+
+
+def test_only_admitted_keys_join_and_the_others_hear_why():
+    member_private = meshbox.new_private_key()
+    member_key = meshbox.x25519_public(member_private)
+
+    def admit(key):
+        return None if key == member_key else "this key is not a node of the tailnet"
+
+    async def test(derp, port):
+        member = await DerpClient.connect("127.0.0.1", port, private_key=member_private)
+        for websocket in (False, True):
+            with pytest.raises(ConnectionError, match="this key is not a node of the tailnet"):
+                await DerpClient.connect("127.0.0.1", port, websocket=websocket)
+        assert derp.clients == 1 and derp.connections_total == 1
+        assert await member.ping()
+        await member.close()
+    run(with_relay(test, admit=admit))
+
+
 # ---- relaying ----
 
 def test_two_clients_exchange_packets():
@@ -355,6 +383,22 @@ async def flood_a_sleeper(derp, port, **tls):
 
 def test_slow_reader_loses_packets_without_stalling_others():
     run(with_relay(flood_a_sleeper))
+
+
+def test_client_that_reads_nothing_for_two_keepalives_is_dropped(monkeypatch):
+    monkeypatch.setattr(meshbox, "DERP_KEEPALIVE", 0.3)
+    async def test(derp, port):
+        a = await DerpClient.connect("127.0.0.1", port)
+        sleeper = await DerpClient.connect("127.0.0.1", port)
+        for _ in range(300):                                    # ~20 MB: its buffers fill up
+            await a.send_packet(sleeper.public_key, DISCO_LIKE + bytes(meshbox.DERP_MAX_PACKET - 100))
+        async with asyncio.timeout(5):
+            while derp.clients > 1:
+                await asyncio.sleep(0.1)
+        assert await a.ping()                                   # the one that reads stays
+        for client in (a, sleeper):
+            await client.close()
+    run(with_relay(test))
 
 
 def test_disco_and_bulk_limits():
