@@ -296,7 +296,7 @@ def address_block(host):
     """The block of addresses one party holds, for per-source limits: an IPv4
     address, or an IPv6 /64 (one home or server gets a whole /64)."""
     try:
-        address = ipaddress.ip_address(host)
+        address = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         return host
     if address.version == 6 and address.ipv4_mapped:
@@ -6609,17 +6609,8 @@ TLS_HANDSHAKE_TIMEOUT = 10   # seconds from accept to a finished TLS handshake (
 
 
 def connection_source(address):
-    """What a connection from address counts against: its host, or for IPv6
-    its /64 (one subscriber's share: a stranger has the whole of it)."""
-    try:
-        host = ipaddress.ip_address(address[0].partition("%")[0])
-    except (TypeError, ValueError, IndexError):
-        return "?"
-    if host.version == 6:
-        if host.ipv4_mapped:
-            return str(host.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{host}/64", strict=False))
-    return str(host)
+    """What a connection from peername address counts against (address_block of its host)."""
+    return address_block(address[0]) if address else "?"
 
 
 class ConnectionBudgets:
