@@ -11,7 +11,8 @@ Map of this file (sections in dependency order, each opened by a banner
 comment ``# ---- Name ----``):
 
   Shim            imports, optional dependencies and their fallbacks
-  Helpers         time, JSON, key text forms, durations
+  Helpers         time, bounded JSON, key text forms, durations, private files,
+                  per-source blocks and the refused-attempt limiter
   Native crypto   the optional C helper (native/), loaded with ctypes
   Crypto          X25519, ChaCha20-Poly1305, BLAKE2s, NaCl box, Ed25519
   Noise           Noise_IK handshake and transport records (ts2021)
