@@ -1743,6 +1743,7 @@ GRANTABLE_TS_CAPS = {"tailscale.com/cap/drive", "tailscale.com/cap/relay",
 COMPANION_CAPS = (("tailscale.com/cap/drive", "tailscale.com/cap/drive-sharer"),
                   ("tailscale.com/cap/relay", "tailscale.com/cap/relay-target"))
 SSH_CHECK_PERIOD_MAX = 168 * 3600
+SSH_CHECK_PERIOD_DEFAULT = 12 * 3600    # a check rule without checkPeriod, as Tailscale's
 HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 TAG_NAME = re.compile(r"^tag:[A-Za-z][A-Za-z0-9._-]*$")
 SECTIONS = {"acls", "groups", "tagowners", "hosts", "autoapprovers", "ssh", "nodeattrs",
@@ -1782,6 +1783,7 @@ class SSHRule:
     dst: list
     users: list
     accept_env: list
+    check_period: float = SSH_CHECK_PERIOD_DEFAULT   # seconds a check holds; 0: every session
 
 
 @dataclasses.dataclass
@@ -2078,7 +2080,7 @@ def _parse_hosts(raw):
 
 def _parse_duration(text):
     """Go-style duration ('12h', '1h30m', '-1m') -> seconds; raises PolicyError."""
-    match = re.fullmatch(r"([+-]?)((?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+|0)", text or "")
+    match = isinstance(text, str) and re.fullmatch(r"([+-]?)((?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+|0)", text)
     if not match:
         raise PolicyError("time: invalid duration %s" % json.dumps(text))
     unit = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
@@ -2115,16 +2117,15 @@ def _parse_ssh_rule(raw, where):
     accept_env = _as_list(raw.get("acceptenv"), where + ".acceptEnv")
     if any(e == "" for e in accept_env):
         raise PolicyError("acceptEnv values cannot be empty")
-    if "checkperiod" in raw:
+    period = SSH_CHECK_PERIOD_DEFAULT
+    if raw.get("checkperiod") is not None:       # null is the same as leaving it out
         if action != "check":
             raise PolicyError('checkPeriod is only valid with action "check"')
-        if raw["checkperiod"] != "always":
-            period = _parse_duration(raw["checkperiod"])
-            if period < 0:
-                raise PolicyError("checkPeriod %s must be a positive duration"
-                                  % _go_duration(period))
-            if period > SSH_CHECK_PERIOD_MAX:
-                raise PolicyError("checkPeriod %s is above the max (168h)" % _go_duration(period))
+        period = 0 if raw["checkperiod"] == "always" else _parse_duration(raw["checkperiod"])
+        if period < 0:
+            raise PolicyError("checkPeriod %s must be a positive duration" % _go_duration(period))
+        if period > SSH_CHECK_PERIOD_MAX:
+            raise PolicyError("checkPeriod %s is above the max (168h)" % _go_duration(period))
     src = [parse_alias(s) for s in _as_list(raw.get("src"), where + ".src")]
     dst = [parse_alias(s) for s in _as_list(raw.get("dst"), where + ".dst")]
     for alias in src:
@@ -2139,7 +2140,7 @@ def _parse_ssh_rule(raw, where):
             raise PolicyError("invalid dst %s" % json.dumps(alias.value))
         if alias.kind not in ("user", "tag", "autogroup"):
             raise PolicyError("alias not supported for SSH destination: %s" % alias)
-    return SSHRule(action, src, dst, users, accept_env)
+    return SSHRule(action, src, dst, users, accept_env, period)
 
 
 def _parse_node_attrs(raw):
@@ -2630,6 +2631,7 @@ def _rule(src_ips, dst_ports, protocol):
 class CompiledGrant:
     """A grant with sources resolved; per-node parts (self, via) kept for later."""
     rules: list
+    test_rules: list = dataclasses.field(default_factory=list)   # seen by policy tests only
     self_sources: object = None   # IPSet of sources when the grant has autogroup:self dsts
     grant: Grant = None
     via_src_ips: list = None
@@ -2673,6 +2675,13 @@ def _companion_rules(dst_ips, src_prefixes, app):
             for cap, companion in COMPANION_CAPS if cap in app]
 
 
+def names_no_node(alias):
+    """A bare IPv6 address (no /128) as a grant or SSH test destination: Tailscale's
+    control plane matches it to no node, even the one that has that address (its
+    packet filter and peers leave it out), while the policy's `tests` still see it."""
+    return alias.kind == "prefix" and ":" in alias.value and "/" not in alias.value
+
+
 def _compile_grant(grant, resolver):
     if grant.via:
         return _compile_via_grant(grant, resolver)
@@ -2689,9 +2698,11 @@ def _compile_grant(grant, resolver):
     if not others:
         return compiled
     for protocol, ports in grant.ip:
-        dst_ports = [dp for alias in others for dp in _dst_ports_for(alias, ports, resolver)]
-        if dst_ports and src_ips:
-            compiled.rules.append(_rule(src_ips, dst_ports, protocol))
+        for rules, aliases in ((compiled.rules, [a for a in others if not names_no_node(a)]),
+                               (compiled.test_rules, [a for a in others if names_no_node(a)])):
+            dst_ports = [dp for alias in aliases for dp in _dst_ports_for(alias, ports, resolver)]
+            if dst_ports and src_ips:
+                rules.append(_rule(src_ips, dst_ports, protocol))
     if grant.app:
         cap_grants, dst_ips = [], []
         for alias in others:
@@ -2816,6 +2827,7 @@ class Compiler:
         self.compiled = [c for c in (_compile_grant(g, self.resolver) for g in grants) if c]
         self.per_node = any(c.self_sources is not None or c.grant.via for c in self.compiled)
         self.global_rules = merge_rules([r for c in self.compiled for r in c.rules])
+        self.test_rules = merge_rules([r for c in self.compiled for r in c.rules + c.test_rules])
         self.global_matchers = self.matchers(self.global_rules)
 
     def parse_set(self, texts):
@@ -3424,7 +3436,7 @@ def _policy_test_failures(policy, compiler):
     rules = [(compiler.parse_set(tuple(r["SrcIPs"])), r.get("IPProto", []),
               [(compiler.parse_set((dp["IP"],)), dp["Ports"]["First"], dp["Ports"]["Last"])
                for dp in r["DstPorts"]])
-             for r in compiler.global_rules if "DstPorts" in r]
+             for r in compiler.test_rules if "DstPorts" in r]
     failures = []
     for test in policy.tests:
         label = test["src"] + (" (%s)" % test["proto"] if test["proto"] else "")
@@ -3490,6 +3502,8 @@ def _ssh_test_failures(policy, tailnet, resolver, ssh):
         for alias in test["dst"]:
             if alias.value == "autogroup:self":
                 found = resolver.nodes_of_users(src_users)
+            elif names_no_node(alias):
+                found = []
             else:
                 found = tailnet.nodes_in(resolver.resolve(alias))
             if not found:

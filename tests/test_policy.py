@@ -182,6 +182,56 @@ def test_ssh_rules_shape():
     assert rule["action"]["holdAndDelegate"].startswith("https://ctl.example/machine/ssh/action/")
 
 
+@pytest.mark.parametrize("period, seconds", [(None, 12 * 3600), ("omitted", 12 * 3600), ("always", 0),
+                                             ("0s", 0), ("1h", 3600), ("168h", 168 * 3600)])
+def test_ssh_check_period_forms(period, seconds):
+    """Captured from Tailscale: checkPeriod null is the same as leaving it out, and
+    "0s" is accepted (a check every session, as "always")."""
+    rule = {"action": "check", "src": ["group:admins"], "dst": ["tag:server"], "users": ["root"]}
+    if period != "omitted":
+        rule["checkPeriod"] = period
+    (parsed,) = base_policy(ssh=[rule]).ssh
+    assert parsed.check_period == seconds
+    (compiled,) = meshbox.compile_policy(base_policy(ssh=[rule]), TOPOLOGY)["server"]["ssh_rules"]
+    assert "holdAndDelegate" in compiled["action"]
+
+
+@pytest.mark.parametrize("period, why", [("-1h", "must be a positive duration"), ("169h", "above the max"),
+                                         (5, "invalid duration"), ("soon", "invalid duration")])
+def test_ssh_check_period_refused(period, why):
+    rule = {"action": "check", "src": ["group:admins"], "dst": ["tag:server"], "users": ["root"],
+            "checkPeriod": period}
+    with pytest.raises(meshbox.PolicyError, match=why):
+        base_policy(ssh=[rule])
+
+
+def test_bare_ipv6_grant_destination_matches_no_node_but_passes_tests():
+    """Captured from Tailscale: a grant to a node's bare IPv6 address gives that node
+    no filter rule and its sources no peer, yet `tests` for it pass; an IPv4 literal
+    or an IPv6 /128 names the node."""
+    def compiled(dst):
+        grant = {"src": ["alice@example.com"], "dst": [dst], "ip": ["tcp:22"]}
+        policy = meshbox.parse_policy(json.dumps({"grants": [grant], "tests": [
+            {"src": "alice@example.com", "accept": ["[fd7a:115c:a1e0::3]:22" if ":" in dst else "100.64.0.3:22"]}]}))
+        meshbox.check_policy_tests(policy, TOPOLOGY)
+        return meshbox.compile_policy(policy, TOPOLOGY)
+    bare = compiled("fd7a:115c:a1e0::3")
+    assert bare["server"]["packet_filter_rules"] is None and "server" not in bare["laptop"]["peers"]
+    for named in ("fd7a:115c:a1e0::3/128", "100.64.0.3"):
+        out = compiled(named)
+        assert out["server"]["packet_filter_rules"] and "server" in out["laptop"]["peers"]
+
+
+def test_ssh_test_to_a_bare_ipv6_address_fails_as_tailscale_says():
+    ssh = [{"action": "accept", "src": ["group:admins"], "dst": ["tag:server"], "users": ["root"]}]
+    ipv4 = base_policy(ssh=ssh, sshTests=[{"src": "alice@example.com", "dst": ["100.64.0.3"], "accept": ["root"]}])
+    meshbox.check_policy_tests(ipv4, TOPOLOGY)
+    ipv6 = base_policy(ssh=ssh, sshTests=[{"src": "alice@example.com", "dst": ["fd7a:115c:a1e0::3"],
+                                           "accept": ["root"]}])
+    with pytest.raises(meshbox.PolicyError, match="test\\(s\\) failed"):
+        meshbox.check_policy_tests(ipv6, TOPOLOGY)
+
+
 def test_conformance_comparison_ignores_order_only():
     rule = {"SrcIPs": ["b", "a"], "DstPorts": [{"IP": "2", "Ports": {"First": 1, "Last": 1}},
                                                {"IP": "1", "Ports": {"First": 1, "Last": 1}}]}
