@@ -22,12 +22,12 @@ comment ``# ---- Name ----``):
   Addresses       tailnet IPv4/IPv6 allocation
   Policy          Tailscale's ACL language: parse, compile per node, check tests
   Map builder     pure: node records in, MapResponse JSON out
-  Coordinator     registration, map sessions, fan-out of changes
+  Coordinator     registration, map sessions, fan-out of changes, held SSH checks
   HTTP front      HTTP/1.1 on asyncio streams: request heads, responses
   TLS certificate self-signed Ed25519 certificate for DERP, pinned by hash
   DERP            the relay: frames, clients, forwarding
   STUN            RFC 5389 binding responses
-  Control server  ts2021 over HTTP/2 (h2): register, map
+  Control server  ts2021 over HTTP/2 (h2): register, map, SSH check verdicts, set-dns
   Gateway plan    pure: the box's WireGuard peers and nftables rules
   Gateway         kernel or userspace WireGuard, routes, nftables
   OIDC            sign-in through an OpenID provider (authorization code, PKCE)
@@ -3569,6 +3569,22 @@ def user_profile(user):
     return {"ID": user.id, "LoginName": user.name, "DisplayName": user.name}
 
 
+# A tagged node belongs to no person: clients see it owned by this user (as
+# Tailscale shows it), so it is not the tagger's own in Taildrop or in status.
+TAGGED_DEVICES = {"ID": 2147455555, "LoginName": "tagged-devices", "DisplayName": "Tagged Devices"}
+
+
+def shown_user_id(node):
+    return TAGGED_DEVICES["ID"] if node.tags else node.user_id
+
+
+def user_profiles(nodes, users):
+    """The UserProfiles that describe the owners of `nodes`."""
+    ids = {n.user_id for n in nodes if not n.tags}
+    return [user_profile(users[uid]) for uid in sorted(ids) if uid in users] + \
+        ([TAGGED_DEVICES] if any(n.tags for n in nodes) else [])
+
+
 def is_expired(node, at):
     return bool(node.expiry) and node.expiry <= at
 
@@ -3582,7 +3598,7 @@ def node_json(node, base_domain, at, seen_as=None):
         "ID": node.id,
         "StableID": f"n{node.id}",
         "Name": f"{node.given_name}.{base_domain}.",
-        "User": node.user_id,
+        "User": shown_user_id(node),
         "Key": key_text("nodekey", node.node_key),
         "Machine": key_text("mkey", node.machine_key),
         "Addresses": addresses,
@@ -3671,6 +3687,8 @@ class MapSettings:
     derp_map: dict
     dns_config: dict
     control_url: str = ""
+    node_caps: dict = dataclasses.field(default_factory=dict)    # capabilities every node has
+    cert_domains: bool = False   # offer each node its name for `tailscale cert` (a DNS hook is set)
 
 
 def policy_topology(nodes, users):
@@ -3733,27 +3751,32 @@ def peers_in_view(view, nodes):
     return out
 
 
-def self_node_json(node, view, base_domain, at):
-    """The node as it sees itself, with the capabilities its policy grants."""
-    out = node_json(node, base_domain, at)
-    if view.get("cap_map"):
-        out["CapMap"] = view["cap_map"]
+CAP_FILE_SHARING = "https://tailscale.com/cap/file-sharing"    # Taildrop: tailscale file cp
+CAP_SSH = "https://tailscale.com/cap/ssh"                      # the node may run Tailscale SSH
+
+
+def self_node_json(node, view, settings, at):
+    """The node as it sees itself, with the tailnet's capabilities and those its policy grants."""
+    out = node_json(node, settings.base_domain, at)
+    caps = {**settings.node_caps, **(view.get("cap_map") or {})}
+    if caps:
+        out["CapMap"] = caps
     return out
 
 
 def map_response_for(node, view, nodes, users, settings, at, peer_json=node_json):
     """The full MapResponse for one node, from its compiled policy view."""
     peers = peers_in_view(view, nodes)
-    user_ids = {node.user_id} | {p.user_id for p, _ in peers}
     return {
-        "Node": self_node_json(node, view, settings.base_domain, at),
+        "Node": self_node_json(node, view, settings, at),
         "Peers": [peer_json(p, settings.base_domain, at, seen_as) for p, seen_as in peers],
         "DERPMap": settings.derp_map,
-        "DNSConfig": settings.dns_config,
+        "DNSConfig": dict(settings.dns_config, CertDomains=[f"{node.given_name}.{settings.base_domain}"])
+        if settings.cert_domains else settings.dns_config,
         "Domain": settings.base_domain,
         "PacketFilter": view["packet_filter_rules"] or [],
         "SSHPolicy": {"rules": view["ssh_rules"] or []},
-        "UserProfiles": [user_profile(users[uid]) for uid in sorted(user_ids) if uid in users],
+        "UserProfiles": user_profiles([node] + [p for p, _ in peers], users),
         "ControlTime": rfc3339(at),
     }
 
@@ -3901,6 +3924,26 @@ def _canonical_prefix_or_none(text):
         return None
 
 
+SSH_CHECKS_MAX = 64             # SSH check approvals waiting at once (each holds one request open)
+SSH_CHECK_TTL = 10 * 60         # seconds a check waits for an admin
+SSH_CHECK_HOLD = 55             # seconds one follow-up request is held before the client is told to ask again
+SSH_ACCEPT = {"accept": True, "allowAgentForwarding": True, "allowLocalPortForwarding": True,
+              "allowRemotePortForwarding": True}
+
+
+@dataclasses.dataclass(slots=True)
+class SSHCheck:
+    """An SSH session held by its destination node (a check rule's
+    holdAndDelegate) until an admin approves or denies it."""
+    id: str
+    src_id: int
+    dst_id: int
+    local_user: str
+    created: float
+    done: Signal = dataclasses.field(default_factory=Signal)
+    approved: bool = False
+
+
 class NodeTable(dict):
     """Nodes by id, and by machine key (a machine's identity: it never
     changes), so that each request finds its node without a scan."""
@@ -3935,6 +3978,8 @@ class Coordinator:
         self.settings = settings
         self.node_expiry = node_expiry   # seconds; 0: keys never expire
         self.auth_requests = {}          # id -> AuthRequest, in memory only: their clients ask again after a restart
+        self.ssh_checks = {}             # id -> SSHCheck waiting for an admin, in memory only
+        self.ssh_approved = {}           # (src node id, dst node id) -> when an admin last approved a check
         self.failed_registrations = AttemptLimiter(REGISTER_ATTEMPT_BURST, REGISTER_ATTEMPT_INTERVAL,
                                                    REGISTER_ATTEMPT_KEYS)
         self.prefix_v4, self.prefix_v6 = prefix_v4, prefix_v6
@@ -4042,12 +4087,11 @@ class Coordinator:
                    if str(i) in view["peers"] and i in self.nodes]
         if changed:
             msg["PeersChanged"] = [self.peer_json(p, self.settings.base_domain, at, seen_as) for p, seen_as in changed]
-            new_users = {p.user_id for p, _ in changed}
-            msg["UserProfiles"] = [user_profile(self.users[u]) for u in sorted(new_users) if u in self.users]
+            msg["UserProfiles"] = user_profiles([p for p, _ in changed], self.users)
         if session.removed:
             msg["PeersRemoved"] = sorted(session.removed)
         if session.self_changed or session.policy_changed:
-            msg["Node"] = self_node_json(node, view, self.settings.base_domain, at)
+            msg["Node"] = self_node_json(node, view, self.settings, at)
         if session.policy_changed:
             msg["PacketFilter"] = view["packet_filter_rules"] or []
             msg["SSHPolicy"] = {"rules": view["ssh_rules"] or []}
@@ -4382,6 +4426,60 @@ class Coordinator:
         self.users[user.id] = user
         return user
 
+    # SSH check mode
+    def ssh_check_period(self):
+        """How long an approval lets the same source in again: the policy's
+        shortest check period (one rule with "always" makes every session ask)."""
+        periods = [r.check_period for r in (self.policy.ssh if self.policy else ()) if r.action == "check"]
+        return min(periods, default=0)
+
+    def ssh_action(self, src_id, dst_id, query, at):
+        """The SSHAction for a session a check rule holds on node dst_id (both
+        known nodes): accept when an admin approved this source within the
+        check period, else a held check."""
+        check_id = query.get("auth_id")
+        if check_id is None:
+            approved = self.ssh_approved.get((src_id, dst_id))
+            if approved is not None and at - approved < self.ssh_check_period():
+                return dict(SSH_ACCEPT)
+            return self._new_ssh_check(src_id, dst_id, str(query.get("local_user", ""))[:64], at)
+        check = self.ssh_checks.get(check_id)
+        if check is None or (check.src_id, check.dst_id) != (src_id, dst_id):
+            return {"reject": True, "message": "meshbox: this SSH check expired or is unknown: connect again\n"}
+        return check
+
+    def _new_ssh_check(self, src_id, dst_id, local_user, at):
+        if len(self.ssh_checks) >= SSH_CHECKS_MAX:
+            return {"reject": True, "message": f"meshbox: too many SSH checks are waiting ({SSH_CHECKS_MAX}): "
+                                               "try again in a few minutes\n"}
+        check = SSHCheck(secrets.token_hex(8), src_id, dst_id, local_user, at)
+        self.ssh_checks[check.id] = check
+        src, dst = self.nodes[src_id], self.nodes[dst_id]
+        log.info("SSH check %s: %s to %s as %s waits for: meshbox ssh approve %s", check.id, src.given_name,
+                 dst.given_name, local_user or "?", check.id)
+        return {"message": f"# meshbox: SSH from {src.given_name} to {dst.given_name} as {local_user or '?'} "
+                           f"needs an admin's approval:\n#   meshbox ssh approve {check.id}\n",
+                "holdAndDelegate": f"{self.settings.control_url}/machine/ssh/action/{src_id}/to/{dst_id}"
+                                   f"?local_user={percent_encode(local_user)}&auth_id={check.id}"}
+
+    def decide_ssh_check(self, check_id, approve):
+        """An admin's verdict on a held SSH session; wakes the request that holds it."""
+        check = self.ssh_checks.pop(check_id, None)
+        if check is None:
+            raise ValueError(f"no SSH check {check_id!r} is waiting (it may have expired)")
+        check.approved = approve
+        if approve:
+            self.ssh_approved[(check.src_id, check.dst_id)] = now()
+        check.done.set()
+        return check
+
+    def expire_ssh_checks(self, at):
+        for check in [c for c in self.ssh_checks.values() if c.created + SSH_CHECK_TTL <= at]:
+            del self.ssh_checks[check.id]
+            check.done.set()           # not approved: its session is refused
+        period = self.ssh_check_period()
+        self.ssh_approved = {k: t for k, t in self.ssh_approved.items() if at - t < period}
+
     def expire_auth_requests(self, at):
         for request in [r for r in self.auth_requests.values() if r.created + AUTH_REQUEST_TTL <= at]:
             request.result = {"Error": "login request expired before anyone approved it: log in again"}
@@ -4407,6 +4505,7 @@ class Coordinator:
                          rfc3339(node.last_seen))
                 self.delete_node(node.id)
         self.expire_auth_requests(at)
+        self.expire_ssh_checks(at)
 
     def _registered_response(self, node):
         profile = user_profile(self.users[node.user_id])
@@ -5335,6 +5434,7 @@ class StunProtocol(asyncio.DatagramProtocol):
 
 EARLY_PAYLOAD_MAGIC = b"\xff\xff\xffTS"
 MAX_REQUEST_BODY = 1 << 20
+DNS_HOOK_TIMEOUT = 60         # seconds the DNS hook may take to publish a challenge
 MAX_STREAMS = 16             # open requests per connection; a client uses a handful
 MAX_BUFFERED_BODIES = 2 * MAX_REQUEST_BODY   # request bytes one connection may hold before dispatch
 CONTROL_HANDSHAKE_TIMEOUT = 30
@@ -5481,13 +5581,18 @@ class ControlConnection:
                     raise ValueError("expected a JSON object")
             except ValueError as e:
                 raise HttpError(400, f"malformed JSON body: {e}") from None
+            if path.startswith("/machine/ssh/action/") and method == "GET":
+                await self.reply(stream_id, 200, await self.ssh_action(path, headers.get(":path", "")))
+                return
             if method != "POST":
                 raise HttpError(405, "control requests must be POST")
             if path == "/machine/register":
                 await self.reply(stream_id, 200, await self.register(request))
             elif path == "/machine/map":
                 await self.serve_map(stream_id, request)
-            elif path in ("/machine/update-health", "/machine/set-dns"):
+            elif path == "/machine/set-dns":
+                await self.reply(stream_id, 200, await self.set_dns(request))
+            elif path == "/machine/update-health":
                 await self.reply(stream_id, 200, {})
             else:
                 raise HttpError(404, f"{path} is not served here")
@@ -5498,6 +5603,63 @@ class ControlConnection:
         except StoreError as e:
             log.error("%s", e)
             await self.reply(stream_id, 503, "state database unavailable, try again\n", "text/plain; charset=utf-8")
+
+    async def set_dns(self, request):
+        """tailcfg.SetDNSRequest: publish the TXT record of an ACME dns-01
+        challenge for the node's own name, through the configured DNS hook."""
+        hook = self.server.config.dns_hook
+        if not hook:
+            raise HttpError(501, "meshbox has no DNS provider for certificates: set dns_hook to a command that "
+                                 "publishes TXT records under the base domain")
+        node = self.server.coordinator.node_by_machine(self.machine_key)
+        if node is None or key_text("nodekey", node.node_key) != request.get("NodeKey"):
+            raise HttpError(403, "set-dns: the node key is not this machine's")
+        name, kind, value = request.get("Name"), request.get("Type"), request.get("Value")
+        own = f"_acme-challenge.{node.given_name}.{self.server.config.base_domain}"
+        if not isinstance(name, str) or name.rstrip(".") != own:
+            raise HttpError(403, f"set-dns: a node may only set {own}")
+        if kind != "TXT" or not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", value):
+            raise HttpError(400, "set-dns: only TXT records of an ACME challenge (base64url, at most 255) are set")
+        try:
+            hook_proc = await asyncio.create_subprocess_exec(hook, own, kind, value, stdin=asyncio.subprocess.DEVNULL,
+                                                             stdout=asyncio.subprocess.DEVNULL,
+                                                             stderr=asyncio.subprocess.PIPE)
+            _, err = await asyncio.wait_for(hook_proc.communicate(), DNS_HOOK_TIMEOUT)
+        except asyncio.TimeoutError:
+            hook_proc.kill()
+            raise HttpError(504, f"set-dns: the DNS hook took over {DNS_HOOK_TIMEOUT} s") from None
+        except OSError as e:
+            raise HttpError(500, f"set-dns: cannot run the DNS hook {hook}: {e}") from None
+        if hook_proc.returncode != 0:
+            why = err.decode(errors="replace").strip()[-300:]
+            log.warning("DNS hook %s for %s exited with %d: %s", hook, own, hook_proc.returncode, why)
+            raise HttpError(502, f"set-dns: the DNS hook failed ({hook_proc.returncode}): {why}")
+        log.info("DNS hook set TXT %s for node %d", own, node.id)
+        return {}
+
+    async def ssh_action(self, path, full_path):
+        """GET /machine/ssh/action/SRC/to/DST?local_user=U[&auth_id=ID]: a
+        check rule's verdict, held until an admin decides (SSH_CHECK_HOLD at a time)."""
+        found = re.fullmatch(r"/machine/ssh/action/(\d{1,18})/to/(\d{1,18})", path)
+        if not found:
+            raise HttpError(404, "expected /machine/ssh/action/SRC_NODE_ID/to/DST_NODE_ID")
+        coordinator = self.server.coordinator
+        src_id, dst_id = int(found.group(1)), int(found.group(2))
+        dst = coordinator.nodes.get(dst_id)
+        if dst is None or dst.machine_key != self.machine_key:
+            raise HttpError(403, "only the destination node may ask about an SSH session to it")
+        if src_id not in coordinator.nodes:
+            raise HttpError(404, f"no node {src_id}")
+        query = parse_query(full_path.partition("?")[2][:1024])
+        action = coordinator.ssh_action(src_id, dst_id, query, now())
+        if not isinstance(action, SSHCheck):
+            return action
+        if not await action.done.wait(SSH_CHECK_HOLD):       # still waiting: the client asks again
+            return {"holdAndDelegate": coordinator.settings.control_url + full_path}
+        if action.approved:
+            return dict(SSH_ACCEPT)
+        return {"reject": True, "message": "meshbox: an admin denied this SSH session (or nobody approved it "
+                                           f"within {SSH_CHECK_TTL // 60} min)\n"}
 
     async def register(self, request):
         coordinator = self.server.coordinator
@@ -6502,6 +6664,8 @@ class Config:
     search_domains: list = dataclasses.field(default_factory=list)
     extra_records: list = dataclasses.field(default_factory=list)      # [{"name", "type", "value"}]
     magic_dns: bool = True
+    taildrop: bool = True       # nodes of one user may send each other files (tailscale file cp)
+    dns_hook: str = ""          # command run as CMD NAME TXT VALUE to publish an ACME challenge (tailscale cert)
     hosts_file: str = ""        # the tailnet's names for dnsmasq; default STATE_DIR/hosts
     policy_file: str = ""       # a HuJSON policy file, reloaded when it changes (else the stored policy)
     node_expiry: str = "180d"   # how long a node key lasts before its owner logs in again; 0: forever
@@ -6768,7 +6932,9 @@ class Server:
             derp_map=derp_map(config.public_host(), derp_port, stun_port, cert_name) if derp_port else {"Regions": {}},
             dns_config=dns_config(config.base_domain, config.nameservers, config.split_dns, config.search_domains,
                                   config.extra_records, config.magic_dns),
-            control_url=config.public_url())
+            control_url=config.public_url(),
+            node_caps={CAP_SSH: None, **({CAP_FILE_SHARING: None} if config.taildrop else {})},
+            cert_domains=bool(config.dns_hook))
         expiry = 0 if str(config.node_expiry) == "0" else parse_duration(config.node_expiry)
         self.coordinator = Coordinator(self.store, settings, config.prefix_v4, config.prefix_v6, expiry)
         self.coordinator.on_change = self.tailnet_changed
@@ -7225,7 +7391,8 @@ tailscale up --login-server {url} --auth-key KEY</pre>"""
 # HTTP API runs them inside the server for remote callers.
 
 API_KEY_PREFIX = "msapi-"
-ADMIN_NOUNS = ("users", "preauthkeys", "nodes", "routes", "devices", "policy", "apikeys", "status", "netmap", "logs")
+ADMIN_NOUNS = ("users", "preauthkeys", "nodes", "routes", "devices", "policy", "apikeys", "status", "netmap", "logs",
+               "ssh")
 
 
 class Admin:
@@ -7367,6 +7534,29 @@ class Admin:
         if "Error" in result:
             raise ValueError(result["Error"])
         return {"message": f"approved: the device joins as {owner.name}"}
+
+    # SSH check mode
+    def _ssh_decide(self, check_id, approve):
+        if self.server is None:          # held sessions wait in the server's memory
+            raise ValueError(f"no SSH check {check_id!r} is waiting: meshbox serve is not running")
+        check = self.server.coordinator.decide_ssh_check(check_id, approve)
+        nodes = self.server.coordinator.nodes
+        return {"message": f"{'approved' if approve else 'denied'}: SSH from {nodes[check.src_id].given_name} to "
+                           f"{nodes[check.dst_id].given_name} as {check.local_user or '?'}"}
+
+    def ssh_checks(self):
+        if self.server is None:
+            return []
+        nodes = self.server.coordinator.nodes
+        return [{"id": c.id, "from": nodes[c.src_id].given_name, "to": nodes[c.dst_id].given_name,
+                 "user": c.local_user, "since": rfc3339(c.created)}
+                for c in self.server.coordinator.ssh_checks.values() if c.src_id in nodes and c.dst_id in nodes]
+
+    def ssh_approve(self, id):
+        return self._ssh_decide(id, True)
+
+    def ssh_deny(self, id):
+        return self._ssh_decide(id, False)
 
     # routes
     def routes_list(self):
@@ -7728,6 +7918,7 @@ TABLES = {
     ("routes", "list"): ["node_id", "node", "prefix", "advertised", "approved", "primary"],
     ("devices", "list"): ["id", "name", "user", "ipv4", "full_tunnel", "public_key"],
     ("apikeys", "list"): ["id", "prefix", "created", "expiration", "valid"],
+    ("ssh", "checks"): ["id", "from", "to", "user", "since"],
 }
 
 
@@ -7932,6 +8123,11 @@ def build_parser():
     create.add_argument("--tags", help="tags the devices get, e.g. tag:server,tag:web")
     with_output(keys.add_parser("list", help="list keys (secrets are not shown again)"))
     keys.add_parser("expire", help="revoke a key").add_argument("key", help="the key or its listed prefix")
+
+    ssh = sub.add_parser("ssh", help="SSH sessions that check rules hold").add_subparsers(dest="verb", required=True)
+    with_output(ssh.add_parser("checks", help="list sessions waiting for approval"))
+    ssh.add_parser("approve", help="let a held SSH session in").add_argument("id", help="the check's ID")
+    ssh.add_parser("deny", help="refuse a held SSH session").add_argument("id", help="the check's ID")
 
     nodes = sub.add_parser("nodes", help="manage nodes").add_subparsers(dest="verb", required=True)
     with_output(nodes.add_parser("list", help="list nodes"))

@@ -35,10 +35,12 @@ def meshbox_cli(state, *args):
     return result.stdout
 
 
-def start_meshbox(lab, state, log_name="meshbox.log"):
+def start_meshbox(lab, state, log_name="meshbox.log", config=None):
+    """meshbox serving in the hub; `config` is a JSON settings file."""
     # DERP (and the control protocol over TLS) on 443: tsnet tries
     # https://HOST:443 for a control URL whose host is not private.
-    proc = lab.hub.spawn([sys.executable, os.path.join(ROOT, "meshbox.py"), "--state", str(state), "serve",
+    settings = ["--config", str(config)] if config else []
+    proc = lab.hub.spawn([sys.executable, os.path.join(ROOT, "meshbox.py"), "--state", str(state), *settings, "serve",
                           "--listen", f"{HUB}:8080", "--derp-listen", f"{HUB}:443",
                           "--stun-listen", f"{HUB}:3478"], state.parent / log_name)
     proc.wait_for_log(r"serving http://", 20)
@@ -239,10 +241,16 @@ def stock_binaries():
 
 class StockTailnet:
     """meshbox serving in a lab's hub and a stock client "stock-NAME" joined
-    from each client namespace NAME (a context manager)."""
+    from each client namespace NAME (a context manager).
 
-    def __init__(self, folder, binaries, names=("a", "b"), direct=False):
+    `settings` are meshbox's (written to a config file), `policy` is set
+    before the clients join, and `up_flags` maps a NAME to more flags for
+    its `tailscale up`."""
+
+    def __init__(self, folder, binaries, names=("a", "b"), direct=False, settings=None, policy=None, up_flags=None):
         self.folder, self.binaries, self.names, self.direct = folder, binaries, names, direct
+        self.settings, self.policy, self.up_flags = settings, policy, up_flags or {}
+        self.config = None
         self.state = folder / "state"
         self.lab = self.server = self.key = None
         self.clients = {}
@@ -252,13 +260,20 @@ class StockTailnet:
         self.lab = netlab.Lab(clients=self.names, direct=self.direct)
         try:
             meshbox_cli(self.state, "users", "create", "alice")
-            self.server = start_meshbox(self.lab, self.state)
+            if self.policy:
+                (self.folder / "policy.hujson").write_text(self.policy)
+                meshbox_cli(self.state, "policy", "set", str(self.folder / "policy.hujson"))
+            if self.settings:
+                self.config = self.folder / "meshbox.json"
+                self.config.write_text(json.dumps(self.settings))
+            self.server = start_meshbox(self.lab, self.state, config=self.config)
             self.key = auth_key(self.state)
             for name in self.names:
                 self.clients[name] = realclients.StockClient(self.lab[name], self.folder / name, self.binaries,
                                                              ca_file=self.state / "derp-cert.pem").start()
             with ThreadPoolExecutor(len(self.names)) as pool:   # joins take seconds each: side by side
-                list(pool.map(lambda name: self.clients[name].up(CONTROL_URL, self.key, f"stock-{name}"),
+                list(pool.map(lambda name: self.clients[name].up(CONTROL_URL, self.key, f"stock-{name}",
+                                                                 *self.up_flags.get(name, ())),
                               self.names))
         except BaseException:
             self.__exit__()
@@ -273,7 +288,7 @@ class StockTailnet:
         """Stop meshbox and start it again on the same state."""
         self.server.stop()
         self.restarts += 1
-        self.server = start_meshbox(self.lab, self.state, f"meshbox-restart{self.restarts}.log")
+        self.server = start_meshbox(self.lab, self.state, f"meshbox-restart{self.restarts}.log", self.config)
 
     def __exit__(self, *exc):
         for name, client in self.clients.items():
