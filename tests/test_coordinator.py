@@ -21,9 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @contextlib.asynccontextmanager
-async def running_server(state_dir):
+async def running_server(state_dir, **settings):
     port = free_port()
-    config = meshbox.Config(state_dir=str(state_dir), listen=f"127.0.0.1:{port}", derp_listen="off", stun_listen="off")
+    config = meshbox.Config(state_dir=str(state_dir), listen=f"127.0.0.1:{port}", derp_listen="off", stun_listen="off",
+                            **settings)
     server = meshbox.Server(config)
     await server.start()
     try:

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+import meshbox
 import netlab
 import realclients
 from test_coordinator import joined, new_key, running_server
@@ -256,9 +257,7 @@ def test_set_dns_runs_the_dns_hook_for_the_node_own_name(tmp_path):
     hook.chmod(0o755)
 
     async def scenario():
-        async with running_server(tmp_path / "state") as (server, port):
-            server.config.dns_hook = str(hook)
-            server.coordinator.settings.cert_domains = True
+        async with running_server(tmp_path / "state", dns_hook=str(hook)) as (server, port):
             client, first = await joined(port, new_key(server), "certnode")
             fqdn = f"certnode.{server.config.base_domain}"
             assert first["DNSConfig"]["CertDomains"] == [fqdn]
@@ -276,3 +275,58 @@ def test_set_dns_runs_the_dns_hook_for_the_node_own_name(tmp_path):
             assert status == 501 and b"no DNS provider" in body
             await client.close()
     asyncio.run(scenario())
+
+
+def test_ssh_action_endpoint_holds_until_an_admin_decides(tmp_path):
+    """GET /machine/ssh/action/SRC/to/DST: only DST may ask; a first request is
+    held (holdAndDelegate with an auth_id), the follow-up answers once an
+    admin approves; within checkPeriod the same source is let in at once; an
+    unknown auth_id is refused."""
+    policy = json.dumps({"tagOwners": {"tag:server": ["alice@"]}, "ssh": [
+        {"action": "check", "src": ["alice@"], "dst": ["tag:server"], "users": ["root"], "checkPeriod": "1h"}]})
+
+    async def scenario():
+        async with running_server(tmp_path / "state") as (server, port):
+            admin = meshbox.Admin(server.store, server.config, server)
+            admin.call("policy", "set", {"policy": policy})
+            laptop, first = await joined(port, new_key(server), "laptop")
+            box, box_first = await joined(port, new_key(server, tags=["tag:server"]), "box")
+            src, dst = first["Node"]["ID"], box_first["Node"]["ID"]
+            path = f"/machine/ssh/action/{src}/to/{dst}?local_user=root"
+            status, _ = await laptop.request(path, None, method="GET")
+            assert status == 403                               # the source may not ask for itself
+            status, body = await box.request(path, None, method="GET")
+            held = json.loads(body)
+            assert status == 200 and "auth_id=" in held["holdAndDelegate"] and "ssh approve" in held["message"]
+            (check,) = admin.call("ssh", "checks", {})
+            assert (check["from"], check["to"], check["user"]) == ("laptop", "box", "root")
+            follow_up = asyncio.ensure_future(box.request(held["holdAndDelegate"].split(str(port), 1)[1], None,
+                                                          method="GET", timeout=20))
+            await asyncio.sleep(0.5)
+            assert not follow_up.done()                        # held while nobody decides
+            admin.call("ssh", "approve", {"id": check["id"]})
+            status, body = await follow_up
+            assert status == 200 and json.loads(body)["accept"] is True
+            status, body = await box.request(path, None, method="GET")   # within checkPeriod: no new check
+            assert json.loads(body)["accept"] is True and admin.call("ssh", "checks", {}) == []
+            status, body = await box.request(path + "&auth_id=0000", None, method="GET")
+            assert json.loads(body)["reject"] is True
+            with pytest.raises(ValueError, match="no SSH check"):
+                admin.call("ssh", "approve", {"id": check["id"]})
+            await laptop.close()
+            await box.close()
+    asyncio.run(scenario())
+
+
+def test_every_node_gets_taildrop_and_ssh_capabilities_unless_taildrop_is_off(tmp_path):
+    async def first_map(state, **settings):
+        async with running_server(state, **settings) as (server, port):
+            client, first = await joined(port, new_key(server), "capnode")
+            await client.close()
+            return first
+    first = asyncio.run(first_map(tmp_path / "one"))
+    caps = first["Node"]["CapMap"]
+    assert meshbox.CAP_FILE_SHARING in caps and meshbox.CAP_SSH in caps
+    assert "CertDomains" not in first["DNSConfig"]          # no dns_hook: no certificates offered
+    caps = asyncio.run(first_map(tmp_path / "two", taildrop=False))["Node"]["CapMap"]
+    assert meshbox.CAP_FILE_SHARING not in caps and meshbox.CAP_SSH in caps

@@ -190,16 +190,20 @@ class ControlClient:
         if stream is self.map_stream:
             self.map_arrived.set()
 
-    def start_request(self, path, body):
-        """Send a request whose body is JSON, or bytes sent as they are (malformed on purpose)."""
+    def start_request(self, path, body, method="POST"):
+        """Send a request whose body is JSON, or bytes sent as they are (malformed
+        on purpose); a GET (body None) sends none."""
         stream_id = self.h2.get_next_available_stream_id()
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.streams[stream_id] = stream = Stream()
         stream.stream_id = stream_id
-        self.h2.send_headers(stream_id, [(":method", "POST"), (":path", path), (":scheme", "http"),
-                                         (":authority", self.host), ("content-type", "application/json")])
-        self.unsent[stream_id] = memoryview(data)
-        self.send_unsent()
+        self.h2.send_headers(stream_id, [(":method", method), (":path", path), (":scheme", "http"),
+                                         (":authority", self.host), ("content-type", "application/json")],
+                             end_stream=body is None)
+        if body is not None:
+            self.unsent[stream_id] = memoryview(body if isinstance(body, bytes) else json.dumps(body).encode())
+            self.send_unsent()
+        else:
+            self.flush()
         return stream
 
     def send_unsent(self):
@@ -217,9 +221,9 @@ class ControlClient:
                 del self.unsent[stream_id]
         self.flush()
 
-    async def request(self, path, body, timeout=10):
+    async def request(self, path, body, timeout=10, method="POST"):
         """A non-streaming request: (status, body bytes)."""
-        stream = self.start_request(path, body)
+        stream = self.start_request(path, body, method)
         async with asyncio.timeout(timeout):
             while not stream.ended:
                 stream.event.clear()
