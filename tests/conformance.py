@@ -69,8 +69,21 @@ CANONICAL = {"packet_filter_rules": canonical_filter, "peers": canonical_peers,
              "ssh_rules": canonical_ssh}
 
 
+# The order in which the capture registered the nodes of the routes topology
+# (their Created times in the source captures; the corpus does not carry
+# it). It decides HA: Tailscale, like meshbox, makes the first registered
+# advertiser of a subnet its primary router.
+REGISTRATION_ORDER = ("caterpie", "charmander", "metapod", "butterfree", "wartortle", "squirtle", "weedle",
+                      "kakuna", "beedrill", "ivysaur", "venusaur", "bulbasaur")
+
+
 def topology_of(case):
-    return {"users": case.get("users") or [], "nodes": case.get("nodes") or {}}
+    """The case's users and nodes; nodes of the routes topology get ids in registration order."""
+    nodes = case.get("nodes") or {}
+    if set(nodes) <= set(REGISTRATION_ORDER):
+        nodes = {name: dict(node, id=REGISTRATION_ORDER.index(name) + 1) if "id" not in node else node
+                 for name, node in nodes.items()}
+    return {"users": case.get("users") or [], "nodes": nodes}
 
 
 def refusal_of(case):
