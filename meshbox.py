@@ -3925,6 +3925,7 @@ def _canonical_prefix_or_none(text):
 
 
 SSH_CHECKS_MAX = 64             # SSH check approvals waiting at once (each holds one request open)
+SSH_CHECKS_PER_NODE = 8         # of them, to one destination (a node cannot crowd out the others)
 SSH_CHECK_TTL = 10 * 60         # seconds a check waits for an admin
 SSH_CHECK_HOLD = 55             # seconds one follow-up request is held before the client is told to ask again
 SSH_ACCEPT = {"accept": True, "allowAgentForwarding": True, "allowLocalPortForwarding": True,
@@ -4442,22 +4443,23 @@ class Coordinator:
             approved = self.ssh_approved.get((src_id, dst_id))
             if approved is not None and at - approved < self.ssh_check_period():
                 return dict(SSH_ACCEPT)
-            return self._new_ssh_check(src_id, dst_id, str(query.get("local_user", ""))[:64], at)
+            return self._new_ssh_check(src_id, dst_id, query.get("local_user", ""), at)
         check = self.ssh_checks.get(check_id)
         if check is None or (check.src_id, check.dst_id) != (src_id, dst_id):
             return {"reject": True, "message": "meshbox: this SSH check expired or is unknown: connect again\n"}
         return check
 
     def _new_ssh_check(self, src_id, dst_id, local_user, at):
-        if len(self.ssh_checks) >= SSH_CHECKS_MAX:
-            return {"reject": True, "message": f"meshbox: too many SSH checks are waiting ({SSH_CHECKS_MAX}): "
-                                               "try again in a few minutes\n"}
+        if len(self.ssh_checks) >= SSH_CHECKS_MAX or \
+                sum(c.dst_id == dst_id for c in self.ssh_checks.values()) >= SSH_CHECKS_PER_NODE:
+            return {"reject": True, "message": "meshbox: too many SSH checks are waiting: try again in a few "
+                                               "minutes\n"}
         check = SSHCheck(secrets.token_hex(8), src_id, dst_id, local_user, at)
         self.ssh_checks[check.id] = check
         src, dst = self.nodes[src_id], self.nodes[dst_id]
         log.info("SSH check %s: %s to %s as %s waits for: meshbox ssh approve %s", check.id, src.given_name,
-                 dst.given_name, local_user or "?", check.id)
-        return {"message": f"# meshbox: SSH from {src.given_name} to {dst.given_name} as {local_user or '?'} "
+                 dst.given_name, local_user, check.id)
+        return {"message": f"# meshbox: SSH from {src.given_name} to {dst.given_name} as {local_user} "
                            f"needs an admin's approval:\n#   meshbox ssh approve {check.id}\n",
                 "holdAndDelegate": f"{self.settings.control_url}/machine/ssh/action/{src_id}/to/{dst_id}"
                                    f"?local_user={percent_encode(local_user)}&auth_id={check.id}"}
@@ -5435,6 +5437,7 @@ class StunProtocol(asyncio.DatagramProtocol):
 EARLY_PAYLOAD_MAGIC = b"\xff\xff\xffTS"
 MAX_REQUEST_BODY = 1 << 20
 DNS_HOOK_TIMEOUT = 60         # seconds the DNS hook may take to publish a challenge
+LOCAL_USER = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}")    # a login name on the SSH server
 MAX_STREAMS = 16             # open requests per connection; a client uses a handful
 MAX_BUFFERED_BODIES = 2 * MAX_REQUEST_BODY   # request bytes one connection may hold before dispatch
 CONTROL_HANDSHAKE_TIMEOUT = 30
@@ -5651,6 +5654,8 @@ class ControlConnection:
         if src_id not in coordinator.nodes:
             raise HttpError(404, f"no node {src_id}")
         query = parse_query(full_path.partition("?")[2][:1024])
+        if not LOCAL_USER.fullmatch(query.get("local_user", "")):     # shown in the banner and the log
+            raise HttpError(400, "local_user must be a login name")
         action = coordinator.ssh_action(src_id, dst_id, query, now())
         if not isinstance(action, SSHCheck):
             return action

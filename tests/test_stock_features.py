@@ -295,6 +295,8 @@ def test_ssh_action_endpoint_holds_until_an_admin_decides(tmp_path):
             path = f"/machine/ssh/action/{src}/to/{dst}?local_user=root"
             status, _ = await laptop.request(path, None, method="GET")
             assert status == 403                               # the source may not ask for itself
+            status, body = await box.request(path.replace("root", "root%0A%23%20approved"), None, method="GET")
+            assert status == 400 and b"login name" in body     # no lines of its own in the banner
             status, body = await box.request(path, None, method="GET")
             held = json.loads(body)
             assert status == 200 and "auth_id=" in held["holdAndDelegate"] and "ssh approve" in held["message"]
