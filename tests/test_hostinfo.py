@@ -8,6 +8,7 @@ node-supplied control characters through.  The stock-client side is
 tests/test_realclients.py::test_stock_clients_survive_a_node_sending_malformed_hostinfo.
 """
 
+import functools
 import ipaddress
 import json
 import logging
@@ -42,6 +43,7 @@ HOSTINFO_TYPES = {
 }
 
 
+@functools.lru_cache(maxsize=4096)         # the fuzz targets check the same few millions of times
 def is_canonical_prefix(text):
     try:
         return str(ipaddress.ip_network(text)) == text
@@ -49,6 +51,7 @@ def is_canonical_prefix(text):
         return False
 
 
+@functools.lru_cache(maxsize=4096)
 def is_addr_port(text):
     """netip.ParseAddrPort's text: a.b.c.d:port or [v6]:port."""
     host, _, port = text.rpartition(":")
@@ -121,7 +124,7 @@ class Tailnet:
         node = coordinator.node_by_machine(machine)
         message = meshbox.map_response_for(node, coordinator.view_of(node), coordinator.nodes, coordinator.users,
                                            coordinator.settings, meshbox.now())
-        json.loads(meshbox.json_bytes(message))
+        json.dumps(message, allow_nan=False)        # valid JSON, as Go reads it (no NaN)
         return message
 
     def restart(self):
