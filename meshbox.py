@@ -11,8 +11,10 @@ Map of this file (sections in dependency order, each opened by a banner
 comment ``# ---- Name ----``):
 
   Shim            imports, optional dependencies and their fallbacks
-  Helpers         time, bounded JSON, key text forms, durations, private files,
-                  per-source blocks and the refused-attempt limiter
+  Helpers         time, bounded JSON, key text forms, control-character escaping,
+                  durations, private files, per-source blocks, the refused-attempt
+                  limiter, tailcfg's Go shapes (Hostinfo, endpoints) and the
+                  Hostinfo peers see
   Native crypto   the optional C helper (native/), loaded with ctypes
   Crypto          X25519, ChaCha20-Poly1305, BLAKE2s, NaCl box, Ed25519
   Noise           Noise_IK handshake and transport records (ts2021)
@@ -22,7 +24,7 @@ comment ``# ---- Name ----``):
   Addresses       tailnet IPv4/IPv6 allocation
   Policy          Tailscale's ACL language: parse, compile per node, check tests
   Map builder     pure: node records in, MapResponse JSON out
-  Coordinator     registration, map sessions, fan-out of changes
+  Coordinator     registration, MapRequest checks, map sessions, fan-out of changes
   HTTP front      HTTP/1.1 on asyncio streams: request heads, responses
   TLS certificate self-signed Ed25519 certificate for DERP, pinned by hash
   DERP            the relay: frames, clients, forwarding
