@@ -408,9 +408,13 @@ def go_int(value, low=-GO_INT_MAX - 1, high=GO_INT_MAX):
 def go_float(value):
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValueError(f"{json_type(value)}, not a number")
-    if not math.isfinite(value) or abs(value) > sys.float_info.max:
-        raise ValueError("not a finite number")
-    return float(value)
+    try:
+        number = float(value)       # an integer past float64's range overflows here
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError("not a finite float64")
+    return number
 
 
 class GoList:

@@ -260,7 +260,7 @@ def test_register_and_map_bodies(coordinator, machine, request, with_key):
 # Whatever a node sends, the Hostinfo kept has tailcfg's Go types within the
 # caps, and every viewer's map still builds, encodes and has them too.
 
-ODD_VALUES = [None, 0, -1, 2 ** 63, -2 ** 63 - 1, 2 ** 70, 1.5, 1e308, float("nan"), float("inf"), True, False,
+ODD_VALUES = [None, 0, -1, 2 ** 63, -2 ** 63 - 1, 2 ** 70, 10 ** 400, 1.5, 1e308, float("nan"), float("inf"), True, False,
               "", "x", "true", "s" * 300, "\x1b[31m\n", "\ud800", [], [None], [1, "a"], ["10.0.0.0/8"], {},
               {"a": 1}, {"Proto": "tcp", "Port": 1}, [[[[[1]]]]], {"PreferredDERP": 900}]
 HOSTINFO_FIELDS = sorted(HOSTINFO_TYPES) + ["NetInfo.PreferredDERP", "NetInfo.DERPLatency", "NetInfo.WorkingUDP",

@@ -84,7 +84,7 @@ def go_type_problems(value, kind, path="Hostinfo"):
           "int": number and isinstance(value, int) and GO_INT[0] <= value <= GO_INT[1],
           "uint64": number and isinstance(value, int) and 0 <= value < 2 ** 64,
           "port": number and isinstance(value, int) and 0 <= value <= 65535,
-          "float": number and math.isfinite(value),
+          "float": number and abs(value) <= 1.7976931348623157e308 and math.isfinite(value),
           "prefix": isinstance(value, str) and is_canonical_prefix(value)}[kind]
     return [] if ok else [f"{path}: {value!r:.60} is not a Go {kind}"]
 
@@ -171,6 +171,7 @@ def test_each_wrong_shape_leaves_a_go_shaped_hostinfo_and_a_working_map(tmp_path
     ({"ShieldsUp": "yes"}, "ShieldsUp"),
     ({"sshHostKeys": "key"}, "sshHostKeys"),
     ({"Location": {"Latitude": "north"}}, "Location.Latitude"),
+    ({"Location": {"Longitude": 10 ** 400}}, "Location.Longitude"),
     ({"TPM": {"FirmwareVersion": -1}}, "TPM.FirmwareVersion"),
     ({"RoutableIPs": ["10.0.0.0/33", "10.1.0.0/16"]}, "RoutableIPs"),
 ])
