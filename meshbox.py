@@ -401,7 +401,7 @@ def go_int(value, low=-GO_INT_MAX - 1, high=GO_INT_MAX):
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{json_type(value)}, not an integer")
     if not low <= value <= high:
-        raise ValueError(f"{value} is outside {low}..{high}")
+        raise ValueError(f"{str(value)[:24]} is outside {low}..{high}")
     return value
 
 
@@ -583,9 +583,8 @@ def checked_hostinfo(value, whose="a node"):
     out = HOSTINFO_SHAPE.check(value, problems, "")
     size = len(json_bytes(out))
     if size > HOSTINFO_MAX_BYTES:
-        lists = [name for name in HOSTINFO_LISTS if name in out]
-        for name in lists:
-            del out[name]
+        for name in HOSTINFO_LISTS:
+            out.pop(name, None)
         if len(json_bytes(out)) > HOSTINFO_MAX_BYTES:
             identity, out = out, {}
             for name in HOSTINFO_IDENTITY:      # escaped text may take 12 bytes a character
