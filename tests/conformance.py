@@ -69,19 +69,25 @@ CANONICAL = {"packet_filter_rules": canonical_filter, "peers": canonical_peers,
              "ssh_rules": canonical_ssh}
 
 
-# The order in which the capture registered the nodes of the routes topology
+# The order in which the capture registered the nodes of its topologies
 # (their Created times in the source captures; the corpus does not carry
 # it). It decides HA: Tailscale, like meshbox, makes the first registered
 # advertiser of a subnet its primary router.
-REGISTRATION_ORDER = ("caterpie", "charmander", "metapod", "butterfree", "wartortle", "squirtle", "weedle",
-                      "kakuna", "beedrill", "ivysaur", "venusaur", "bulbasaur")
+REGISTRATION_ORDERS = (
+    ("caterpie", "charmander", "metapod", "butterfree", "wartortle", "squirtle", "weedle", "kakuna", "beedrill",
+     "ivysaur", "venusaur", "bulbasaur"),
+    ("pidgey", "pidgeotto", "charmander", "rattata", "raticate", "blastoise", "spearow", "fearow", "squirtle",
+     "weedle", "kakuna", "beedrill", "ivysaur", "venusaur", "bulbasaur"),
+    ("client-a", "client-b", "spearow", "fearow"),
+)
 
 
 def topology_of(case):
-    """The case's users and nodes; nodes of the routes topology get ids in registration order."""
+    """The case's users and nodes, numbered in registration order when it is known."""
     nodes = case.get("nodes") or {}
-    if set(nodes) <= set(REGISTRATION_ORDER):
-        nodes = {name: dict(node, id=REGISTRATION_ORDER.index(name) + 1) if "id" not in node else node
+    order = next((o for o in REGISTRATION_ORDERS if set(nodes) <= set(o)), None)
+    if order:
+        nodes = {name: node if "id" in node else dict(node, id=order.index(name) + 1)
                  for name, node in nodes.items()}
     return {"users": case.get("users") or [], "nodes": nodes}
 

@@ -9,7 +9,7 @@ import conformance
 import meshbox
 
 # What the engine reaches today; a drop below any floor is a regression.  Routes
-# needs the order the capture registered its nodes in (conformance.REGISTRATION_ORDER):
+# needs the order the capture registered its nodes in (conformance.REGISTRATION_ORDERS):
 # it decides which of two HA routers is primary.
 CONFORMANCE_FLOORS = {"acl": 164, "routes": 100, "policytest": 47, "ssh": 93, "sshtest": 31,
                       "nodeattrs": 45, "grant": 222}
