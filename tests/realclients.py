@@ -9,11 +9,13 @@
 # driver (see `ark_driver_main`).
 
 import asyncio
+import contextlib
 import hashlib
 import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -363,6 +365,32 @@ def route_default_via_hub(ns):
     netlab.ip("-n", ns.name, "route", "replace", "default", "via", netlab.HUB_ADDR, "dev", "eth0")
 
 
+HOST_RESOLV_BACKUP = Path("/etc/resolv.pre-tailscale-backup.conf")
+
+
+@contextlib.contextmanager
+def namespace_resolver(ns):
+    """A resolv.conf of the namespace's own (/etc/netns/NAME/resolv.conf, which
+    `ip netns exec` mounts over /etc/resolv.conf), for a TUN-mode tailscaled
+    to manage instead of the host's. tailscaled keeps its backup copy in the
+    real /etc while it runs: removed here if it is left behind."""
+    folder = Path("/etc/netns") / ns.name
+    host_resolv = Path("/etc/resolv.conf").read_bytes()
+    had_backup = HOST_RESOLV_BACKUP.exists()
+    folder.mkdir(parents=True)
+    (folder / "resolv.conf").write_text(f"nameserver {netlab.HUB_ADDR}\n")
+    try:
+        yield folder / "resolv.conf"
+    finally:
+        shutil.rmtree(folder)
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()            # only if no other namespace has one
+        if not had_backup:
+            HOST_RESOLV_BACKUP.unlink(missing_ok=True)
+        if Path("/etc/resolv.conf").read_bytes() != host_resolv:
+            raise AssertionError("the host's /etc/resolv.conf changed")
+
+
 class StockClient:
     """tailscaled (userspace networking, so no TUN device and no resolver of
     the host to touch) and its CLI in a lab namespace.
@@ -371,12 +399,13 @@ class StockClient:
     namespace when each has its own `port`; `ca_file` is the PEM that control
     and DERP over TLS are trusted with."""
 
-    def __init__(self, ns, workdir, binaries, port=STOCK_PORT, ca_file=None):
+    def __init__(self, ns, workdir, binaries, port=STOCK_PORT, ca_file=None, tun=None):
         self.ns = ns
         self.workdir = Path(workdir)
         self.binaries = binaries
         self.port = port
         self.ca_file = ca_file
+        self.tun = tun       # a TUN device instead: routes and DNS of the namespace (see namespace_resolver)
         self.socket = self.workdir / "ts.sock"
         self.log_path = self.workdir / "tailscaled.log"
         self.proc = None
@@ -388,7 +417,9 @@ class StockClient:
             raise ValueError(f"socket path {self.socket} is over {MAX_SOCKET_PATH} bytes: use a shorter workdir")
         self.workdir.mkdir(parents=True, exist_ok=True)
         route_default_via_hub(self.ns)
-        self.proc = self.ns.spawn([str(self.binaries["tailscaled"]), "--tun=userspace-networking",
+        if self.tun:    # the device gets the node's IPv6 address too (netlab turns IPv6 off by default)
+            self.ns.sysctl("net.ipv6.conf.default.disable_ipv6", "0")
+        self.proc = self.ns.spawn([str(self.binaries["tailscaled"]), f"--tun={self.tun or 'userspace-networking'}",
                                    f"--statedir={self.workdir / 'state'}", f"--socket={self.socket}",
                                    f"--port={self.port}"],
                                   self.log_path, env=client_env(self.workdir, ca_file=self.ca_file), cwd=self.workdir)
@@ -414,7 +445,8 @@ class StockClient:
 
     def up(self, login_server, auth_key, hostname, *flags, timeout=JOIN_TIMEOUT):
         """`tailscale up`: returns once joined. DNS settings are not taken
-        (`flags` may say otherwise; the last one wins)."""
+        (take them afterwards with `cli("set", "--accept-dns=true")`: the
+        CLI refuses a flag given twice)."""
         self.hostname = hostname
         return self.cli("up", f"--login-server={login_server}", f"--auth-key={auth_key}", f"--hostname={hostname}",
                         "--accept-dns=false", f"--timeout={timeout:.0f}s", *flags, timeout=timeout + 15)

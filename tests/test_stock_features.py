@@ -1,7 +1,8 @@
 """Tailscale's own client against meshbox: names, policy, SSH, Taildrop, cert.
 
 One meshbox and three stock tailscaled (1.96.4, userspace networking, so
-no TUN device and no resolver of the host is touched) share the module:
+no TUN device and no resolver of the host is touched) share the module,
+with a fourth in TUN mode that manages its namespace's own resolv.conf:
 stock-a and stock-b are alice's, stock-c is alice's too but tagged
 tag:server (by `--advertise-tags`, which tagOwners allow).  The policy lets
 alice reach everything, SSH into her own machines as any user (accept) and
@@ -70,7 +71,18 @@ def net(tmp_path_factory, stock_binaries):
         for name in ("a", "b", "c"):
             tailnet.clients[name].cli("set", "--ssh", "--accept-dns=true")
         try:
-            yield tailnet
+            with realclients.namespace_resolver(tailnet.lab["a"]) as resolv_conf:
+                # a fourth, TUN-mode client that manages its namespace's resolver
+                tun = realclients.StockClient(tailnet.lab["a"], folder / "t", stock_binaries, port=41643,
+                                              ca_file=tailnet.state / "derp-cert.pem", tun="ts-t")
+                tailnet.tun, tailnet.resolv_conf = tun, resolv_conf
+                try:
+                    tun.start().up(CONTROL_URL, tailnet.key, "stock-t")
+                    tun.cli("set", "--accept-dns=true")
+                    yield tailnet
+                finally:
+                    tun.stop()
+                    print(f"---- tailscaled stock-t:\n{tun.log_text()[-3000:]}")
         finally:
             dns.stop()
 
@@ -125,6 +137,19 @@ def test_magicdns_peers_split_dns_and_extra_records(net):
     assert f"{SPLIT_DOMAIN}" in status and f"  - {BASE_DOMAIN}" in status
     with open("/etc/resolv.conf", "rb") as f:
         assert f.read() == host_resolv           # userspace mode: the host's DNS is untouched
+
+
+def test_magicdns_short_names_through_the_namespace_resolver(net):
+    """A TUN-mode client points its namespace's resolv.conf at 100.100.100.100
+    with the tailnet's search domain: the system's resolver (getent) finds
+    peers by short name and by FQDN."""
+    def resolves(name):
+        done = net.lab["a"].run(["getent", "hosts", name], check=False, timeout=15)
+        return done.stdout.split()[:1]
+    assert netlab.wait_until(lambda: "search mesh.internal" in net.resolv_conf.read_text(), PEER_TIMEOUT)
+    assert "nameserver 100.100.100.100" in net.resolv_conf.read_text()
+    assert netlab.wait_until(lambda: resolves("stock-b") == [net.address("b")], PEER_TIMEOUT), resolves("stock-b")
+    assert resolves(f"stock-c.{BASE_DOMAIN}") == [net.address("c")]
 
 
 def test_netcheck_uses_meshbox_derp_and_stun(net):
