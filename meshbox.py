@@ -8610,6 +8610,10 @@ async function api(method, path, body, hujson) {
   return {text, etag: response.headers.get("ETag"), json: () => (text ? JSON.parse(text) : {})};
 }
 
+async function apiJSON(method, path, body) {
+  return (await api(method, path, body)).json();
+}
+
 function report(where, error) {
   const box = $(where);
   box.textContent = error ? error.message || String(error) : "";
@@ -8702,7 +8706,8 @@ function userSelect() {
   return el("select", {"aria-label": "user"}, users.map((u) => el("option", {value: u.loginName}, u.loginName)));
 }
 
-function drawGraph(devices) {
+function drawGraph(all) {
+  const devices = all.filter((d) => !d.meshboxGateway);   // the box's own WireGuard node is the centre
   const ns = "http://www.w3.org/2000/svg";
   const svg = (tag, attrs, text) => {
     const node = document.createElementNS(ns, tag);
@@ -8726,13 +8731,13 @@ function drawGraph(devices) {
 }
 
 async function loadNodes() {
-  const devices = (await api("GET", "tailnet/-/devices?fields=all").json()).devices;
+  const devices = (await apiJSON("GET", "tailnet/-/devices?fields=all")).devices;
   $("#nodes").replaceChildren(...(devices.length ? devices.map(nodeCard) : [el("p", {}, "No nodes yet.")]));
   drawGraph(devices);
 }
 
 async function loadLogins() {
-  const logins = (await api("GET", "tailnet/-/logins").json()).logins;
+  const logins = (await apiJSON("GET", "tailnet/-/logins")).logins;
   $("#logins").replaceChildren(...(logins.length ? logins.map((l) => {
     const who = userSelect();
     return el("article", {class: "card login"}, el("h3", {}, l.hostname),
@@ -8743,7 +8748,7 @@ async function loadLogins() {
 }
 
 async function loadKeys() {
-  const keys = (await api("GET", "tailnet/-/keys").json()).keys;
+  const keys = (await apiJSON("GET", "tailnet/-/keys")).keys;
   $("#keys").replaceChildren(...keys.map((k) => {
     const caps = k.capabilities.devices.create;
     return el("li", {class: k.invalid ? "invalid" : ""},
@@ -8767,7 +8772,7 @@ async function createKey() {
 }
 
 async function loadWireguard() {
-  const devices = (await api("GET", "tailnet/-/wireguard-devices").json()).devices;
+  const devices = (await apiJSON("GET", "tailnet/-/wireguard-devices")).devices;
   $("#wg").replaceChildren(...devices.map((d) => el("li", {}, `${d.name} · ${d.ipv4} · ${d.ipv6} · ${d.user}` +
     (d.full_tunnel ? " · all traffic" : ""), confirmFirst("Remove", () => api("DELETE", `tailnet/-/wireguard-devices/${encodeURIComponent(d.name)}`), "#wg-error"))));
 }
@@ -8780,7 +8785,7 @@ async function addWireguard() {
 }
 
 async function loadUsers() {
-  users = (await api("GET", "tailnet/-/users").json()).users;
+  users = (await apiJSON("GET", "tailnet/-/users")).users;
   $("#users").replaceChildren(...users.map((u) => el("li", {}, `${u.loginName} · ${u.deviceCount} device(s)` +
     (u.currentlyConnected ? " · online" : ""), confirmFirst("Delete", () => api("POST", `users/${u.id}/delete`), "#users-error"))));
 }
@@ -8821,7 +8826,7 @@ async function savePolicy() {
 }
 
 async function loadLogs() {
-  $("#logs").textContent = (await api("GET", "tailnet/-/logs?lines=200").json()).logs.join("\n");
+  $("#logs").textContent = (await apiJSON("GET", "tailnet/-/logs?lines=200")).logs.join("\n");
 }
 
 async function refresh() {
