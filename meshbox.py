@@ -4560,8 +4560,8 @@ MAX_REQUEST_HEAD = 32 << 10  # bytes of a whole request head (a browser's cookie
 WRITE_TIMEOUT = 30           # seconds a peer may leave a full buffer unread before it is dropped
 HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 204: "No Content", 302: "Found", 400: "Bad Request",
                 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-                411: "Length Required", 412: "Precondition Failed", 413: "Payload Too Large", 426: "Upgrade Required", 431: "Request Header Fields Too Large",
-                500: "Internal Server Error",
+                411: "Length Required", 412: "Precondition Failed", 413: "Payload Too Large",
+                426: "Upgrade Required", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
                 501: "Not Implemented", 503: "Service Unavailable"}
 
 
@@ -6630,7 +6630,8 @@ def release_free_memory():
 # The tailnet's DNS settings start as the configuration's and, once changed
 # through the API or the CLI, are the stored ones.
 MAX_DNS_ENTRIES = 64       # resolvers, search domains or split-DNS domains in one setting
-DNS_NAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$")
+DNS_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){DNS_LABEL}(\.{DNS_LABEL})*\.?$")
 
 
 def dns_settings(store, config):
@@ -8073,6 +8074,14 @@ class ApiV2:
             raise ApiError(405, f"method {method} not allowed on {path[:128]}")
         raise ApiError(404, f"{path[:128]} is not part of meshbox's API v2 (see its README for the endpoints)")
 
+    def read(self, noun, verb, **params):
+        """A verb that only reads, without the reload from the store that follows a change."""
+        admin = Admin(self.server.store, self.config, self.server)
+        try:
+            return getattr(admin, f"{noun}_{verb}" if verb else noun)(**params)
+        except (ValueError, StoreError) as e:
+            raise ApiError(400, str(e)) from None
+
     async def verb(self, noun, verb, **params):
         answer = await self.server.run_admin(noun, verb, params)
         if "error" in answer:
@@ -8089,7 +8098,7 @@ class ApiV2:
         return node
 
     async def device(self, node, fields):
-        rows = await self.verb("nodes", "list")
+        rows = self.read("nodes", "list")
         row = next((r for r in rows if r["id"] == node.id), None)
         if row is None:
             raise ApiError(404, f"device {node.id} not found")
@@ -8099,7 +8108,7 @@ class ApiV2:
         fields = device_fields(request.query)
         nodes = self.server.coordinator.nodes
         return {"devices": [device_json(row, nodes[row["id"]], self.config.base_domain, fields)
-                            for row in await self.verb("nodes", "list") if row["id"] in nodes]}
+                            for row in self.read("nodes", "list") if row["id"] in nodes]}
 
     async def get_device(self, request, ident):
         return await self.device(self.node(ident), device_fields(request.query))
@@ -8164,13 +8173,13 @@ class ApiV2:
 
     # auth keys
     async def key_row(self, ident):
-        for row in await self.verb("preauthkeys", "list"):
+        for row in self.read("preauthkeys", "list"):
             if f"k{row['id']}" == ident:
                 return row
         raise ApiError(404, f"key {ident[:64]!r} not found")
 
     async def list_keys(self, request):
-        return {"keys": [key_json(row) for row in await self.verb("preauthkeys", "list")]}
+        return {"keys": [key_json(row) for row in self.read("preauthkeys", "list")]}
 
     async def get_key(self, request, ident):
         return key_json(await self.key_row(ident))
@@ -8193,7 +8202,7 @@ class ApiV2:
             raise ApiError(400, f"expirySeconds must be 1 to {MAX_KEY_SECONDS} (90 days)")
         user = body.get("user")      # meshbox's: an API key belongs to no user
         if user is None:
-            users = await self.verb("users", "list")
+            users = self.read("users", "list")
             if len(users) != 1:
                 raise ApiError(400, 'say which user owns the devices: add "user": NAME to the body '
                                     f"(the tailnet has {len(users)} users)")
@@ -8212,7 +8221,7 @@ class ApiV2:
 
     # policy file
     async def policy_text(self):
-        return (await self.verb("policy", "get"))["policy"] or DEFAULT_POLICY
+        return (self.read("policy", "get"))["policy"] or DEFAULT_POLICY
 
     def policy_answer(self, request, text):
         headers = [("ETag", policy_etag(text))]
@@ -8229,7 +8238,8 @@ class ApiV2:
 
     async def set_policy(self, request):
         if self.config.policy_file:
-            raise ApiError(403, f"the policy comes from the file {self.config.policy_file} (policy_file): edit it there")
+            raise ApiError(403, f"the policy comes from the file {self.config.policy_file} (policy_file): "
+                                "edit it there")
         match = request.headers.get("if-match")
         if match and match != "ts-default" and match != policy_etag(await self.policy_text()):
             raise ApiError(412, "precondition failed, invalid old hash: the policy changed since you read it")
@@ -8257,7 +8267,7 @@ class ApiV2:
 
     # DNS
     async def dns(self):
-        return await self.verb("dns", "get")
+        return self.read("dns", "get")
 
     async def set_dns(self, **changes):
         return await self.verb("dns", "set", **changes)
@@ -8280,7 +8290,8 @@ class ApiV2:
         return {"searchPaths": (await self.dns())["search_domains"]}
 
     async def set_search_paths(self, request):
-        return {"searchPaths": (await self.set_dns(search_domains=request.field("searchPaths", list)))["search_domains"]}
+        dns = await self.set_dns(search_domains=request.field("searchPaths", list))
+        return {"searchPaths": dns["search_domains"]}
 
     async def get_split_dns(self, request):
         return (await self.dns())["split_dns"]
@@ -8338,7 +8349,7 @@ class ApiV2:
     async def user_rows(self):
         nodes = list(self.server.coordinator.nodes.values())
         out = []
-        for user in await self.verb("users", "list"):
+        for user in self.read("users", "list"):
             owned = [n for n in nodes if n.user_id == user["id"]]
             seen = max((n.last_seen or 0 for n in owned), default=0)
             out.append({"id": str(user["id"]), "displayName": user["name"], "loginName": user["name"],
@@ -8392,14 +8403,14 @@ class ApiV2:
 
     # meshbox's own
     async def list_logins(self, request):
-        return {"logins": await self.verb("nodes", "pending")}
+        return {"logins": self.read("nodes", "pending")}
 
     async def approve_login(self, request, ident):
         await self.verb("nodes", "register", user=request.field("user", str), key=ident)
         return {}
 
     async def list_wireguard_devices(self, request):
-        return {"devices": await self.verb("devices", "list")}
+        return {"devices": self.read("devices", "list")}
 
     async def add_wireguard_device(self, request):
         return await self.verb("devices", "add", name=request.field("name", str),
@@ -8414,7 +8425,7 @@ class ApiV2:
         lines = request.query.get("lines", "200")
         if not lines.isdigit() or not 0 < int(lines) <= 1000:
             raise ApiError(400, "lines is 1 to 1000")
-        return {"logs": await self.verb("logs", None, lines=int(lines))}
+        return {"logs": self.read("logs", None, lines=int(lines))}
 
     async def qr_code(self, request):
         """The QR code of a text (a `tailscale up` command, a WireGuard config) as SVG; the
@@ -8498,7 +8509,7 @@ ADMIN_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>meshbox admin</title><link rel="stylesheet" href="/admin/admin.css"></head>
-<body data-login-server="{login_server}">
+<body data-login-server="{login_server}" data-gateway-user="{gateway_user}">
 <header><h1>meshbox</h1><nav><a href="#nodes-section">Nodes</a> <a href="#keys-section">Keys</a>
 <a href="#wg-section">WireGuard</a> <a href="#users-section">Users</a> <a href="#policy-section">Policy</a>
 <a href="#logs-section">Logs</a></nav></header>
@@ -8582,7 +8593,7 @@ ADMIN_JS = r""""use strict";
 // meshbox admin page: every action is a call to /api/v2 with the session
 // cookie and the CSRF token the sign-in returned.
 let csrf = "", policyEtag = null, users = [];
-const loginServer = document.body.dataset.loginServer;
+const loginServer = document.body.dataset.loginServer, gatewayUser = document.body.dataset.gatewayUser;
 const $ = (selector) => document.querySelector(selector);
 
 function el(tag, attrs, ...children) {
@@ -8702,8 +8713,14 @@ function nodeCard(d) {
       confirmFirst("Delete", () => api("DELETE", `device/${d.id}`), where)));
 }
 
+// The users a device may join as, people first (the box's own user owns its WireGuard devices).
+function userOptions() {
+  const people = users.filter((u) => u.loginName !== gatewayUser), box = users.filter((u) => u.loginName === gatewayUser);
+  return [...people, ...box].map((u) => el("option", {value: u.loginName}, u.loginName));
+}
+
 function userSelect() {
-  return el("select", {"aria-label": "user"}, users.map((u) => el("option", {value: u.loginName}, u.loginName)));
+  return el("select", {"aria-label": "user"}, userOptions());
 }
 
 function drawGraph(all) {
@@ -8756,7 +8773,9 @@ async function loadKeys() {
       (caps.tags.length ? " · " + caps.tags.join(",") : "") + ` · expires ${(k.expires || "").slice(0, 16)}` +
       (k.invalid ? " · invalid" : " "), k.invalid ? "" : action("Expire", () => api("DELETE", `tailnet/-/keys/${k.id}`), "#keys-error"));
   }));
-  $("#key-user").replaceChildren(...userSelect().children);
+  const chosen = $("#key-user").value;
+  $("#key-user").replaceChildren(...userOptions());
+  if (users.some((u) => u.loginName === chosen)) $("#key-user").value = chosen;
 }
 
 async function createKey() {
@@ -8885,7 +8904,7 @@ ADMIN_PAGE_FILES = {("GET", "/admin/admin.css"): ("text/css; charset=utf-8", ADM
 
 def admin_page(login_server):
     """The admin page's HTML, which tells its script the URL devices log in at."""
-    return ADMIN_HTML.replace("{login_server}", html_text(login_server))
+    return ADMIN_HTML.replace("{login_server}", html_text(login_server)).replace("{gateway_user}", GATEWAY_USER)
 
 
 # ---- CLI ----
