@@ -1125,6 +1125,9 @@ DROP TABLE IF EXISTS auth_requests;  -- login requests live in the server's memo
 CREATE TABLE IF NOT EXISTS api_keys (
     id INTEGER PRIMARY KEY, prefix TEXT NOT NULL, hash TEXT UNIQUE NOT NULL, created REAL NOT NULL,
     expiration REAL, revoked INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS oauth_clients (
+    id INTEGER PRIMARY KEY, client_id TEXT UNIQUE NOT NULL, hash TEXT UNIQUE NOT NULL, scopes TEXT NOT NULL,
+    created REAL NOT NULL, expiration REAL, revoked INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS users (
     id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS preauth_keys (
@@ -6746,6 +6749,7 @@ class Server:
         self.derp_nodes = None      # node key -> node, for DERP admission; None after a change
         self.recent_logs = RecentLogs()
         self.admin_sessions = AdminSessions()
+        self.oauth_tokens = OAuthTokens()
         self.stopping = asyncio.Event()
 
     def _open_state(self):
@@ -7211,33 +7215,42 @@ class Server:
         answer = await self.run_admin(noun, verb, params)
         writer.write(http_response(400 if "error" in answer else 200, json_bytes(answer), "application/json"))
 
-    def api_caller_known(self, request):
-        """Whether a request carries a valid API key (HTTP Bearer, or Basic with the key as the user, as
-        Tailscale's clients send it) or the admin page's session cookie with its CSRF token."""
+    def api_caller_scopes(self, request):
+        """The API v2 scopes of a request's caller, None when unknown: an API key (HTTP Bearer, or Basic
+        with the key as the user, as Tailscale's clients send it) or the admin page's session cookie with
+        its CSRF token may do everything; an OAuth access token (Bearer) what its client's scopes say."""
+        everything = frozenset({"all"})
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer":
-            return api_key_valid(self.store, value.strip())
+            if value.strip().startswith(OAUTH_SECRET_PREFIX):
+                return self.oauth_tokens.scopes(self.store, value.strip())
+            return everything if api_key_valid(self.store, value.strip()) else None
         if scheme.lower() == "basic":
             try:
                 user = base64.b64decode(value.strip(), validate=True).decode().partition(":")[0]
             except (binascii.Error, UnicodeDecodeError):
-                return False
-            return api_key_valid(self.store, user)
-        return self.admin_sessions.valid(self.store, request_cookie(request, SESSION_COOKIE),
-                                         request.headers.get(CSRF_HEADER, ""))
+                return None
+            return everything if api_key_valid(self.store, user) else None
+        valid = self.admin_sessions.valid(self.store, request_cookie(request, SESSION_COOKIE),
+                                          request.headers.get(CSRF_HEADER, ""))
+        return everything if valid else None
 
     async def handle_api_v2(self, request, reader, writer):
         """Tailscale's API v2 (see ApiV2): errors answer as Tailscale's do, {"message": ...}."""
         headers = [("Cache-Control", "no-store")]
         try:
             body = await read_request_body(request, reader)
-            if request.path.rstrip("/") == API_V2_PREFIX + "oauth/token":
-                raise ApiError(400, "meshbox has no OAuth clients: use an API key (meshbox apikeys create)")
-            if not self.api_caller_known(request):
+            if request.path.rstrip("/") == API_V2_PREFIX + "oauth/token" and request.method == "POST":
+                status, token = self.oauth_tokens.answer(self.store, request, body)
+                self.metrics["api_refused"] += status == 401
+                writer.write(http_response(status, json_bytes(token), "application/json", headers))
+                return
+            scopes = self.api_caller_scopes(request)
+            if scopes is None:
                 self.metrics["api_refused"] += 1
                 raise ApiError(401, "API token invalid")
             status, content_type, answer, extra = await ApiV2(self).answer(
-                request.method, request.path, ApiRequest(request.method, request.query, request.headers, body))
+                request.method, request.path, ApiRequest(request.method, request.query, request.headers, body), scopes)
             headers += extra
         except ApiError as e:
             status, content_type, answer = e.status, "application/json", json_bytes({"message": str(e)})
@@ -7338,8 +7351,12 @@ tailscale up --login-server {url} --auth-key KEY</pre>"""
 # HTTP API runs them inside the server for remote callers.
 
 API_KEY_PREFIX = "msapi-"
-ADMIN_NOUNS = ("users", "preauthkeys", "nodes", "routes", "devices", "policy", "dns", "apikeys", "status", "netmap",
-               "logs")
+OAUTH_SECRET_PREFIX = "msoauth-"
+# API v2's OAuth scopes that map onto meshbox; ":read" ones allow GET only.
+OAUTH_SCOPES = tuple(f"{area}{mode}" for area in ("all", "devices:core", "devices:routes", "auth_keys", "policy_file",
+                                                  "dns", "users", "feature_settings") for mode in ("", ":read"))
+ADMIN_NOUNS = ("users", "preauthkeys", "nodes", "routes", "devices", "policy", "dns", "apikeys", "oauthclients",
+               "status", "netmap", "logs")
 
 
 class Admin:
@@ -7662,6 +7679,34 @@ class Admin:
             raise ValueError(f"no single API key matches {prefix!r}")
         return {"message": "API key expired"}
 
+    # OAuth clients: API v2's client credentials, each with its scopes
+    def oauthclients_list(self):
+        at = now()
+        return [{"id": r["id"], "client_id": r["client_id"], "scopes": json.loads(r["scopes"]),
+                 "created": rfc3339(r["created"]), "expiration": rfc3339(r["expiration"]),
+                 "valid": not r["revoked"] and not (r["expiration"] and r["expiration"] <= at)}
+                for r in self.store.db.execute("SELECT * FROM oauth_clients ORDER BY id")]
+
+    def oauthclients_create(self, scopes="all", expiration="365d"):
+        scope_list = sorted(set(scopes.replace(",", " ").split()))
+        unknown = [s for s in scope_list if s not in OAUTH_SCOPES]
+        if unknown or not scope_list:
+            raise ValueError(f"unknown scope {' '.join(unknown)[:64]!r}: use {', '.join(OAUTH_SCOPES)}")
+        client_id, secret = "msoc" + secrets.token_hex(8), OAUTH_SECRET_PREFIX + secrets.token_hex(24)
+        expires = now() + parse_duration(expiration)
+        with self.store.transaction():
+            self.store.db.execute("INSERT INTO oauth_clients(client_id, hash, scopes, created, expiration)"
+                                  " VALUES(?,?,?,?,?)", (client_id, hash_secret(secret), json.dumps(scope_list),
+                                                         now(), expires))
+        return {"client_id": client_id, "client_secret": secret, "scopes": scope_list, "expiration": rfc3339(expires)}
+
+    def oauthclients_expire(self, client_id):
+        with self.store.transaction():
+            cur = self.store.db.execute("UPDATE oauth_clients SET revoked=1 WHERE client_id=?", (client_id,))
+        if cur.rowcount != 1:
+            raise ValueError(f"no OAuth client {client_id!r}")
+        return {"message": f"OAuth client {client_id} revoked; its access tokens stop working"}
+
     # the running server's view
     def status(self):
         server = self.server
@@ -7686,6 +7731,16 @@ class Admin:
 def api_key_valid(store, secret):
     """Whether a presented API key is known, unexpired and not revoked."""
     return api_key_hash_valid(store, hash_secret(secret))
+
+
+def oauth_client_scopes(store, client_id, secret=None):
+    """The scopes of a valid OAuth client (whose secret, when given, matches), else None."""
+    row = store.db.execute("SELECT * FROM oauth_clients WHERE client_id=?", (client_id,)).fetchone()
+    if not row or row["revoked"] or (row["expiration"] and row["expiration"] <= now()):
+        return None
+    if secret is not None and not hmac.compare_digest(row["hash"].encode(), hash_secret(secret).encode()):
+        return None
+    return json.loads(row["scopes"])
 
 
 def api_key_hash_valid(store, key_hash):
@@ -7998,69 +8053,130 @@ def _api_route(pattern):
     return re.compile("^" + re.sub(r"\{\w+\}", "([^/]+)", pattern) + "$")
 
 
+def with_expiring_entry(table, key, entry, limit):
+    """table (hash -> (expires, ...)) without its expired entries, with entry added: at most limit
+    entries, the soonest to expire dropped first."""
+    at = now()
+    table = {k: v for k, v in table.items() if v[0] > at}
+    while len(table) >= limit:
+        del table[min(table, key=lambda k: table[k][0])]
+    table[key] = entry
+    return table
+
+
+OAUTH_TOKEN_TTL = 3600        # seconds an access token lasts, as Tailscale's
+MAX_OAUTH_TOKENS = 256
+
+
+class OAuthTokens:
+    """Access tokens handed out at /api/v2/oauth/token, kept by their hash:
+    each with its expiry, scopes and client (revoking the client ends them)."""
+
+    def __init__(self):
+        self.tokens = {}         # hash of the token -> (expires, scopes, client ID)
+
+    def issue(self, client_id, scopes):
+        token = OAUTH_SECRET_PREFIX + "token-" + secrets.token_hex(24)
+        self.tokens = with_expiring_entry(self.tokens, hash_secret(token),
+                                          (now() + OAUTH_TOKEN_TTL, frozenset(scopes), client_id), MAX_OAUTH_TOKENS)
+        return token
+
+    def scopes(self, store, token):
+        """The scopes of a live token whose client is still valid, else None."""
+        entry = self.tokens.get(hash_secret(token))
+        if entry is None or entry[0] <= now() or oauth_client_scopes(store, entry[2]) is None:
+            return None
+        return entry[1]
+
+    def answer(self, store, request, body):
+        """The token endpoint (RFC 6749 client credentials, form-encoded, the client in the form or in
+        HTTP Basic): (status, JSON answer)."""
+        form = parse_query(body.decode(errors="replace")) if body else {}
+        client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "basic" and not client_id:
+            try:
+                client_id, _, secret = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                pass
+        if form.get("grant_type", "client_credentials") != "client_credentials":
+            return 400, {"error": "unsupported_grant_type", "message": "only client_credentials is supported"}
+        allowed = oauth_client_scopes(store, client_id, secret) if client_id and secret else None
+        if allowed is None:
+            return 401, {"error": "invalid_client", "message": "unknown or revoked OAuth client, or a wrong secret"}
+        wanted = form.get("scope", "").split() or allowed
+        if not set(wanted) <= set(allowed):
+            return 400, {"error": "invalid_scope", "message": f"the client may ask for {' '.join(allowed)} only"}
+        return 200, {"access_token": self.issue(client_id, wanted), "token_type": "Bearer",
+                     "expires_in": OAUTH_TOKEN_TTL, "scope": " ".join(wanted)}
+
+
 class ApiV2:
     """One running server's /api/v2: routes requests to handlers, which call Admin verbs."""
 
-    ROUTES = [(method, _api_route(pattern), handler) for method, pattern, handler in (
-        ("GET", "tailnet/{t}/devices", "list_devices"),
-        ("GET", "device/{id}", "get_device"),
-        ("DELETE", "device/{id}", "delete_device"),
-        ("POST", "device/{id}/authorized", "authorize_device"),
-        ("POST", "device/{id}/expire", "expire_device"),
-        ("POST", "device/{id}/key", "device_key"),
-        ("POST", "device/{id}/name", "rename_device"),
-        ("POST", "device/{id}/tags", "tag_device"),
-        ("GET", "device/{id}/routes", "device_routes"),
-        ("POST", "device/{id}/routes", "set_device_routes"),
-        ("GET", "tailnet/{t}/keys", "list_keys"),
-        ("POST", "tailnet/{t}/keys", "create_key"),
-        ("GET", "tailnet/{t}/keys/{id}", "get_key"),
-        ("DELETE", "tailnet/{t}/keys/{id}", "delete_key"),
-        ("GET", "tailnet/{t}/acl", "get_policy"),
-        ("POST", "tailnet/{t}/acl", "set_policy"),
-        ("POST", "tailnet/{t}/acl/validate", "validate_policy"),
-        ("GET", "tailnet/{t}/dns/nameservers", "get_nameservers"),
-        ("POST", "tailnet/{t}/dns/nameservers", "set_nameservers"),
-        ("GET", "tailnet/{t}/dns/preferences", "get_dns_preferences"),
-        ("POST", "tailnet/{t}/dns/preferences", "set_dns_preferences"),
-        ("GET", "tailnet/{t}/dns/searchpaths", "get_search_paths"),
-        ("POST", "tailnet/{t}/dns/searchpaths", "set_search_paths"),
-        ("GET", "tailnet/{t}/dns/split-dns", "get_split_dns"),
-        ("PUT", "tailnet/{t}/dns/split-dns", "replace_split_dns"),
-        ("PATCH", "tailnet/{t}/dns/split-dns", "update_split_dns"),
-        ("GET", "tailnet/{t}/dns/configuration", "get_dns_configuration"),
-        ("POST", "tailnet/{t}/dns/configuration", "set_dns_configuration"),
-        ("GET", "tailnet/{t}/users", "list_users"),
-        ("GET", "users/{id}", "get_user"),
-        ("POST", "users/{id}/delete", "delete_user"),
-        ("GET", "tailnet/{t}/settings", "get_settings"),
-        ("PATCH", "tailnet/{t}/settings", "update_settings"),
+    # (method, path, handler, the OAuth scope it needs; its ":read" form is enough for a GET)
+    ROUTES = [(method, _api_route(pattern), handler, scope) for method, pattern, handler, scope in (
+        ("GET", "tailnet/{t}/devices", "list_devices", "devices:core"),
+        ("GET", "device/{id}", "get_device", "devices:core"),
+        ("DELETE", "device/{id}", "delete_device", "devices:core"),
+        ("POST", "device/{id}/authorized", "authorize_device", "devices:core"),
+        ("POST", "device/{id}/expire", "expire_device", "devices:core"),
+        ("POST", "device/{id}/key", "device_key", "devices:core"),
+        ("POST", "device/{id}/name", "rename_device", "devices:core"),
+        ("POST", "device/{id}/tags", "tag_device", "devices:core"),
+        ("GET", "device/{id}/routes", "device_routes", "devices:routes"),
+        ("POST", "device/{id}/routes", "set_device_routes", "devices:routes"),
+        ("GET", "tailnet/{t}/keys", "list_keys", "auth_keys"),
+        ("POST", "tailnet/{t}/keys", "create_key", "auth_keys"),
+        ("GET", "tailnet/{t}/keys/{id}", "get_key", "auth_keys"),
+        ("DELETE", "tailnet/{t}/keys/{id}", "delete_key", "auth_keys"),
+        ("GET", "tailnet/{t}/acl", "get_policy", "policy_file"),
+        ("POST", "tailnet/{t}/acl", "set_policy", "policy_file"),
+        ("POST", "tailnet/{t}/acl/validate", "validate_policy", "policy_file"),
+        ("GET", "tailnet/{t}/dns/nameservers", "get_nameservers", "dns"),
+        ("POST", "tailnet/{t}/dns/nameservers", "set_nameservers", "dns"),
+        ("GET", "tailnet/{t}/dns/preferences", "get_dns_preferences", "dns"),
+        ("POST", "tailnet/{t}/dns/preferences", "set_dns_preferences", "dns"),
+        ("GET", "tailnet/{t}/dns/searchpaths", "get_search_paths", "dns"),
+        ("POST", "tailnet/{t}/dns/searchpaths", "set_search_paths", "dns"),
+        ("GET", "tailnet/{t}/dns/split-dns", "get_split_dns", "dns"),
+        ("PUT", "tailnet/{t}/dns/split-dns", "replace_split_dns", "dns"),
+        ("PATCH", "tailnet/{t}/dns/split-dns", "update_split_dns", "dns"),
+        ("GET", "tailnet/{t}/dns/configuration", "get_dns_configuration", "dns"),
+        ("POST", "tailnet/{t}/dns/configuration", "set_dns_configuration", "dns"),
+        ("GET", "tailnet/{t}/users", "list_users", "users"),
+        ("GET", "users/{id}", "get_user", "users"),
+        ("POST", "users/{id}/delete", "delete_user", "users"),
+        ("GET", "tailnet/{t}/settings", "get_settings", "feature_settings"),
+        ("PATCH", "tailnet/{t}/settings", "update_settings", "feature_settings"),
         # meshbox's own, for what Tailscale's API has no endpoint for
-        ("POST", "tailnet/{t}/users", "create_user"),
-        ("GET", "tailnet/{t}/logins", "list_logins"),
-        ("POST", "tailnet/{t}/logins/{id}/approve", "approve_login"),
-        ("GET", "tailnet/{t}/wireguard-devices", "list_wireguard_devices"),
-        ("POST", "tailnet/{t}/wireguard-devices", "add_wireguard_device"),
-        ("DELETE", "tailnet/{t}/wireguard-devices/{id}", "remove_wireguard_device"),
-        ("GET", "tailnet/{t}/logs", "recent_logs"),
-        ("POST", "tailnet/{t}/qr", "qr_code"),
+        ("POST", "tailnet/{t}/users", "create_user", "all"),
+        ("GET", "tailnet/{t}/logins", "list_logins", "all"),
+        ("POST", "tailnet/{t}/logins/{id}/approve", "approve_login", "all"),
+        ("GET", "tailnet/{t}/wireguard-devices", "list_wireguard_devices", "all"),
+        ("POST", "tailnet/{t}/wireguard-devices", "add_wireguard_device", "all"),
+        ("DELETE", "tailnet/{t}/wireguard-devices/{id}", "remove_wireguard_device", "all"),
+        ("GET", "tailnet/{t}/logs", "recent_logs", "all"),
+        ("POST", "tailnet/{t}/qr", "qr_code", "all"),
     )]
 
     def __init__(self, server):
         self.server = server
         self.config = server.config
 
-    async def answer(self, method, path, request):
-        """(status, content type, body bytes, extra headers) for one authenticated request."""
+    async def answer(self, method, path, request, scopes):
+        """(status, content type, body bytes, extra headers) for one request by a caller with these scopes."""
         segments = path[len(API_V2_PREFIX):].strip("/")
         allowed = False
-        for route_method, pattern, handler in self.ROUTES:
+        for route_method, pattern, handler, scope in self.ROUTES:
             match = pattern.match(segments)
             if not match:
                 continue
             allowed = True
             if route_method != method:
                 continue
+            if not {"all", scope} & scopes and not (method == "GET" and {"all:read", f"{scope}:read"} & scopes):
+                raise ApiError(403, f"this token lacks the scope {scope}{':read' if method == 'GET' else ''}")
             args = [_percent_decode(a) for a in match.groups()]
             if pattern.pattern.startswith("^tailnet/"):
                 tailnet = args.pop(0)
@@ -8462,12 +8578,9 @@ class AdminSessions:
         self.sessions = {}       # hash of the cookie -> (expires, CSRF token, hash of the API key)
 
     def create(self, key_hash):
-        at = now()
-        self.sessions = {h: s for h, s in self.sessions.items() if s[0] > at}
-        while len(self.sessions) >= MAX_SESSIONS:
-            del self.sessions[min(self.sessions, key=lambda h: self.sessions[h][0])]
         token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        self.sessions[hash_secret(token)] = (at + SESSION_TTL, csrf, key_hash)
+        self.sessions = with_expiring_entry(self.sessions, hash_secret(token), (now() + SESSION_TTL, csrf, key_hash),
+                                            MAX_SESSIONS)
         return token, csrf
 
     def session(self, store, token):
@@ -9092,6 +9205,7 @@ TABLES = {
     ("routes", "list"): ["node_id", "node", "prefix", "advertised", "approved", "primary"],
     ("devices", "list"): ["id", "name", "user", "ipv4", "full_tunnel", "public_key"],
     ("apikeys", "list"): ["id", "prefix", "created", "expiration", "valid"],
+    ("oauthclients", "list"): ["id", "client_id", "scopes", "created", "expiration", "valid"],
 }
 
 
@@ -9352,6 +9466,14 @@ def build_parser():
         "--expiration", default="90d", help="how long it is valid (default 90d)")
     with_output(apikeys.add_parser("list", help="list API keys"))
     apikeys.add_parser("expire", help="revoke an API key").add_argument("prefix", help="the key or its listed prefix")
+
+    oauth = sub.add_parser("oauthclients", help="OAuth clients for Tailscale's API v2 (client credentials)"
+                           ).add_subparsers(dest="verb", required=True)
+    oauth_create = oauth.add_parser("create", help="make an OAuth client (its secret is shown once)")
+    oauth_create.add_argument("--scopes", default="all", help=f"comma-separated, of: {', '.join(OAUTH_SCOPES)}")
+    oauth_create.add_argument("--expiration", default="365d", help="how long it is valid (default 365d)")
+    with_output(oauth.add_parser("list", help="list OAuth clients"))
+    oauth.add_parser("expire", help="revoke an OAuth client and its tokens").add_argument("client_id")
 
     with_output(sub.add_parser("status", help="the tailnet as the server sees it"))
     sub.add_parser("netmap", help="the exact MapResponse a node receives now").add_argument(

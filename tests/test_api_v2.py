@@ -16,7 +16,8 @@ import aiohttp
 import aiohttp.abc
 import pytest
 import tailscale
-from tailscale.exceptions import TailscaleNotFoundError, TailscaleResponseError, TailscaleUnauthorizedError
+from tailscale.exceptions import (TailscaleNotFoundError, TailscalePermissionError, TailscaleResponseError,
+                                  TailscaleUnauthorizedError)
 
 import meshbox
 import tsclient
@@ -310,3 +311,47 @@ def test_qr_code_round_trips_through_a_decoder():
     with pytest.raises(ValueError, match="too long"):
         meshbox.qr_matrix("x" * 700)
     assert json.dumps(meshbox.qr_svg("x")).count("<svg") == 1
+
+
+def test_oauth_client_credentials_and_scopes(tmp_path):
+    async def main():
+        async with api_client(tmp_path) as (server, port, api, session, _):
+            admin = meshbox.Admin(server.store, server.config, server)
+            reader = admin.oauthclients_create(scopes="devices:core:read,dns")
+            full = admin.oauthclients_create()
+            assert reader["client_secret"].startswith(meshbox.OAUTH_SECRET_PREFIX)
+            with pytest.raises(ValueError, match="unknown scope"):
+                admin.oauthclients_create(scopes="devices:everything")
+            narrow = tailscale.Tailscale(oauth_client_id=reader["client_id"],
+                                         oauth_client_secret=reader["client_secret"], session=session)
+            assert await narrow.devices() == {}
+            assert (await narrow.set_dns_search_paths(search_paths=["corp.example"])).search_paths == ["corp.example"]
+            with pytest.raises(TailscalePermissionError, match="lacks the scope auth_keys"):
+                await narrow.create_key()
+            with pytest.raises(TailscalePermissionError, match="devices:core"):
+                await narrow.delete_device("1")
+            everything = tailscale.Tailscale(oauth_client_id=full["client_id"],
+                                             oauth_client_secret=full["client_secret"], session=session)
+            assert (await everything.create_key()).key
+
+            token_url = f"https://{API_HOST}/api/v2/oauth/token"
+            form = {"client_id": reader["client_id"], "client_secret": reader["client_secret"] + "x"}
+            async with session.post(token_url, data=form) as answer:
+                assert answer.status == 401 and (await answer.json())["error"] == "invalid_client"
+            form = {"client_id": reader["client_id"], "client_secret": reader["client_secret"], "scope": "all"}
+            async with session.post(token_url, data=form) as answer:
+                assert answer.status == 400 and (await answer.json())["error"] == "invalid_scope"
+            form["scope"] = "dns"
+            async with session.post(token_url, data=form) as answer:
+                token = await answer.json()
+            assert token["token_type"] == "Bearer" and token["expires_in"] == 3600 and token["scope"] == "dns"
+            headers = {"Authorization": f"Bearer {token['access_token']}"}
+            async with session.get(f"https://{API_HOST}/api/v2/tailnet/-/devices", headers=headers) as answer:
+                assert answer.status == 403        # asked for dns only
+            async with session.get(f"https://{API_HOST}/api/v2/tailnet/-/dns/searchpaths", headers=headers) as answer:
+                assert answer.status == 200
+            admin.oauthclients_expire(reader["client_id"])             # its tokens end with it
+            async with session.get(f"https://{API_HOST}/api/v2/tailnet/-/dns/searchpaths", headers=headers) as answer:
+                assert answer.status == 401
+            assert [c["valid"] for c in admin.oauthclients_list()] == [False, True]
+    run(main())
