@@ -7979,16 +7979,19 @@ class ApiRequest:
             raise ApiError(400, "the body is not UTF-8 text") from None
 
 
+NETINFO_FLAGS = {"true": True, "false": False, True: True, False: False}
+
+
 def _netinfo_flag(value):
     """tailcfg.NetInfo's opt.Bool ("true", "false", "") as True, False or None."""
-    return {"true": True, "false": False, True: True, False: False}.get(value)
+    return NETINFO_FLAGS.get(value) if isinstance(value, (str, bool)) else None
 
 
 def client_connectivity(row, hostinfo):
     """The device's clientConnectivity from what its client last reported (NetInfo)."""
     netinfo = hostinfo.get("NetInfo") if isinstance(hostinfo.get("NetInfo"), dict) else {}
-    latency = {}
-    for region, seconds in (netinfo.get("DERPLatency") or {}).items():
+    latency, measured = {}, netinfo.get("DERPLatency")
+    for region, seconds in (measured.items() if isinstance(measured, dict) else ()):
         if isinstance(seconds, (int, float)):
             latency[str(region)] = {"latencyMs": seconds * 1000,
                                     "preferred": str(region).startswith(f"{netinfo.get('PreferredDERP')}-")}

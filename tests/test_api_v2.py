@@ -355,3 +355,18 @@ def test_oauth_client_credentials_and_scopes(tmp_path):
                 assert answer.status == 401
             assert [c["valid"] for c in admin.oauthclients_list()] == [False, True]
     run(main())
+
+
+def test_a_node_reporting_odd_netinfo_still_lists(tmp_path):
+    async def main():
+        async with api_client(tmp_path) as (server, port, api, session, _):
+            key = meshbox.Admin(server.store, server.config, server).preauthkeys_create("alice")["key"]
+            odd = {"WorkingUDP": ["not", "a", "flag"], "DERPLatency": ["not", "a", "map"], "HairPinning": {"x": 1}}
+            node, _ = await joined(port, key, "odd", NetInfo=odd)
+            try:
+                (device,) = (await api.devices()).values()
+                supports = device.client_connectivity.client_supports
+                assert supports.udp is None and device.client_connectivity.latency == {}
+            finally:
+                await node.close()
+    run(main())
