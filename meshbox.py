@@ -6546,6 +6546,7 @@ class Config:
     oidc_allowed_users: list = dataclasses.field(default_factory=list)     # and users (emails) outside them
     oidc_allowed_groups: list = dataclasses.field(default_factory=list)    # when set, one of them is required
     oidc_ca_file: str = ""      # CA bundle for the provider's TLS (default: the system's)
+    oidc_admins: list = dataclasses.field(default_factory=list)   # users (emails) who may sign in to /admin
 
     def control_address(self):
         return parse_host_port(self.listen, 8080)
@@ -7144,6 +7145,9 @@ class Server:
     async def finish_oidc_login(self, query, writer, peer):
         try:
             request_id, identity = await self.oidc.finish(query)
+            if request_id.startswith(ADMIN_SIGN_IN):
+                self.finish_admin_sign_in(identity, writer, peer)
+                return
             if request_id not in self.coordinator.auth_requests:
                 raise OidcError("the device's login request has expired: log in again on the device")
             user = self.coordinator.user_signing_in(identity["name"])
@@ -7158,6 +7162,19 @@ class Server:
                  request_id)
         writer.write(http_response(200, message_page("Signed in", f"Signed in as {user.name}; the device is joining."),
                                    "text/html; charset=utf-8"))
+
+    def finish_admin_sign_in(self, identity, writer, peer):
+        """An admin back from the identity provider: a session cookie, and on to the page."""
+        if identity["name"] not in self.config.oidc_admins:
+            log.warning("OIDC: %s signed in at %s but is not one of oidc_admins", identity["name"], peer)
+            writer.write(http_response(403, message_page("Not an admin", f"{identity['name']} is not one of this "
+                                                         "meshbox's oidc_admins."), "text/html; charset=utf-8"))
+            return
+        token, _ = self.admin_sessions.create(None)
+        log.info("OIDC: %s signed in to the admin page", identity["name"])
+        secure = self.config.public_url().startswith("https://")
+        writer.write(http_response(302, b"", headers=[("Location", "/admin"), ("Cache-Control", "no-store"),
+                                                      ("Set-Cookie", admin_cookie(token, secure))]))
 
     # local admin socket: live state for the CLI
     async def run_admin(self, noun, verb, params):
@@ -7266,8 +7283,15 @@ class Server:
             writer.write(http_response(status, json_bytes(answer), "application/json",
                                        headers + [("Cache-Control", "no-store")]))
         elif (method, path) == ("GET", "/admin"):
-            writer.write(http_response(200, admin_page(self.config.public_url()), "text/html; charset=utf-8",
+            oidc = bool(self.oidc and self.config.oidc_admins)
+            writer.write(http_response(200, admin_page(self.config.public_url(), oidc), "text/html; charset=utf-8",
                                        ADMIN_PAGE_HEADERS))
+        elif (method, path) == ("GET", "/admin/oidc") and self.oidc and self.config.oidc_admins:
+            try:     # a sign-in of its own each time: one person's reloads push out no other's
+                url = await self.oidc.authorization_url(ADMIN_SIGN_IN + secrets.token_urlsafe(12))
+            except OidcError as e:
+                raise HttpError(503, f"sign-in is unavailable: {e}") from None
+            writer.write(http_response(302, b"", headers=[("Location", url), ("Cache-Control", "no-store")]))
         elif (method, path) in ADMIN_PAGE_FILES:
             content_type, content = ADMIN_PAGE_FILES[(method, path)]
             writer.write(http_response(200, content, content_type, ADMIN_PAGE_HEADERS))
@@ -8572,10 +8596,20 @@ ADMIN_PAGE_HEADERS = [
     ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store")]
 
 
+ADMIN_SIGN_IN = "admin-page:"   # what an admin's sign-in at the identity provider is for (not a device's login)
+
+
+def admin_cookie(token, secure, max_age=SESSION_TTL):
+    """The Set-Cookie value of an admin session: never readable by script nor sent from another site."""
+    return (f"{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+            + ("; Secure" if secure else ""))
+
+
 class AdminSessions:
     """Signed-in admin pages, by the hash of their cookie: each with its CSRF
     token, its expiry and the hash of the API key it signed in with (revoking
-    or expiring that key ends the session too)."""
+    or expiring that key ends the session too; None: an admin signed in
+    through the identity provider)."""
 
     def __init__(self):
         self.sessions = {}       # hash of the cookie -> (expires, CSRF token, hash of the API key)
@@ -8589,7 +8623,7 @@ class AdminSessions:
     def session(self, store, token):
         """(expires, CSRF token, key hash) of a live session, or None."""
         entry = self.sessions.get(hash_secret(token)) if token else None
-        if entry is None or entry[0] <= now() or not api_key_hash_valid(store, entry[2]):
+        if entry is None or entry[0] <= now() or (entry[2] is not None and not api_key_hash_valid(store, entry[2])):
             return None
         return entry
 
@@ -8601,7 +8635,6 @@ class AdminSessions:
         """/admin/session: POST signs in ({"key": API key}), GET tells a signed-in page its CSRF token, DELETE
         signs out: (status, JSON answer, headers)."""
         token = request_cookie(request, SESSION_COOKIE)
-        flags = "; Path=/; HttpOnly; SameSite=Strict" + ("; Secure" if secure else "")
         if request.method == "POST":
             try:
                 key = parse_json(body or b"{}").get("key")
@@ -8610,11 +8643,11 @@ class AdminSessions:
             if not isinstance(key, str) or not api_key_valid(store, key):
                 return 401, {"message": "that API key is not valid (create one with: meshbox apikeys create)"}, []
             token, csrf = self.create(hash_secret(key))
-            return 200, {"csrf": csrf}, [("Set-Cookie", f"{SESSION_COOKIE}={token}{flags}; Max-Age={SESSION_TTL}")]
+            return 200, {"csrf": csrf}, [("Set-Cookie", admin_cookie(token, secure))]
         if request.method == "DELETE":
             if self.valid(store, token, request.headers.get(CSRF_HEADER, "")):
                 self.sessions.pop(hash_secret(token), None)
-            return 200, {}, [("Set-Cookie", f"{SESSION_COOKIE}=gone{flags}; Max-Age=0")]
+            return 200, {}, [("Set-Cookie", admin_cookie("gone", secure, 0))]
         entry = self.session(store, token)
         if entry is None:
             return 401, {"message": "not signed in"}, []
@@ -8632,7 +8665,7 @@ ADMIN_HTML = """<!doctype html>
 <main>
 <form id="signin"><h2>Sign in</h2><p>With an API key (<code>meshbox apikeys create</code>).</p>
 <input id="apikey" type="password" autocomplete="off" placeholder="msapi-..." aria-label="API key">
-<button type="submit">Sign in</button><p id="signin-error"></p></form>
+<button type="submit">Sign in</button>{oidc_link}<p id="signin-error"></p></form>
 <div id="app" hidden>
 <p class="bar"><button type="button" id="refresh">Refresh</button> <button type="button" id="signout">Sign out</button></p>
 <section id="graph-section"><h2>Tailnet</h2><div id="graph"></div>
@@ -9018,9 +9051,12 @@ ADMIN_PAGE_FILES = {("GET", "/admin/admin.css"): ("text/css; charset=utf-8", ADM
                     ("GET", "/admin/admin.js"): ("text/javascript; charset=utf-8", ADMIN_JS)}
 
 
-def admin_page(login_server):
-    """The admin page's HTML, which tells its script the URL devices log in at."""
-    return ADMIN_HTML.replace("{login_server}", html_text(login_server)).replace("{gateway_user}", GATEWAY_USER)
+def admin_page(login_server, oidc=False):
+    """The admin page's HTML, which tells its script the URL devices log in at (and, with oidc, offers
+    the sign-in at the identity provider)."""
+    link = ' <a href="/admin/oidc" id="oidc-signin">or sign in with your identity provider</a>' if oidc else ""
+    return ADMIN_HTML.replace("{login_server}", html_text(login_server)).replace(
+        "{gateway_user}", GATEWAY_USER).replace("{oidc_link}", link)
 
 
 # ---- CLI ----
