@@ -7930,6 +7930,18 @@ def qr_matrix(text):
     return best[1]
 
 
+def qr_terminal_text(text):
+    """The QR code of text drawn with block characters, two rows a line, dark on a light quiet zone."""
+    matrix = qr_matrix(text)
+    size = len(matrix)
+    light = [[True] * (size + 8) for _ in range(4)]
+    rows = light + [[True] * 4 + [not dark for dark in row] + [True] * 4 for row in matrix] + light
+    rows.append([False] * (size + 8))        # an even number of rows
+    glyphs = {(True, True): "\u2588", (True, False): "\u2580", (False, True): "\u2584", (False, False): " "}
+    return "\n".join("".join(glyphs[top, bottom] for top, bottom in zip(rows[y], rows[y + 1]))
+                     for y in range(0, len(rows) - 1, 2))
+
+
 def qr_svg(text):
     """The QR code of text as an SVG image with its quiet zone."""
     matrix = qr_matrix(text)
@@ -9259,9 +9271,8 @@ def show_result(args, noun, verb, result):
     elif (noun, verb) == ("devices", "add"):
         print(f"device {result['name']}: {result['ipv4']} {result['ipv6']}; keep this config secret, "
               "its key is not stored", file=sys.stderr)
-        if args.qr:
-            import subprocess
-            subprocess.run(["qrencode", "-t", "ansiutf8"], input=result["config"].encode(), check=False)
+        if args.qr:         # on the terminal, so that `> phone.conf` keeps the config alone
+            print(qr_terminal_text(result["config"]), file=sys.stderr)
         sys.stdout.write(result["config"])
     elif (noun, verb) == ("policy", "get"):
         if result["policy"] is None:
@@ -9482,7 +9493,7 @@ def build_parser():
     add.add_argument("name")
     add.add_argument("--user", default=GATEWAY_USER, help=f"owner (default {GATEWAY_USER})")
     add.add_argument("--full-tunnel", action="store_true", help="send all traffic through the box (0.0.0.0/0)")
-    add.add_argument("--qr", action="store_true", help="also show the config as a QR code (needs qrencode)")
+    add.add_argument("--qr", action="store_true", help="also show the config as a QR code on the terminal")
     with_output(devices.add_parser("list", help="list devices"))
     devices.add_parser("remove", help="remove a device").add_argument("name")
 
@@ -9534,10 +9545,6 @@ def main(argv=None):
         if args.command == "gateway":
             return cmd_gateway_down(config)
         noun, verb = args.command, getattr(args, "verb", None)
-        if noun == "devices" and verb == "add" and args.qr:
-            import shutil
-            if not shutil.which("qrencode"):
-                raise ValueError("--qr needs qrencode (apt install qrencode / opkg install qrencode)")
         show_result(args, noun, verb, run_verb(args, config, noun, verb, verb_params(args, noun, verb)))
     except (ValueError, StoreError, RuntimeError, OSError, GatewayError, PolicyError) as e:
         print(f"meshbox: {e}", file=sys.stderr)

@@ -308,6 +308,13 @@ def test_qr_code_round_trips_through_a_decoder():
         image = numpy.kron(numpy.pad(1 - matrix, 4, constant_values=1) * 255, numpy.ones((3, 3))).astype(numpy.uint8)
         (found,) = zxingcpp.read_barcodes(image)
         assert found.text == text and found.ec_level == "M"
+    # the CLI's terminal drawing (light blocks on a dark terminal) reads back too
+    halves = {"\u2588": (1, 1), "\u2580": (1, 0), "\u2584": (0, 1), " ": (0, 0)}
+    config = "[Interface]\nPrivateKey = " + "A" * 43 + "=\n"
+    lines = meshbox.qr_terminal_text(config).split("\n")
+    pixels = numpy.array([[halves[c][half] for c in line] for line in lines for half in (0, 1)], dtype=numpy.uint8)
+    (found,) = zxingcpp.read_barcodes(numpy.kron(pixels * 255, numpy.ones((3, 3))).astype(numpy.uint8))
+    assert found.text == config
     with pytest.raises(ValueError, match="too long"):
         meshbox.qr_matrix("x" * 700)
     assert json.dumps(meshbox.qr_svg("x")).count("<svg") == 1
