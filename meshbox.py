@@ -20,12 +20,12 @@ comment ``# ---- Name ----``):
   Noise           Noise_IK handshake and transport records (ts2021)
   Zstd framing    map-response compression
   WebSocket       the small RFC 6455 framing for browser-style upgrades
-  Store           SQLite: users, keys, nodes, devices, policy, server secrets
+  Store           SQLite: users, keys, OAuth clients, nodes, devices, settings, server secrets
   Addresses       tailnet IPv4/IPv6 allocation
   Policy          Tailscale's ACL language: parse, compile per node, check tests
   Map builder     pure: node records in, MapResponse JSON out
   Coordinator     registration, MapRequest checks, map sessions, fan-out of changes
-  HTTP front      HTTP/1.1 on asyncio streams: request heads, responses
+  HTTP front      HTTP/1.1 on asyncio streams: request heads, bounded bodies, cookies, responses
   TLS certificate self-signed Ed25519 certificate for DERP, pinned by hash
   DERP            the relay: frames, clients, forwarding
   STUN            RFC 5389 binding responses
@@ -36,7 +36,7 @@ comment ``# ---- Name ----``):
   Server          listeners, admin socket, API routing, DNS settings, metrics, lifetime of ``serve``
   Admin           the administrative verbs, shared by the CLI and the APIs
   QR code         a QR encoder (byte mode, level M) for keys and WireGuard configs
-  API v2          Tailscale's public API v2 in its shapes, each change an Admin verb
+  API v2          Tailscale's public API v2 in its shapes, OAuth tokens; each change an Admin verb
   Admin page      /admin: HTML, CSS and script, its cookie sessions and CSRF tokens
   CLI             argument parsing, output, local or remote verbs
 """
@@ -8246,7 +8246,8 @@ def qr_svg(text):
 # self-hosted tailnet has, in Tailscale's JSON shapes and status codes, so
 # the tools written for it (the Go client, the Terraform provider, the PyPI
 # package Home Assistant uses) drive meshbox.  The tailnet is "-" (or its
-# base domain).  Reads come from the Admin verbs' answers; every change is an
+# base domain).  Callers bring an API key or an OAuth access token, whose
+# client's scopes say which endpoints it may use.  Reads come from the Admin verbs' answers; every change is an
 # Admin verb run inside the server, the one path the CLI and /api/v1 take.
 # A few meshbox endpoints that Tailscale has no counterpart for (pending
 # logins, plain WireGuard devices, logs, QR codes) live beside them.
