@@ -8322,7 +8322,9 @@ def client_connectivity(row, hostinfo):
         if isinstance(seconds, (int, float)):
             latency[str(region)] = {"latencyMs": seconds * 1000,
                                     "preferred": str(region).startswith(f"{netinfo.get('PreferredDERP')}-")}
+    network = row.get("network") or {}       # the NAT diagnostics' view, where nodes list has it
     return {"endpoints": list(row["endpoints"] or []), "derp": "meshbox" if row["derp_home"] else "",
+            "nat": network.get("nat_kind") or "",
             "mappingVariesByDestIP": _netinfo_flag(netinfo.get("MappingVariesByDestIP")), "latency": latency,
             "clientSupports": {"hairPinning": _netinfo_flag(netinfo.get("HairPinning")),
                                "ipv6": _netinfo_flag(netinfo.get("WorkingIPv6")),
@@ -9127,7 +9129,6 @@ function ago(time) {
 function pathKind(d) {
   if (!d.connectedToControl) return "offline";
   const c = d.clientConnectivity || {};
-  if (c.nat) return c.relayed ? "relayed" : "direct";
   const udp = (c.clientSupports || {}).udp;
   return udp !== false && (c.endpoints || []).length ? "direct" : "relayed";
 }
