@@ -8278,6 +8278,7 @@ class ApiRequest:
     query: dict
     headers: dict
     body: bytes
+    scopes: frozenset = frozenset()     # what the caller may do (see ApiV2.answer)
 
     def json(self):
         """The body as a JSON object (or list); ApiError 400 when it is not one."""
@@ -8367,6 +8368,12 @@ def key_json(row):
             "expires": row["expiration"], "invalid": not row["valid"], "userId": row["user"],
             "capabilities": {"devices": {"create": {"reusable": row["reusable"], "ephemeral": row["ephemeral"],
                                                     "preauthorized": True, "tags": row["tags"]}}}}
+
+
+def client_key_json(row):
+    """A row of `oauthclients list` as Tailscale's Key of type client (without its secret)."""
+    return {"id": row["client_id"], "keyType": "client", "description": "", "created": row["created"],
+            "expires": row["expiration"], "invalid": not row["valid"], "scopes": row["scopes"]}
 
 
 def policy_etag(text):
@@ -8509,6 +8516,7 @@ class ApiV2:
                 continue
             if not {"all", scope} & scopes and not (method == "GET" and {"all:read", f"{scope}:read"} & scopes):
                 raise ApiError(403, f"this token lacks the scope {scope}{':read' if method == 'GET' else ''}")
+            request.scopes = scopes
             args = [_percent_decode(a) for a in match.groups()]
             if pattern.pattern.startswith("^tailnet/"):
                 tailnet = args.pop(0)
@@ -8626,18 +8634,38 @@ class ApiV2:
                 return row
         raise ApiError(404, f"key {ident[:64]!r} not found")
 
+    def client_row(self, ident):
+        for row in self.read("oauthclients", "list"):
+            if row["client_id"] == ident:
+                return row
+        raise ApiError(404, f"key {ident[:64]!r} not found")
+
     async def list_keys(self, request):
-        return {"keys": [key_json(row) for row in self.read("preauthkeys", "list")]}
+        return {"keys": [key_json(row) for row in self.read("preauthkeys", "list")]
+                + [client_key_json(row) for row in self.read("oauthclients", "list")]}
 
     async def get_key(self, request, ident):
+        if ident.startswith("msoc"):
+            return client_key_json(self.client_row(ident))
         return key_json(await self.key_row(ident))
+
+    async def create_oauth_client(self, body, request):
+        """keyType "client": an OAuth client, which only a caller who may do everything may make (a client
+        with more scopes than its maker's would widen them)."""
+        if "all" not in request.scopes:
+            raise ApiError(403, "making an OAuth client needs the scope all")
+        scopes = checked_strings(body.get("scopes") or [], "scopes", len(OAUTH_SCOPES))
+        created = await self.verb("oauthclients", "create", scopes=" ".join(scopes))
+        return dict(client_key_json(self.client_row(created["client_id"])), key=created["client_secret"])
 
     async def create_key(self, request):
         body = request.json()
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
+        if body.get("keyType") == "client":
+            return await self.create_oauth_client(body, request)
         if body.get("keyType", "auth") != "auth":
-            raise ApiError(400, "meshbox has auth keys only (API keys: meshbox apikeys create)")
+            raise ApiError(400, "meshbox makes auth keys and OAuth clients (API keys: meshbox apikeys create)")
         create = ((body.get("capabilities") or {}).get("devices") or {}).get("create") or {}
         if not isinstance(create, dict):
             raise ApiError(400, "capabilities.devices.create must be an object")
@@ -8663,6 +8691,9 @@ class ApiV2:
         return dict(key_json(await self.key_row(f"k{row['id']}")), key=created["key"], expirySeconds=seconds)
 
     async def delete_key(self, request, ident):
+        if ident.startswith("msoc"):
+            await self.verb("oauthclients", "expire", client_id=self.client_row(ident)["client_id"])
+            return {}
         row = await self.key_row(ident)
         await self.verb("preauthkeys", "expire", key=row["key"])
         return {}
@@ -9220,10 +9251,10 @@ async function loadLogins() {
 async function loadKeys() {
   const keys = (await apiJSON("GET", "tailnet/-/keys")).keys;
   $("#keys").replaceChildren(...keys.map((k) => {
-    const caps = k.capabilities.devices.create;
-    return el("li", {class: k.invalid ? "invalid" : ""},
-      `${k.id} · ${k.userId} · ${caps.reusable ? "reusable" : "one use"}${caps.ephemeral ? " · ephemeral" : ""}` +
-      (caps.tags.length ? " · " + caps.tags.join(",") : "") + ` · expires ${(k.expires || "").slice(0, 16)}` +
+    const caps = k.keyType === "auth" ? k.capabilities.devices.create : null;
+    const what = caps ? `${k.userId} · ${caps.reusable ? "reusable" : "one use"}${caps.ephemeral ? " · ephemeral" : ""}` +
+      (caps.tags.length ? " · " + caps.tags.join(",") : "") : `OAuth client · ${k.scopes.join(" ")}`;
+    return el("li", {class: k.invalid ? "invalid" : ""}, `${k.id} · ${what} · expires ${(k.expires || "").slice(0, 16)}` +
       (k.invalid ? " · invalid" : " "), k.invalid ? "" : action("Expire", () => api("DELETE", `tailnet/-/keys/${k.id}`), "#keys-error"));
   }));
   const chosen = $("#key-user").value;

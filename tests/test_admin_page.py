@@ -58,6 +58,7 @@ def prepared_state(state_dir):
         admin = meshbox.Admin(store, meshbox.Config(state_dir=str(state_dir)))
         admin.users_create("alice@example.com")
         key = admin.apikeys_create()["key"]
+        admin.oauthclients_create(scopes="dns:read")       # listed beside the auth keys
         coordinator = meshbox.Coordinator(store, meshbox.MapSettings("mesh.internal", {"Regions": {}}, {}))
         coordinator.ensure_gateway_node(meshbox.x25519_public(meshbox.new_private_key()), "box", [],
                                         ["192.0.2.1:41641"])
@@ -144,6 +145,7 @@ def test_admin_page_in_chromium(tmp_path):
             WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#key-qr svg"))
             assert read_qr(driver, "key-qr", shots / "key-qr.png") == command
             text_of(driver, "#keys", "reusable")
+            text_of(driver, "#keys", "OAuth client · dns:read")
 
             # a plain WireGuard device, its configuration read back from the QR code on screen
             driver.find_element(By.ID, "wg-name").send_keys("tablet")

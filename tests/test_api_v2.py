@@ -377,3 +377,23 @@ def test_a_node_reporting_odd_netinfo_still_lists(tmp_path):
             finally:
                 await node.close()
     run(main())
+
+
+def test_oauth_clients_made_through_the_keys_endpoint(tmp_path):
+    async def main():
+        async with api_client(tmp_path) as (server, port, api, session, _):
+            client = await api.create_key(key_type="client", scopes=["dns:read", "auth_keys"])
+            assert client.key_type == "client" and client.scopes == ["auth_keys", "dns:read"] and client.key
+            assert {k.key_id for k in await api.keys()} == {client.key_id}
+            reader = tailscale.Tailscale(oauth_client_id=client.key_id, oauth_client_secret=client.key,
+                                         session=session)
+            assert (await reader.dns_search_paths()).search_paths == []
+            with pytest.raises(TailscalePermissionError, match="scope all"):     # no wider client from a narrow one
+                await reader.create_key(key_type="client", scopes=["all"])
+            with pytest.raises(TailscaleResponseError, match="unknown scope"):
+                await api.create_key(key_type="client", scopes=["everything"])
+            await api.delete_key(client.key_id)
+            assert (await api.key(client.key_id)).invalid
+            with pytest.raises(TailscaleUnauthorizedError):
+                await reader.dns_search_paths()
+    run(main())
