@@ -7559,7 +7559,7 @@ class Server:
             status, content_type, answer, extra = await ApiV2(self).answer(
                 request.method, request.path, ApiRequest(request.method, request.query, request.headers, body), scopes)
             headers += extra
-        except ApiError as e:
+        except (ApiError, HttpError) as e:
             status, content_type, answer = e.status, "application/json", json_bytes({"message": str(e)})
         writer.write(http_response(status, answer, content_type, headers))
 
