@@ -3832,11 +3832,16 @@ def sanitize_hostname(hostname):
     return label or "node"
 
 
-def home_derp(node):
-    """The DERP region a node reports as its home, 0 when it has none."""
-    netinfo = node.hostinfo.get("NetInfo") or {}
+def home_derp_region(hostinfo):
+    """The DERP region a (checked) Hostinfo reports as home, 0 when none."""
+    netinfo = hostinfo.get("NetInfo") or {}
     region = netinfo.get("PreferredDERP") or 0      # an int: checked_hostinfo saw to it
     return max(region, 0)
+
+
+def home_derp(node):
+    """The DERP region a node reports as its home, 0 when it has none."""
+    return home_derp_region(node.hostinfo)
 
 
 def user_profile(user):
@@ -4735,15 +4740,20 @@ class Coordinator:
             changed |= req["Endpoints"] != node.endpoints
             node.endpoints = req["Endpoints"]
         hostinfo = req.get("Hostinfo")
-        routes_changed = False
+        routes_changed = stored = False
         if hostinfo is not None and hostinfo != node.hostinfo:
             routes_changed = hostinfo.get("RoutableIPs") != node.hostinfo.get("RoutableIPs")
-            node.hostinfo, changed = hostinfo, True
+            # Peers hear of a new Hostinfo only when the part they are sent
+            # changes, so a node churning its other fields costs no fan-out.
+            changed |= routes_changed or peer_hostinfo(hostinfo) != peer_hostinfo(node.hostinfo) or \
+                home_derp_region(hostinfo) != home_derp_region(node.hostinfo)
+            node.hostinfo, stored = hostinfo, True
         version = req.get("Version")
         if version is not None and version != node.cap:
             node.cap, changed = version, True
-        if changed:
+        if stored or changed:
             self.dirty_live.add(node.id)
+        if changed:
             if routes_changed:
                 self.topology_changed(changed=[node.id])
             else:
