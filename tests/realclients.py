@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,6 +46,9 @@ STOCK_PORT = 41641
 DAEMON_TIMEOUT = 20.0
 CLI_TIMEOUT = 30.0
 MAX_SOCKET_PATH = 107              # sun_path holds 108 bytes with the NUL
+ROOT = Path(__file__).resolve().parent.parent
+HUB = netlab.HUB_ADDR
+CONTROL_URL = f"http://{HUB}:8080"
 
 
 # ---- Environment ----
@@ -445,6 +449,85 @@ class StockClient:
 
     def stop(self):
         return self.proc.stop() if self.proc else None
+
+
+# ---- meshbox in the hub ----
+
+def meshbox_cli(state, *args, check=True):
+    """`meshbox.py --state STATE ARGS` (the CLI asks a running server over its
+    admin socket); its stdout, or with check=False the CompletedProcess."""
+    result = subprocess.run([sys.executable, str(ROOT / "meshbox.py"), "--state", str(state), *args],
+                            capture_output=True, text=True, timeout=60)
+    if not check:
+        return result
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def start_meshbox(lab, state, log_name="meshbox.log", extra_args=()):
+    # DERP (and the control protocol over TLS) on 443: tsnet tries
+    # https://HOST:443 for a control URL whose host is not private.
+    proc = lab.hub.spawn([sys.executable, str(ROOT / "meshbox.py"), "--state", str(state), "serve",
+                          "--listen", f"{HUB}:8080", "--derp-listen", f"{HUB}:443",
+                          "--stun-listen", f"{HUB}:3478", *extra_args], state.parent / log_name)
+    proc.wait_for_log(r"serving http://", 20)
+    return proc
+
+
+def auth_key(state, *flags):
+    return meshbox_cli(state, "preauthkeys", "create", "--user", "alice", "--reusable", *flags).strip().splitlines()[-1]
+
+
+class StockTailnet:
+    """meshbox serving in a lab's hub and a stock client "stock-NAME" in each
+    client namespace NAME, joined with a reusable key of user alice unless
+    left out of `join` (a context manager). `serve_args` go to `meshbox serve`."""
+
+    def __init__(self, folder, binaries, names=("a", "b"), direct=False, join=None, serve_args=()):
+        self.folder, self.binaries, self.names, self.direct = folder, binaries, names, direct
+        self.join = names if join is None else join
+        self.serve_args = serve_args
+        self.state = folder / "state"
+        self.lab = self.server = self.key = None
+        self.clients = {}
+        self.restarts = 0
+
+    def __enter__(self):
+        self.lab = netlab.Lab(clients=self.names, direct=self.direct)
+        try:
+            meshbox_cli(self.state, "users", "create", "alice")
+            self.server = start_meshbox(self.lab, self.state, extra_args=self.serve_args)
+            self.key = auth_key(self.state)
+            for name in self.names:
+                self.clients[name] = StockClient(self.lab[name], self.folder / name, self.binaries,
+                                                 ca_file=self.state / "derp-cert.pem").start()
+            if self.join:
+                with ThreadPoolExecutor(len(self.join)) as pool:   # joins take seconds each: side by side
+                    list(pool.map(lambda name: self.clients[name].up(CONTROL_URL, self.key, f"stock-{name}"),
+                                  self.join))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def address(self, name):
+        """The tailnet IPv4 address of client `name`."""
+        return self.clients[name].status()["Self"]["TailscaleIPs"][0]
+
+    def restart_meshbox(self):
+        """Stop meshbox and start it again on the same state."""
+        self.server.stop()
+        self.restarts += 1
+        self.server = start_meshbox(self.lab, self.state, f"meshbox-restart{self.restarts}.log", self.serve_args)
+
+    def __exit__(self, *exc):
+        for name, client in self.clients.items():
+            client.stop()
+            print(f"---- tailscaled stock-{name}:\n{client.log_text()[-3000:]}")
+        if self.server:
+            self.server.stop()
+            print(f"---- meshbox:\n{self.server.log_text()[-4000:]}")
+        self.lab.close()
 
 
 # ---- arkitekt-mesh driver (runs inside the namespace) ----
