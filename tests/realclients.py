@@ -375,8 +375,9 @@ class StockClient:
     namespace when each has its own `port`; `ca_file` is the PEM that control
     and DERP over TLS are trusted with."""
 
-    def __init__(self, ns, workdir, binaries, port=STOCK_PORT, ca_file=None):
+    def __init__(self, ns, workdir, binaries, port=STOCK_PORT, ca_file=None, daemon_args=()):
         self.ns = ns
+        self.daemon_args = daemon_args
         self.workdir = Path(workdir)
         self.binaries = binaries
         self.port = port
@@ -394,7 +395,7 @@ class StockClient:
         route_default_via_hub(self.ns)
         self.proc = self.ns.spawn([str(self.binaries["tailscaled"]), "--tun=userspace-networking",
                                    f"--statedir={self.workdir / 'state'}", f"--socket={self.socket}",
-                                   f"--port={self.port}"],
+                                   f"--port={self.port}", *self.daemon_args],
                                   self.log_path, env=client_env(self.workdir, ca_file=self.ca_file), cwd=self.workdir)
         answered_or_exited = netlab.wait_until(
             lambda: not self.proc.running() or self.cli("status", "--json", check=False).returncode == 0,
@@ -422,6 +423,15 @@ class StockClient:
         self.hostname = hostname
         return self.cli("up", f"--login-server={login_server}", f"--auth-key={auth_key}", f"--hostname={hostname}",
                         "--accept-dns=false", f"--timeout={timeout:.0f}s", *flags, timeout=timeout + 15)
+
+    def start_login(self, login_server, hostname, *flags, timeout=JOIN_TIMEOUT):
+        """`tailscale up` (or a verb in `flags`' place) without an auth key, in
+        the background: the Proc, whose log gets the login URL it prints."""
+        self.hostname = hostname
+        argv = [str(self.binaries["tailscale"]), f"--socket={self.socket}", "up", f"--login-server={login_server}",
+                f"--hostname={hostname}", "--accept-dns=false", f"--timeout={timeout:.0f}s", *flags]
+        return self.ns.spawn(argv, self.workdir / f"login-{time.monotonic_ns()}.log",
+                             env=client_env(self.workdir, ca_file=self.ca_file))
 
     def status(self):
         """`tailscale status --json`, parsed."""
@@ -464,12 +474,14 @@ def meshbox_cli(state, *args, check=True):
     return result.stdout
 
 
-def start_meshbox(lab, state, log_name="meshbox.log", extra_args=()):
+def start_meshbox(lab, state, log_name="meshbox.log", extra_args=(), settings=None):
+    """`meshbox serve` in the hub; `settings` are given as MESHBOX_NAME variables."""
     # DERP (and the control protocol over TLS) on 443: tsnet tries
     # https://HOST:443 for a control URL whose host is not private.
+    env = dict(os.environ, **{f"MESHBOX_{k.upper()}": str(v) for k, v in settings.items()}) if settings else None
     proc = lab.hub.spawn([sys.executable, str(ROOT / "meshbox.py"), "--state", str(state), "serve",
                           "--listen", f"{HUB}:8080", "--derp-listen", f"{HUB}:443",
-                          "--stun-listen", f"{HUB}:3478", *extra_args], state.parent / log_name)
+                          "--stun-listen", f"{HUB}:3478", *extra_args], state.parent / log_name, env=env)
     proc.wait_for_log(r"serving http://", 20)
     return proc
 
@@ -481,12 +493,13 @@ def auth_key(state, *flags):
 class StockTailnet:
     """meshbox serving in a lab's hub and a stock client "stock-NAME" in each
     client namespace NAME, joined with a reusable key of user alice unless
-    left out of `join` (a context manager). `serve_args` go to `meshbox serve`."""
+    left out of `join` (a context manager). `settings` go to `meshbox serve`
+    (see start_meshbox), `daemon_args` to each tailscaled."""
 
-    def __init__(self, folder, binaries, names=("a", "b"), direct=False, join=None, serve_args=()):
+    def __init__(self, folder, binaries, names=("a", "b"), direct=False, join=None, settings=None, daemon_args=()):
         self.folder, self.binaries, self.names, self.direct = folder, binaries, names, direct
         self.join = names if join is None else join
-        self.serve_args = serve_args
+        self.settings, self.daemon_args = settings, daemon_args
         self.state = folder / "state"
         self.lab = self.server = self.key = None
         self.clients = {}
@@ -496,11 +509,12 @@ class StockTailnet:
         self.lab = netlab.Lab(clients=self.names, direct=self.direct)
         try:
             meshbox_cli(self.state, "users", "create", "alice")
-            self.server = start_meshbox(self.lab, self.state, extra_args=self.serve_args)
+            self.server = start_meshbox(self.lab, self.state, settings=self.settings)
             self.key = auth_key(self.state)
             for name in self.names:
                 self.clients[name] = StockClient(self.lab[name], self.folder / name, self.binaries,
-                                                 ca_file=self.state / "derp-cert.pem").start()
+                                                 ca_file=self.state / "derp-cert.pem",
+                                                 daemon_args=self.daemon_args).start()
             if self.join:
                 with ThreadPoolExecutor(len(self.join)) as pool:   # joins take seconds each: side by side
                     list(pool.map(lambda name: self.clients[name].up(CONTROL_URL, self.key, f"stock-{name}"),
@@ -518,7 +532,8 @@ class StockTailnet:
         """Stop meshbox and start it again on the same state."""
         self.server.stop()
         self.restarts += 1
-        self.server = start_meshbox(self.lab, self.state, f"meshbox-restart{self.restarts}.log", self.serve_args)
+        self.server = start_meshbox(self.lab, self.state, f"meshbox-restart{self.restarts}.log",
+                                    settings=self.settings)
 
     def __exit__(self, *exc):
         for name, client in self.clients.items():
