@@ -3787,7 +3787,7 @@ class MapSession:
         self.self_changed = False
         self.policy_changed = False
         self.full = False
-        self.served_expired = False   # whether the last full map was an expired node's
+        self.told_expired = False    # whether its client was told its key expired
         self.closed = False
         self.wake = Signal()
 
@@ -3999,9 +3999,10 @@ class Coordinator:
         return json_bytes(message)[:-1] + b',"Peers":[' + b",".join(texts) + b"]}"
 
     def view_of(self, node, at=None):
-        """The node's compiled view; an expired node sees only itself (as
-        Tailscale's control does: the client waits quietly for a new login
-        instead of retrying a refused map)."""
+        """The node's compiled view; an expired node sees no peers.  Its map
+        session is kept rather than refused: told once that it expired, the
+        stock client stops its engine and waits quietly for a new login,
+        while a refused map it retries several times a second."""
         if is_expired(node, at or now()):
             return EXPIRED_VIEW
         if self.policy is None:
@@ -4017,9 +4018,16 @@ class Coordinator:
             return None
         if self.policy is not None and str(node.id) not in self.views and self.pending_compile:
             return None              # a new node's view comes with the scheduled compile
-        expired = is_expired(node, at)
-        if expired != session.served_expired:   # its peers went away or come back: all of them at once
-            session.served_expired, session.full = expired, True
+        if is_expired(node, at):
+            # Each map message makes a blocked stock client restart its engine
+            # (and its DERP connection, refused): an expired node is told once.
+            if session.told_expired:
+                session.changed.clear(), session.removed.clear()
+                session.full = session.self_changed = session.policy_changed = False
+                return None
+            session.told_expired = True
+        elif session.told_expired:      # its key was extended: its peers come back
+            session.told_expired, session.full = False, True
         view = self.view_of(node, at)
         if session.full:
             session.full = session.self_changed = session.policy_changed = False
@@ -4299,8 +4307,13 @@ class Coordinator:
             if before:
                 before()
             if node:
+                # A register request's Hostinfo has no NetInfo (it comes later,
+                # when it changes): keep the home DERP its peers reach it by.
+                hostinfo = dict(hostinfo or node.hostinfo)
+                if "NetInfo" not in hostinfo and "NetInfo" in node.hostinfo:
+                    hostinfo["NetInfo"] = node.hostinfo["NetInfo"]
                 self.store.update_node(node.id, node_key=node_key, user_id=user_id, tags=tags, ephemeral=ephemeral,
-                                       auth_key_id=auth_key_id, expiry=expiry, hostinfo=hostinfo or node.hostinfo)
+                                       auth_key_id=auth_key_id, expiry=expiry, hostinfo=hostinfo)
                 verb = "re-registered"
             else:
                 ipv4, ipv6 = self.store.allocate_addresses(self.prefix_v4, self.prefix_v6)
@@ -4314,7 +4327,7 @@ class Coordinator:
         if verb == "re-registered":        # memory follows the store only once it committed
             node.node_key, node.user_id, node.tags = node_key, user_id, tags
             node.ephemeral, node.auth_key_id, node.expiry = ephemeral, auth_key_id, expiry
-            node.hostinfo = hostinfo or node.hostinfo
+            node.hostinfo = hostinfo
         self.nodes[node.id] = node
         self.users.setdefault(node.user_id, next(u for u in self.store.users() if u.id == node.user_id))
         log.info("%s node %d %s (%s, %s) for user %s", verb, node.id, node.given_name, node.ipv4, node.ipv6,

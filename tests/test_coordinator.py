@@ -375,14 +375,18 @@ def test_expiry_ephemeral_and_requested_tags(tmp_path):
             b, first_b = await joined(port, key, "short")
             node_b = coordinator.nodes[first_b["Node"]["ID"]]
             await until(a, "PeersChanged")
-            # b's key runs out: a sees it expired, and b's map session (kept,
-            # so that its client waits quietly) shows it no peers.
+            # b's key runs out: a sees it expired, and b's map session is
+            # kept (its client waits quietly) and tells it so once, then
+            # stays silent however much changes.
             node_b.expiry = meshbox.now() - 1
             coordinator.expire_due(meshbox.now(), 1800)
             message = await until(a, "PeersChanged")
             assert message["PeersChanged"][0]["Expired"] is True
             _, message = await b.map_message_where(lambda m: m.get("Node", {}).get("Expired"))
-            assert message["Peers"] == [] and message["PacketFilter"] == []
+            assert not message.get("PeersChanged")
+            coordinator.notify(changed=[node_a.id, node_b.id])
+            with pytest.raises(TimeoutError):
+                await b.next_map_message(timeout=1)
             # Ephemeral nodes go once offline for longer than the timeout.
             eph_key = new_key(server, ephemeral=True)
             c, first_c = await joined(port, eph_key, "ephemeral")
