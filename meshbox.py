@@ -3884,6 +3884,16 @@ def checked_hostinfo(value):
     return out
 
 
+def keeping_netinfo(hostinfo, before):
+    """A client's new Hostinfo, with the NetInfo it had when the new one has
+    none: a client sends NetInfo only when it changes (a re-login starts a
+    fresh control client that sends none), and without it peers lose the
+    home DERP they reach the node by."""
+    if "NetInfo" in hostinfo or "NetInfo" not in before:
+        return hostinfo
+    return {**hostinfo, "NetInfo": before["NetInfo"]}
+
+
 def _canonical_prefix_or_none(text):
     try:
         return str(ipaddress.ip_network(text))
@@ -4307,11 +4317,7 @@ class Coordinator:
             if before:
                 before()
             if node:
-                # A register request's Hostinfo has no NetInfo (it comes later,
-                # when it changes): keep the home DERP its peers reach it by.
-                hostinfo = dict(hostinfo or node.hostinfo)
-                if "NetInfo" not in hostinfo and "NetInfo" in node.hostinfo:
-                    hostinfo["NetInfo"] = node.hostinfo["NetInfo"]
+                hostinfo = keeping_netinfo(hostinfo or node.hostinfo, node.hostinfo)
                 self.store.update_node(node.id, node_key=node_key, user_id=user_id, tags=tags, ephemeral=ephemeral,
                                        auth_key_id=auth_key_id, expiry=expiry, hostinfo=hostinfo)
                 verb = "re-registered"
@@ -4457,6 +4463,8 @@ class Coordinator:
             changed |= endpoints != node.endpoints
             node.endpoints = endpoints
         hostinfo = checked_hostinfo(req.get("Hostinfo"))
+        if hostinfo is not None:
+            hostinfo = keeping_netinfo(hostinfo, node.hostinfo)
         routes_changed = False
         if hostinfo is not None and hostinfo != node.hostinfo:
             routes_changed = hostinfo.get("RoutableIPs") != node.hostinfo.get("RoutableIPs")

@@ -242,7 +242,10 @@ def test_expired_key_is_rotated_on_the_same_node(net):
     assert after["node_key"] == status["Self"]["PublicKey"] and not after["expired"]
     assert netlab.wait_until(lambda: (peer(b, "stock-a") or {}).get("PublicKey") == status["Self"]["PublicKey"]
                              and not peer(b, "stock-a").get("Expired"), SETTLE)
+    # The peer reaches it by its home DERP, which the client does not send
+    # again after a re-login (it sends NetInfo only when it changes).
     assert pings(net, "b", "a")
+    assert mb(net, "nodes", "show", "stock-a")["derp_home"] == before["derp_home"] != 0
 
 
 def test_force_reauth_without_a_key_gets_a_login_url(net):
