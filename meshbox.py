@@ -5656,7 +5656,7 @@ class ControlConnection:
         self.h2.local_settings.max_concurrent_streams = MAX_STREAMS
         self.h2.local_settings.max_header_list_size = 16 << 10
         self.requests = {}       # stream id -> [headers, body]
-        self.tasks = set()
+        self.tasks = {}             # stream id -> the task answering it
         self.window_open = Signal()
 
     def flush(self):
@@ -5678,8 +5678,8 @@ class ControlConnection:
         self.flush()
         self.writer.close()
 
-    def request_done(self, task):
-        self.tasks.discard(task)
+    def request_done(self, stream_id):
+        self.tasks.pop(stream_id, None)
         self.watch_idle()
 
     async def run(self, early_payload):
@@ -5707,7 +5707,7 @@ class ControlConnection:
         finally:
             if self.idle_timer is not None:
                 self.idle_timer.cancel()
-            for task in list(self.tasks):
+            for task in list(self.tasks.values()):
                 task.cancel()
 
     def on_event(self, event):
@@ -5734,13 +5734,16 @@ class ControlConnection:
             self.window_open.set()
         elif isinstance(event, h2.events.StreamReset):
             self.requests.pop(event.stream_id, None)
+            task = self.tasks.get(event.stream_id)
+            if task is not None:      # e.g. `tailscale down` cancels its map poll: the node is offline now
+                task.cancel()
             self.window_open.set()
 
     def dispatch(self, stream_id):
         headers, body = self.requests.pop(stream_id)
         task = asyncio.ensure_future(self.handle(stream_id, headers, bytes(body)))
-        self.tasks.add(task)
-        task.add_done_callback(self.request_done)
+        self.tasks[stream_id] = task
+        task.add_done_callback(lambda _: self.request_done(stream_id))
         self.watch_idle()
 
     def respond(self, stream_id, status, content_type="application/json", end=False):

@@ -134,6 +134,17 @@ def test_up_with_an_auth_key_joins(net):
     assert rows["stock-a"]["ipv4"] == net.address("a")
 
 
+def test_down_takes_the_node_offline_and_up_brings_it_back(net):
+    a, b = net.clients["a"], net.clients["b"]
+    a.cli("down")
+    assert a.status()["BackendState"] == "Stopped"
+    assert netlab.wait_until(lambda: not node_row(net, "stock-a")["online"], SETTLE)
+    assert netlab.wait_until(lambda: not peer(b, "stock-a")["Online"], SETTLE)
+    a.up(CONTROL_URL, net.key, "stock-a")
+    assert netlab.wait_until(lambda: node_row(net, "stock-a")["online"] and peer(b, "stock-a")["Online"], SETTLE)
+    assert pings(net, "b", "a")
+
+
 def test_read_verbs_show_live_state_at_once(net):
     """Issue 14: routes a client advertises, and its disco key, show in
     `routes list` / `nodes show` at once, not after the once-a-minute write."""
