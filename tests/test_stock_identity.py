@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -21,6 +22,7 @@ import pytest
 import netlab
 import realclients
 from realclients import CONTROL_URL, HUB, StockTailnet, meshbox_cli
+from test_realclients import stock_binaries  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(netlab.have_netns() is not None, reason=str(netlab.have_netns()))
 
@@ -41,14 +43,6 @@ PAGE = ("import http.server, sys\n"
         "        self.wfile.write(body)\n"
         "    def log_message(self, *args): pass\n"
         "http.server.HTTPServer((sys.argv[1], int(sys.argv[2])), Page).serve_forever()\n")
-
-
-@pytest.fixture(scope="session")
-def stock_binaries():
-    try:
-        return realclients.stock_binaries()
-    except realclients.StockUnavailable as why:
-        pytest.skip(f"Tailscale's own client is unavailable: {why}")
 
 
 def serve_page(ns, addr, port, log_path, body=None):
@@ -319,3 +313,51 @@ def test_ephemeral_nodes_go_after_logout_and_after_they_vanish(net):
     c.stop()
     assert netlab.wait_until(lambda: node_row(net, "stock-eph") is None, EPHEMERAL_TIMEOUT + SETTLE)
     assert netlab.wait_until(lambda: peer(net.clients["a"], "stock-eph") is None, SETTLE)
+
+
+# ---- OIDC: a tailnet of its own, whose meshbox signs people in ----
+
+OIDC_PORT = 8443                       # the provider, on the hub's loopback
+BROWSER = ("import sys\n"             # a person's browser in the hub namespace, through the sign-in
+           "import test_oidc\n"
+           "status, url, page = test_oidc.Browser(sys.argv[1]).sign_in(sys.argv[2], 'alice')\n"
+           "print(status, url); print(page[:400])\n")
+
+
+def test_up_without_a_key_signs_in_through_oidc(tmp_path, stock_binaries):
+    """`tailscale up` without a key prints meshbox's login URL; the person
+    signs in at the OpenID provider (tests/oidc) and the client joins as
+    the user the provider vouched for."""
+    import test_oidc
+    test_oidc.install_provider()
+    issuer = f"https://127.0.0.1:{OIDC_PORT}"
+    cert, key = tmp_path / "provider-cert.pem", tmp_path / "provider-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    provider_config = tmp_path / "provider.json"
+    provider_config.write_text(json.dumps({
+        "port": OIDC_PORT, "cert": str(cert), "key": str(key), "accounts": test_oidc.ACCOUNTS,
+        "clients": [{"client_id": test_oidc.CLIENT_ID, "client_secret": test_oidc.CLIENT_SECRET,
+                     "redirect_uris": [CONTROL_URL + "/oidc/callback"],
+                     "grant_types": ["authorization_code"], "response_types": ["code"]}]}))
+    settings = {"oidc_issuer": issuer, "oidc_client_id": test_oidc.CLIENT_ID,
+                "oidc_client_secret": test_oidc.CLIENT_SECRET, "oidc_allowed_domains": "example.com",
+                "oidc_ca_file": str(cert)}
+    with StockTailnet(tmp_path, stock_binaries, names=("a",), join=(), settings=settings) as net:
+        provider = net.lab.hub.spawn(["node", "provider.mjs", str(provider_config)], tmp_path / "provider.log",
+                                     env=dict(os.environ), cwd=test_oidc.PROVIDER_DIR)
+        try:
+            provider.wait_for_log("ready " + re.escape(issuer), 30)
+            a = net.clients["a"]
+            login = a.start_login(CONTROL_URL, "stock-oidc")
+            url, _ = wait_login_url(login)
+            browser = net.lab.hub.run([sys.executable, "-c", BROWSER, str(cert), url], timeout=60, check=False,
+                                      env=netlab.clean_env(PYTHONPATH=str(realclients.ROOT / "tests")))
+            assert browser.returncode == 0, browser.stderr[-2000:]
+            assert wait_exit(login) == 0, login.log_text()
+            assert a.status()["BackendState"] == "Running"
+            assert a.status()["User"][str(a.status()["Self"]["UserID"])]["LoginName"] == "alice@example.com"
+            assert node_row(net, "stock-oidc")["user"] == "alice@example.com"
+        finally:
+            provider.stop()
