@@ -4967,6 +4967,8 @@ async def drain_within(writer):
     """writer.drain(), but a peer that leaves what waits for it unread for
     WRITE_TIMEOUT seconds is dropped (ConnectionError) instead of holding
     the buffer and the task that feeds it forever."""
+    if writer.transport.is_closing():
+        return          # nothing more goes out (and 3.11's closed TLS transport cannot say what is left)
     if not writer.transport.get_write_buffer_size():
         return          # all taken already: the common case, without a timer
     try:
