@@ -192,6 +192,30 @@ def test_node_key_rotation_and_logout(tmp_path):
     asyncio.run(main())
 
 
+def test_home_derp_survives_a_hostinfo_without_netinfo(tmp_path):
+    """A client sends NetInfo only when it changes: a re-login (a fresh
+    control client) and its map requests carry Hostinfo without it, and
+    the node must keep the home DERP its peers reach it by."""
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            a = tsclient.ControlClient("127.0.0.1", port, "homed")
+            a.hostinfo_extra = {"NetInfo": {"PreferredDERP": 900}}
+            await a.connect()
+            assert (await a.register(key))["MachineAuthorized"]
+            status, _ = await a.request("/machine/map", a.map_request(stream=False, OmitPeers=True))
+            node = server.coordinator.node_by_machine(meshbox.x25519_public(a.machine_private))
+            assert status == 200 and meshbox.home_derp(node) == 900
+            a.hostinfo_extra = {"OSVersion": "6.1"}
+            status, _ = await a.request("/machine/map", a.map_request(stream=False, OmitPeers=True))
+            assert status == 200 and node.hostinfo["OSVersion"] == "6.1" and meshbox.home_derp(node) == 900
+            a.node_private = meshbox.new_private_key()          # a re-login with a new key
+            assert (await a.register(key))["MachineAuthorized"]
+            assert meshbox.home_derp(server.coordinator.nodes[node.id]) == 900
+            await a.close()
+    asyncio.run(main())
+
+
 def test_cli_edits_reach_connected_clients(tmp_path):
     async def main():
         async with running_server(tmp_path) as (server, port):
