@@ -216,6 +216,26 @@ def test_home_derp_survives_a_hostinfo_without_netinfo(tmp_path):
     asyncio.run(main())
 
 
+def test_a_cancelled_map_poll_ends_its_session_at_once(tmp_path):
+    """`tailscale down` resets its map stream (RST_STREAM): the node is
+    offline at once, not at the next keepalive 50 s later."""
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            a, first = await joined(port, key, "downer")
+            node = server.coordinator.nodes[first["Node"]["ID"]]
+            assert node.online
+            a.h2.reset_stream(a.map_stream.stream_id)
+            a.flush()
+            for _ in range(50):
+                if not node.online:
+                    break
+                await asyncio.sleep(0.02)
+            assert not node.online and node.id not in server.coordinator.sessions
+            await a.close()
+    asyncio.run(main())
+
+
 def test_cli_edits_reach_connected_clients(tmp_path):
     async def main():
         async with running_server(tmp_path) as (server, port):
