@@ -604,6 +604,16 @@ PEER_HOSTINFO = ("Hostname", "OS", "OSVersion", "ShareeNode", "AppConnector", "s
 PEER_SERVICES = ("peerapi4", "peerapi6", "peerapi-dns-proxy")
 
 
+def keeping_netinfo(hostinfo, before):
+    """A client's new Hostinfo, with the NetInfo it had when the new one has
+    none: a client sends NetInfo only when it changes (a re-login starts a
+    fresh control client that sends none), and without it peers lose the
+    home DERP they reach the node by."""
+    if "NetInfo" in hostinfo or "NetInfo" not in before:
+        return hostinfo
+    return {**hostinfo, "NetInfo": before["NetInfo"]}
+
+
 def peer_hostinfo(hostinfo):
     """The part of a (checked) Hostinfo a peer needs: its name and OS for
     status, SSH host keys, the peer API services, where an exit node is;
@@ -4029,6 +4039,9 @@ def allow_all_entries(nodes):
     return {str(node.id): allow_all_entry(node, primaries) for node in nodes}
 
 
+EXPIRED_VIEW = {"packet_filter_rules": None, "peers": {}, "ssh_rules": None, "cap_map": {}}
+
+
 def allow_all_view(entries, node_id):
     """A node's view under the default policy, without copying the peer entries."""
     return {"packet_filter_rules": ALLOW_ALL_FILTER, "peers": PeersExcept(entries, str(node_id)),
@@ -4152,6 +4165,7 @@ class MapSession:
         self.self_changed = False
         self.policy_changed = False
         self.full = False
+        self.told_expired = False    # whether its client was told its key expired
         self.closed = False
         self.wake = Signal()
 
@@ -4362,7 +4376,13 @@ class Coordinator:
             texts.append(text)
         return json_bytes(message)[:-1] + b',"Peers":[' + b",".join(texts) + b"]}"
 
-    def view_of(self, node):
+    def view_of(self, node, at=None):
+        """The node's compiled view; an expired node sees no peers.  Its map
+        session is kept rather than refused: told once that it expired, the
+        stock client stops its engine and waits quietly for a new login,
+        while a refused map it retries several times a second."""
+        if is_expired(node, at or now()):
+            return EXPIRED_VIEW
         if self.policy is None:
             return allow_all_view(self.allow_all, node.id)
         return self.views.get(str(node.id)) or {"packet_filter_rules": None, "peers": {}, "ssh_rules": None}
@@ -4376,7 +4396,17 @@ class Coordinator:
             return None
         if self.policy is not None and str(node.id) not in self.views and self.pending_compile:
             return None              # a new node's view comes with the scheduled compile
-        view = self.view_of(node)
+        if is_expired(node, at):
+            # Each map message makes a blocked stock client restart its engine
+            # (and its DERP connection, refused): an expired node is told once.
+            if session.told_expired:
+                session.changed.clear(), session.removed.clear()
+                session.full = session.self_changed = session.policy_changed = False
+                return None
+            session.told_expired = True
+        elif session.told_expired:      # its key was extended: its peers come back
+            session.told_expired, session.full = False, True
+        view = self.view_of(node, at)
         if session.full:
             session.full = session.self_changed = session.policy_changed = False
             session.changed.clear(), session.removed.clear()
@@ -4594,8 +4624,6 @@ class Coordinator:
     def _answer_registration(self, machine_key, req, secret, source, at):
         try:
             node_key = key_bytes(req.get("NodeKey"), "nodekey")
-            old_text = req.get("OldNodeKey") or ""
-            old_key = key_bytes(old_text, "nodekey") if old_text and old_text != key_text("nodekey", bytes(32)) else None
             expiry = parse_go_time(req.get("Expiry"))
         except (ValueError, TypeError) as e:
             raise RegistrationRefused("malformed", f"malformed register request: {e}") from None
@@ -4605,18 +4633,15 @@ class Coordinator:
         if holder and holder.machine_key != machine_key:
             raise RegistrationRefused("key_in_use", "node key already belongs to another machine")
 
-        if node and not secret and node.node_key in (node_key, old_key):
-            if expiry and expiry <= at:
+        if node and node.node_key == node_key:
+            if expiry and expiry <= at:            # logout: the client may send its auth key along
                 return self._logout(node, at)
-            if node.node_key != node_key:          # client-driven key rotation
-                with self.store.transaction():
-                    self.store.update_node(node.id, node_key=node_key)
-                node.node_key = node_key
-                log.info("node key rotated: node %d %s", node.id, node.given_name)
-                self.notify(changed=[node.id])
-            if is_expired(node, at):
-                return {"NodeKeyExpired": True, "MachineAuthorized": False}
-            return self._registered_response(node)
+            if not secret:                         # a restart or refresh: the node as it is
+                if is_expired(node, at):
+                    return {"NodeKeyExpired": True, "MachineAuthorized": False}
+                return self._registered_response(node)
+        # A new node key (the client regenerates one when its key expired or
+        # at --force-reauth) is a login: with an auth key or an approval, never by itself.
         requested = [t for t in (hostinfo.get("RequestTags") or []) if isinstance(t, str)]
         if not secret:
             if req.get("Followup"):
@@ -4659,8 +4684,9 @@ class Coordinator:
             if before:
                 before()
             if node:
+                hostinfo = keeping_netinfo(hostinfo or node.hostinfo, node.hostinfo)
                 self.store.update_node(node.id, node_key=node_key, user_id=user_id, tags=tags, ephemeral=ephemeral,
-                                       auth_key_id=auth_key_id, expiry=expiry, hostinfo=hostinfo or node.hostinfo)
+                                       auth_key_id=auth_key_id, expiry=expiry, hostinfo=hostinfo)
                 verb = "re-registered"
             else:
                 ipv4, ipv6 = self.store.allocate_addresses(self.prefix_v4, self.prefix_v6)
@@ -4674,7 +4700,7 @@ class Coordinator:
         if verb == "re-registered":        # memory follows the store only once it committed
             node.node_key, node.user_id, node.tags = node_key, user_id, tags
             node.ephemeral, node.auth_key_id, node.expiry = ephemeral, auth_key_id, expiry
-            node.hostinfo = hostinfo or node.hostinfo
+            node.hostinfo = hostinfo
         self.nodes[node.id] = node
         self.users.setdefault(node.user_id, next(u for u in self.store.users() if u.id == node.user_id))
         log.info("%s node %d %s (%s, %s) for user %s", verb, node.id, node.given_name, node.ipv4, node.ipv6,
@@ -4798,16 +4824,15 @@ class Coordinator:
             log.info("login request %s expired", request.id)
 
     def expire_due(self, at, ephemeral_timeout):
-        """Time-driven changes: node keys that just expired lose their map
-        sessions; ephemeral nodes offline too long are removed."""
+        """Time-driven changes: node keys that just expired are told to their
+        peers and (in a map without peers) to the node; ephemeral nodes
+        offline too long are removed."""
         for node in list(self.nodes.values()):
             if not is_expired(node, at):
                 self.known_expired.discard(node.id)
-            elif node.id not in self.known_expired:      # just expired: tell its peers once
+            elif node.id not in self.known_expired:      # just expired: tell everyone once
                 self.known_expired.add(node.id)
                 log.info("node key expired: node %d %s", node.id, node.given_name)
-                for session in list(self.sessions.get(node.id, ())):
-                    session.close()
                 self.notify(changed=[node.id])
             if node.ephemeral and not node.online and node.last_seen and \
                     node.last_seen + ephemeral_timeout <= at:
@@ -4843,8 +4868,6 @@ class Coordinator:
             raise MapRefused(400, "MapRequest.NodeKey: missing")
         if req["NodeKey"] != node.node_key:
             raise MapRefused(401, "node key does not match the registered one")
-        if is_expired(node, now()):
-            raise MapRefused(401, "node key expired: re-authenticate")
         if req.get("ReadOnly"):
             return node
         changed = False
@@ -4855,6 +4878,8 @@ class Coordinator:
             changed |= req["Endpoints"] != node.endpoints
             node.endpoints = req["Endpoints"]
         hostinfo = req.get("Hostinfo")
+        if hostinfo is not None:
+            hostinfo = keeping_netinfo(hostinfo, node.hostinfo)
         routes_changed = stored = False
         if hostinfo is not None and hostinfo != node.hostinfo:
             routes_changed = hostinfo.get("RoutableIPs") != node.hostinfo.get("RoutableIPs")
@@ -5073,6 +5098,8 @@ async def drain_within(writer):
     """writer.drain(), but a peer that leaves what waits for it unread for
     WRITE_TIMEOUT seconds is dropped (ConnectionError) instead of holding
     the buffer and the task that feeds it forever."""
+    if writer.transport.is_closing():
+        return          # nothing more goes out (and 3.11's closed TLS transport cannot say what is left)
     if not writer.transport.get_write_buffer_size():
         return          # all taken already: the common case, without a timer
     try:
@@ -5788,7 +5815,7 @@ class ControlConnection:
         self.h2.local_settings.max_concurrent_streams = MAX_STREAMS
         self.h2.local_settings.max_header_list_size = 16 << 10
         self.requests = {}       # stream id -> [headers, body]
-        self.tasks = set()
+        self.tasks = {}             # stream id -> the task answering it
         self.window_open = Signal()
 
     def flush(self):
@@ -5810,8 +5837,8 @@ class ControlConnection:
         self.flush()
         self.writer.close()
 
-    def request_done(self, task):
-        self.tasks.discard(task)
+    def request_done(self, stream_id):
+        self.tasks.pop(stream_id, None)
         self.watch_idle()
 
     async def run(self, early_payload):
@@ -5839,7 +5866,7 @@ class ControlConnection:
         finally:
             if self.idle_timer is not None:
                 self.idle_timer.cancel()
-            for task in list(self.tasks):
+            for task in list(self.tasks.values()):
                 task.cancel()
 
     def on_event(self, event):
@@ -5866,13 +5893,16 @@ class ControlConnection:
             self.window_open.set()
         elif isinstance(event, h2.events.StreamReset):
             self.requests.pop(event.stream_id, None)
+            task = self.tasks.get(event.stream_id)
+            if task is not None:      # e.g. `tailscale down` cancels its map poll: the node is offline now
+                task.cancel()
             self.window_open.set()
 
     def dispatch(self, stream_id):
         headers, body = self.requests.pop(stream_id)
         task = asyncio.ensure_future(self.handle(stream_id, headers, bytes(body)))
-        self.tasks.add(task)
-        task.add_done_callback(self.request_done)
+        self.tasks[stream_id] = task
+        task.add_done_callback(lambda _: self.request_done(stream_id))
         self.watch_idle()
 
     def respond(self, stream_id, status, content_type="application/json", end=False):
@@ -7817,12 +7847,6 @@ class Server:
         return "\n".join(lines) + "\n"
 
 
-def live_fields(node):
-    """The fast-changing fields the server keeps in memory."""
-    return {"online": node.online, "last_seen": rfc3339(node.last_seen), "endpoints": node.endpoints,
-            "home_derp": home_derp(node), "os": node.hostinfo.get("OS", "")}
-
-
 def register_page(request_id):
     """What a person sees at a client's AuthURL: the command that approves it."""
     safe = "".join(c for c in request_id if c.isalnum() or c in "-_")[:64]
@@ -7887,14 +7911,17 @@ class Admin:
             self.server.coordinator.reload_if_changed(force=True)
         return result
 
-    def _live(self):
+    def _nodes(self):
+        """The nodes as the running server holds them, with the fields it
+        writes to disk only once a minute (host info, routes a client
+        advertises, disco key, endpoints) current; else as stored."""
         if self.server is None:
-            return {}
-        stats = self.server.wireguard_stats
-        return {n.id: dict(live_fields(n), wireguard=stats.get(n.node_key)) for n in self.server.coordinator.nodes.values()}
+            return self.store.nodes()
+        self.server.coordinator.reload_if_changed()     # edits another process just committed
+        return sorted(self.server.coordinator.nodes.values(), key=lambda n: n.id)
 
     def _node(self, ident):
-        for n in self.store.nodes():
+        for n in self._nodes():
             if str(n.id) == str(ident) or n.given_name == ident:
                 return n
         raise ValueError(f"no node {ident!r} (see: nodes list)")
@@ -7938,19 +7965,15 @@ class Admin:
     # nodes
     def nodes_list(self):
         users = {u.id: u.name for u in self.store.users()}
-        live = self._live()
-        rows = []
-        for n in self.store.nodes():
-            fields = live.get(n.id) or {"online": False, "last_seen": rfc3339(n.last_seen),
-                                        "endpoints": n.endpoints, "home_derp": home_derp(n), "wireguard": None}
-            rows.append({"id": n.id, "name": n.given_name, "hostname": n.hostname, "user": users.get(n.user_id),
-                         "ipv4": n.ipv4, "ipv6": n.ipv6, "online": fields["online"], "last_seen": fields["last_seen"],
-                         "endpoints": fields["endpoints"], "derp_home": fields["home_derp"], "tags": n.tags,
-                         "ephemeral": n.ephemeral, "expiry": rfc3339(n.expiry), "created": rfc3339(n.created),
-                         "expired": is_expired(n, now()), "kind": n.kind, "approved_routes": n.approved_routes,
-                         "advertised_routes": list(n.hostinfo.get("RoutableIPs") or []),
-                         "os": n.hostinfo.get("OS", ""), "wireguard": fields.get("wireguard")})
-        return rows
+        stats = self.server.wireguard_stats if self.server else {}
+        at = now()
+        return [{"id": n.id, "name": n.given_name, "hostname": n.hostname, "user": users.get(n.user_id),
+                 "ipv4": n.ipv4, "ipv6": n.ipv6, "online": n.online, "last_seen": rfc3339(n.last_seen),
+                 "endpoints": n.endpoints, "derp_home": home_derp(n), "tags": n.tags,
+                 "ephemeral": n.ephemeral, "expiry": rfc3339(n.expiry), "created": rfc3339(n.created),
+                 "expired": is_expired(n, at), "kind": n.kind, "approved_routes": n.approved_routes,
+                 "advertised_routes": list(n.hostinfo.get("RoutableIPs") or []),
+                 "os": n.hostinfo.get("OS", ""), "wireguard": stats.get(n.node_key)} for n in self._nodes()]
 
     def nodes_show(self, id):
         node = self._node(id)
@@ -7995,7 +8018,7 @@ class Admin:
         clean = sanitize_hostname(name)
         if clean != name:
             raise ValueError(f"bad name {name!r}: use a DNS label such as {clean!r}")
-        if any(n.given_name == name and n.id != node.id for n in self.store.nodes()):
+        if any(n.given_name == name and n.id != node.id for n in self._nodes()):
             raise ValueError(f"name {name!r} is taken by another node")
         return self._update_node(node, f"renamed node {node.id} to {name}", given_name=name)
 
@@ -8040,8 +8063,9 @@ class Admin:
 
     # routes
     def routes_list(self):
-        nodes = self.store.nodes()
-        compiled = compile_policy(None, policy_topology(nodes, {u.id: u for u in self.store.users()}))
+        nodes = self._nodes()
+        topology, policy = self._topology(), self._policy()
+        compiled = compile_policy(policy, topology)
         primary = {}
         for view in compiled.values():
             for peer_id, seen in view["peers"].items():
@@ -8049,9 +8073,11 @@ class Admin:
         rows = []
         for n in nodes:
             advertised = list(n.hostinfo.get("RoutableIPs") or [])
+            auto = set(auto_approved_routes(policy, topology, str(n.id))) - set(n.approved_routes)
             for prefix in sorted(set(advertised) | set(n.approved_routes)):
                 rows.append({"node_id": n.id, "node": n.given_name, "prefix": prefix,
-                             "advertised": prefix in advertised, "approved": prefix in n.approved_routes,
+                             "advertised": prefix in advertised, "approved": prefix in n.approved_routes or
+                             prefix in auto, "auto_approved": prefix in auto,
                              "primary": prefix in primary.get(n.id, ())})
         return rows
 
@@ -8130,6 +8156,13 @@ class Admin:
         if self.server is not None:
             return self.server.coordinator.topology()
         return policy_topology(self.store.nodes(), {u.id: u for u in self.store.users()})
+
+    def _policy(self):
+        """The policy in force (None: allow all)."""
+        if self.server is not None:
+            return self.server.coordinator.policy
+        text = self.store.setting("policy")
+        return parse_policy(text) if text else None
 
     def _checked(self, policy, topology):
         try:
@@ -9796,7 +9829,7 @@ TABLES = {
     ("users", "list"): ["id", "name", "created"],
     ("preauthkeys", "list"): ["id", "key", "user", "reusable", "ephemeral", "used", "expiration", "valid"],
     ("nodes", "list"): ["id", "name", "user", "ipv4", "ipv6", "online", "last_seen", "tags"],
-    ("routes", "list"): ["node_id", "node", "prefix", "advertised", "approved", "primary"],
+    ("routes", "list"): ["node_id", "node", "prefix", "advertised", "approved", "auto_approved", "primary"],
     ("devices", "list"): ["id", "name", "user", "ipv4", "full_tunnel", "public_key"],
     ("apikeys", "list"): ["id", "prefix", "created", "expiration", "valid"],
     ("oauthclients", "list"): ["id", "client_id", "scopes", "created", "expiration", "valid"],

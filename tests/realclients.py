@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,6 +48,9 @@ STOCK_PORT = 41641
 DAEMON_TIMEOUT = 20.0
 CLI_TIMEOUT = 30.0
 MAX_SOCKET_PATH = 107              # sun_path holds 108 bytes with the NUL
+ROOT = Path(__file__).resolve().parent.parent
+HUB = netlab.HUB_ADDR
+CONTROL_URL = f"http://{HUB}:8080"
 
 
 # ---- Environment ----
@@ -399,8 +403,9 @@ class StockClient:
     namespace when each has its own `port`; `ca_file` is the PEM that control
     and DERP over TLS are trusted with."""
 
-    def __init__(self, ns, workdir, binaries, port=STOCK_PORT, ca_file=None, tun=None):
+    def __init__(self, ns, workdir, binaries, port=STOCK_PORT, ca_file=None, tun=None, daemon_args=()):
         self.ns = ns
+        self.daemon_args = daemon_args
         self.workdir = Path(workdir)
         self.binaries = binaries
         self.port = port
@@ -421,7 +426,7 @@ class StockClient:
             self.ns.sysctl("net.ipv6.conf.default.disable_ipv6", "0")
         self.proc = self.ns.spawn([str(self.binaries["tailscaled"]), f"--tun={self.tun or 'userspace-networking'}",
                                    f"--statedir={self.workdir / 'state'}", f"--socket={self.socket}",
-                                   f"--port={self.port}"],
+                                   f"--port={self.port}", *self.daemon_args],
                                   self.log_path, env=client_env(self.workdir, ca_file=self.ca_file), cwd=self.workdir)
         answered_or_exited = netlab.wait_until(
             lambda: not self.proc.running() or self.cli("status", "--json", check=False).returncode == 0,
@@ -451,6 +456,15 @@ class StockClient:
         return self.cli("up", f"--login-server={login_server}", f"--auth-key={auth_key}", f"--hostname={hostname}",
                         "--accept-dns=false", f"--timeout={timeout:.0f}s", *flags, timeout=timeout + 15)
 
+    def start_login(self, login_server, hostname, *flags, timeout=JOIN_TIMEOUT):
+        """`tailscale up` (or a verb in `flags`' place) without an auth key, in
+        the background: the Proc, whose log gets the login URL it prints."""
+        self.hostname = hostname
+        argv = [str(self.binaries["tailscale"]), f"--socket={self.socket}", "up", f"--login-server={login_server}",
+                f"--hostname={hostname}", "--accept-dns=false", f"--timeout={timeout:.0f}s", *flags]
+        return self.ns.spawn(argv, self.workdir / f"login-{time.monotonic_ns()}.log",
+                             env=client_env(self.workdir, ca_file=self.ca_file))
+
     def status(self):
         """`tailscale status --json`, parsed."""
         return json.loads(self.cli("status", "--json").stdout)
@@ -477,6 +491,99 @@ class StockClient:
 
     def stop(self):
         return self.proc.stop() if self.proc else None
+
+
+# ---- meshbox in the hub ----
+
+def meshbox_cli(state, *args, check=True):
+    """`meshbox.py --state STATE ARGS` (the CLI asks a running server over its
+    admin socket); its stdout, or with check=False the CompletedProcess."""
+    result = subprocess.run([sys.executable, str(ROOT / "meshbox.py"), "--state", str(state), *args],
+                            capture_output=True, text=True, timeout=60)
+    if not check:
+        return result
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def start_meshbox(lab, state, log_name="meshbox.log", extra_args=(), settings=None):
+    """`meshbox serve` in the hub; `settings` are given as MESHBOX_NAME
+    variables (lists and tables as JSON)."""
+    # DERP (and the control protocol over TLS) on 443: tsnet tries
+    # https://HOST:443 for a control URL whose host is not private.
+    env = dict(os.environ, **{f"MESHBOX_{k.upper()}": v if isinstance(v, str) else json.dumps(v)
+                                   for k, v in settings.items()}) if settings else None
+    proc = lab.hub.spawn([sys.executable, str(ROOT / "meshbox.py"), "--state", str(state), "serve",
+                          "--listen", f"{HUB}:8080", "--derp-listen", f"{HUB}:443",
+                          "--stun-listen", f"{HUB}:3478", *extra_args], state.parent / log_name, env=env)
+    proc.wait_for_log(r"serving http://", 20)
+    return proc
+
+
+def auth_key(state, *flags):
+    return meshbox_cli(state, "preauthkeys", "create", "--user", "alice", "--reusable", *flags).strip().splitlines()[-1]
+
+
+class StockTailnet:
+    """meshbox serving in a lab's hub and a stock client "stock-NAME" in each
+    client namespace NAME, joined with a reusable key of user alice unless
+    left out of `join` (a context manager). `settings` go to `meshbox serve`
+    (see start_meshbox), `policy` is set before the clients join,
+    `daemon_args` go to each tailscaled and `up_flags` maps a NAME to more
+    flags for its `tailscale up`."""
+
+    def __init__(self, folder, binaries, names=("a", "b"), direct=False, join=None, settings=None, policy=None,
+                 daemon_args=(), up_flags=None):
+        self.folder, self.binaries, self.names, self.direct = folder, binaries, names, direct
+        self.join = names if join is None else join
+        self.settings, self.policy, self.daemon_args, self.up_flags = settings, policy, daemon_args, up_flags or {}
+        self.state = folder / "state"
+        self.lab = self.server = self.key = None
+        self.clients = {}
+        self.restarts = 0
+
+    def __enter__(self):
+        self.lab = netlab.Lab(clients=self.names, direct=self.direct)
+        try:
+            meshbox_cli(self.state, "users", "create", "alice")
+            if self.policy:
+                (self.folder / "policy.hujson").write_text(self.policy)
+                meshbox_cli(self.state, "policy", "set", str(self.folder / "policy.hujson"))
+            self.server = start_meshbox(self.lab, self.state, settings=self.settings)
+            self.key = auth_key(self.state)
+            for name in self.names:
+                self.clients[name] = StockClient(self.lab[name], self.folder / name, self.binaries,
+                                                 ca_file=self.state / "derp-cert.pem",
+                                                 daemon_args=self.daemon_args).start()
+            if self.join:
+                with ThreadPoolExecutor(len(self.join)) as pool:   # joins take seconds each: side by side
+                    list(pool.map(lambda name: self.clients[name].up(CONTROL_URL, self.key, f"stock-{name}",
+                                                                     *self.up_flags.get(name, ())),
+                                  self.join))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def address(self, name):
+        """The tailnet IPv4 address of client `name`."""
+        return self.clients[name].status()["Self"]["TailscaleIPs"][0]
+
+    def restart_meshbox(self):
+        """Stop meshbox and start it again on the same state."""
+        self.server.stop()
+        self.restarts += 1
+        self.server = start_meshbox(self.lab, self.state, f"meshbox-restart{self.restarts}.log",
+                                    settings=self.settings)
+
+    def __exit__(self, *exc):
+        for name, client in self.clients.items():
+            client.stop()
+            print(f"---- tailscaled stock-{name}:\n{client.log_text()[-3000:]}")
+        if self.server:
+            self.server.stop()
+            print(f"---- meshbox:\n{self.server.log_text()[-4000:]}")
+        self.lab.close()
 
 
 # ---- arkitekt-mesh driver (runs inside the namespace) ----

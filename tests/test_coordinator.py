@@ -154,30 +154,85 @@ def test_restart_keeps_identity_and_addresses(tmp_path):
 
 
 def test_node_key_rotation_and_logout(tmp_path):
+    """A new node key is a login (as with Tailscale's control and Headscale):
+    without an auth key it gets a login URL, with one the same node keeps its
+    addresses. A logout (an expiry in the past, even with the auth key sent
+    along) expires the node, whose map then shows it expired and no peers."""
     async def main():
         async with running_server(tmp_path) as (server, port):
             key = new_key(server)
+            peer, _ = await joined(port, key, "peer")
             a, first = await joined(port, key, "rotor")
+            node = server.coordinator.nodes[first["Node"]["ID"]]
             old = a.node_key
             a.node_private = meshbox.new_private_key()
             response = await a.register("", OldNodeKey=old)
+            assert not response.get("MachineAuthorized") and "/register/" in response["AuthURL"]
+            assert meshbox.key_text("nodekey", node.node_key) == old     # not rotated by asking
+            response = await a.register(key, OldNodeKey=old)
             assert response["MachineAuthorized"]
-            node = server.coordinator.nodes[first["Node"]["ID"]]
-            assert meshbox.key_text("nodekey", node.node_key) == a.node_key
-            assert node.ipv4 == "100.64.0.1"
+            assert meshbox.key_text("nodekey", node.node_key) == a.node_key and node.ipv4 == first["Node"]["Addresses"][0][:-3]
             # The old node key no longer gets a map.
             status, _ = await a.request("/machine/map", {**a.map_request(stream=False), "NodeKey": old})
             assert status == 401
-            # Logout: an expiry in the past.
-            response = await a.register("", Expiry="1970-01-01T00:02:03Z")
-            assert response["NodeKeyExpired"] is True
+            # Logout: an expiry in the past, with the auth key the client still holds.
+            response = await a.register(key, Expiry="1970-01-01T00:02:03Z")
+            assert response["NodeKeyExpired"] is True and meshbox.is_expired(node, meshbox.now())
             status, body = await a.request("/machine/map", a.map_request(stream=False))
-            assert status == 401 and b"expired" in body
+            message = tsclient.decode_map_frame(body[4:])
+            assert status == 200 and message["Node"]["Expired"] and message["Peers"] == []
+            assert message["PacketFilter"] == []
             # Logging in again with a key restores the same addresses.
             response = await a.register(key)
             assert response["MachineAuthorized"]
-            status, _ = await a.request("/machine/map", a.map_request(stream=False))
-            assert status == 200 and node.ipv4 == "100.64.0.1"
+            status, body = await a.request("/machine/map", a.map_request(stream=False))
+            message = tsclient.decode_map_frame(body[4:])
+            assert status == 200 and node.ipv4 == first["Node"]["Addresses"][0][:-3]
+            assert [p["Name"].split(".")[0] for p in message["Peers"]] == ["peer"]
+            await a.close(), await peer.close()
+    asyncio.run(main())
+
+
+def test_home_derp_survives_a_hostinfo_without_netinfo(tmp_path):
+    """A client sends NetInfo only when it changes: a re-login (a fresh
+    control client) and its map requests carry Hostinfo without it, and
+    the node must keep the home DERP its peers reach it by."""
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            a = tsclient.ControlClient("127.0.0.1", port, "homed")
+            a.hostinfo_extra = {"NetInfo": {"PreferredDERP": 900}}
+            await a.connect()
+            assert (await a.register(key))["MachineAuthorized"]
+            status, _ = await a.request("/machine/map", a.map_request(stream=False, OmitPeers=True))
+            node = server.coordinator.node_by_machine(meshbox.x25519_public(a.machine_private))
+            assert status == 200 and meshbox.home_derp(node) == 900
+            a.hostinfo_extra = {"OSVersion": "6.1"}
+            status, _ = await a.request("/machine/map", a.map_request(stream=False, OmitPeers=True))
+            assert status == 200 and node.hostinfo["OSVersion"] == "6.1" and meshbox.home_derp(node) == 900
+            a.node_private = meshbox.new_private_key()          # a re-login with a new key
+            assert (await a.register(key))["MachineAuthorized"]
+            assert meshbox.home_derp(server.coordinator.nodes[node.id]) == 900
+            await a.close()
+    asyncio.run(main())
+
+
+def test_a_cancelled_map_poll_ends_its_session_at_once(tmp_path):
+    """`tailscale down` resets its map stream (RST_STREAM): the node is
+    offline at once, not at the next keepalive 50 s later."""
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            a, first = await joined(port, key, "downer")
+            node = server.coordinator.nodes[first["Node"]["ID"]]
+            assert node.online
+            a.h2.reset_stream(a.map_stream.stream_id)
+            a.flush()
+            for _ in range(50):
+                if not node.online:
+                    break
+                await asyncio.sleep(0.02)
+            assert not node.online and node.id not in server.coordinator.sessions
             await a.close()
     asyncio.run(main())
 
@@ -365,14 +420,18 @@ def test_expiry_ephemeral_and_requested_tags(tmp_path):
             b, first_b = await joined(port, key, "short")
             node_b = coordinator.nodes[first_b["Node"]["ID"]]
             await until(a, "PeersChanged")
-            # b's key runs out: it loses its map session and a sees it expired.
+            # b's key runs out: a sees it expired, and b's map session is
+            # kept (its client waits quietly) and tells it so once, then
+            # stays silent however much changes.
             node_b.expiry = meshbox.now() - 1
             coordinator.expire_due(meshbox.now(), 1800)
             message = await until(a, "PeersChanged")
             assert message["PeersChanged"][0]["Expired"] is True
-            with pytest.raises(ConnectionError):
-                while True:
-                    await b.next_map_message(timeout=2)
+            _, message = await b.map_message_where(lambda m: m.get("Node", {}).get("Expired"))
+            assert not message.get("PeersChanged")
+            coordinator.notify(changed=[node_a.id, node_b.id])
+            with pytest.raises(TimeoutError):
+                await b.next_map_message(timeout=1)
             # Ephemeral nodes go once offline for longer than the timeout.
             eph_key = new_key(server, ephemeral=True)
             c, first_c = await joined(port, eph_key, "ephemeral")

