@@ -3534,6 +3534,7 @@ def check_policy_tests(policy, topology):
 # Pure: node records and settings in, tailcfg JSON out.
 
 DERP_REGION_ID = 900
+STUN_ONLY_REGION_SCORE = 1000.0   # latency x1000: never a client's home
 LEGACY_DERP_IP = "127.3.3.40"       # clients' magic address for "DERP region N"
 
 
@@ -3644,9 +3645,12 @@ def hosts_file_text(nodes, devices, base_domain):
 
 
 def derp_map(host, derp_port, stun_ports, cert_name):
-    """tailcfg.DERPMap with meshbox's own relay as the only region.  Each
-    STUN port after the first is a STUN-only node: a client tells a NAT
-    whose mapping varies by destination only by asking two STUN targets."""
+    """tailcfg.DERPMap with meshbox's own relay as the only DERP region.
+
+    Each STUN port after the first is a region of its own holding one
+    STUN-only node: a client's netcheck counts one answer per region, and
+    tells a NAT whose mapping varies by destination only from two.  Their
+    home score keeps clients from choosing them as home."""
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
@@ -3660,10 +3664,17 @@ def derp_map(host, derp_port, stun_ports, cert_name):
     }
     if cert_name:
         node["CertName"] = cert_name
-    nodes = [node] + [dict(node, Name=f"{DERP_REGION_ID}{chr(ord('a') + i)}", STUNPort=port, STUNOnly=True)
-                      for i, port in enumerate(stun_ports[1:], 1)]
-    region = {"RegionID": DERP_REGION_ID, "RegionCode": "meshbox", "RegionName": "meshbox", "Nodes": nodes}
-    return {"Regions": {str(DERP_REGION_ID): region}, "OmitDefaultRegions": True}
+    regions = {str(DERP_REGION_ID): {"RegionID": DERP_REGION_ID, "RegionCode": "meshbox", "RegionName": "meshbox",
+                                     "Nodes": [node]}}
+    for region_id, port in enumerate(stun_ports[1:], DERP_REGION_ID + 1):
+        stun_node = dict(node, Name=f"{region_id}a", RegionID=region_id, STUNPort=port, STUNOnly=True)
+        regions[str(region_id)] = {"RegionID": region_id, "RegionCode": f"meshbox-stun{port}",
+                                   "RegionName": f"meshbox STUN {port}", "Nodes": [stun_node]}
+    out = {"Regions": regions, "OmitDefaultRegions": True}
+    if len(regions) > 1:
+        out["HomeParams"] = {"RegionScore": {key: STUN_ONLY_REGION_SCORE for key in regions
+                                             if key != str(DERP_REGION_ID)}}
+    return out
 
 
 @dataclasses.dataclass
@@ -7496,9 +7507,10 @@ class Admin:
     def nodes_show(self, id):
         node = self._node(id)
         row = next(r for r in self.nodes_list() if r["id"] == node.id)
+        live = self.server.coordinator.nodes.get(node.id) if self.server else None
         row.update(machine_key=key_text("mkey", node.machine_key), node_key=key_text("nodekey", node.node_key),
                    disco_key=key_text("discokey", node.disco_key) if node.disco_key else None,
-                   hostinfo=node.hostinfo)
+                   hostinfo=(live or node).hostinfo)
         return row
 
     def _update_node(self, node, message, **fields):
