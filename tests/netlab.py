@@ -455,12 +455,17 @@ class Site:
         self.attach(name, ns)
         return ns
 
-    def attach(self, name, ns):
+    def attach(self, name, ns, port=None):
+        """Give device `name` an address on this LAN; `port` is its veth end
+        already moved into this router (a roaming device), else one is made."""
         if not self._free_hosts:
             raise ValueError(f"site {self.name}'s LAN {self.lan_net} is full")
         addr = self._free_hosts.pop(0)
-        port = f"l-{name}"[:15]
-        link(ns, "eth0", self.router, port)
+        if port is None:
+            port = f"l-{name}"[:15]
+            link(ns, "eth0", self.router, port)
+        else:
+            ip("-n", self.router.name, "link", "set", port, "up")
         ip("-n", self.router.name, "link", "set", port, "master", "lan")
         ip("-n", ns.name, "addr", "add", f"{addr}/{self.lan_net.prefixlen}", "dev", "eth0")
         ip("-n", ns.name, "route", "replace", "default", "via", self.lan_gateway, "dev", "eth0")
@@ -470,12 +475,19 @@ class Site:
         self.lab.site_of[name] = self
         return addr
 
-    def detach(self, name):
-        ns = self.lab.devices[name]
-        ip("-n", ns.name, "link", "del", "eth0")        # its peer end in the router goes too
-        self._free_hosts.append(self.devices.pop(name))
+    def hand_over(self, name, site):
+        """Move device `name`'s link to `site`'s router without taking it down
+        (as a phone roams from Wi-Fi to mobile data): the new address comes
+        before the old one goes, so the device is never without one."""
+        ns, port = self.lab.devices[name], f"l-{name}"[:15]
+        old = self.devices.pop(name)
+        ip("-n", self.router.name, "link", "set", port, "netns", site.router.name)
+        new = site.attach(name, ns, port)
+        ip("-n", ns.name, "addr", "del", f"{old}/{self.lan_net.prefixlen}", "dev", "eth0")
+        self._free_hosts.append(old)
         self.forwards = [f for f in self.forwards if f[2] in self.devices.values()]
         self.apply_rules()
+        return new
 
     def renumber(self):
         """Give the router a new WAN address (as an ISP does): the masquerade's
@@ -530,9 +542,9 @@ class NatLab:
         return self.devices[name]
 
     def move(self, name, site):
-        """Take device `name` to `site`: a new LAN address and a new NAT. Its new address."""
-        self.site_of[name].detach(name)
-        return site.attach(name, self.devices[name])
+        """Take device `name` to `site`, its link staying up: a new LAN address
+        and a new NAT. Its new address."""
+        return self.site_of[name].hand_over(name, site)
 
     def namespaces(self):
         inet = getattr(self, "internet", None)

@@ -440,6 +440,15 @@ class StockClient:
                         timeout=count * timeout + 15, check=False)
         return [line for line in done.stdout.splitlines() if line.startswith("pong from")]
 
+    def peer_endpoints(self, hostname):
+        """The endpoints the client's own netmap holds for peer `hostname`
+        (`tailscale debug netmap`: what control sent it), or None without such a peer."""
+        netmap = json.loads(self.cli("debug", "netmap").stdout)
+        for peer in netmap.get("Peers") or []:
+            if (peer.get("Hostinfo") or {}).get("Hostname") == hostname or peer.get("ComputedName") == hostname:
+                return list(peer.get("Endpoints") or [])
+        return None
+
     def log_text(self):
         try:
             return self.log_path.read_text(errors="replace")

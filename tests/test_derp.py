@@ -422,6 +422,39 @@ def test_disco_and_bulk_limits():
     run(main())
 
 
+def test_pairs_count_data_and_disco_and_stay_bounded(caplog):
+    """Per-pair counts for `meshbox paths`: data and disco apart, either
+    direction one pair, a log line when a pair starts and stops being
+    relayed; a client sending to ever more peers cannot grow the table."""
+    async def main():
+        derp = meshbox.DerpServer(meshbox.new_private_key())
+        a, b = fake_connection(derp), fake_connection(derp)
+
+        def relay(src, dst, packet):
+            data = frame(meshbox.FRAME_SEND_PACKET, dst.key + packet)
+            derp._relay(src, data, memoryview(data), 5, len(data), {})
+
+        with caplog.at_level("INFO", logger="meshbox"):
+            relay(a, b, DISCO_LIKE)
+            pair, = derp.pairs.values()
+            assert (pair.data_bytes, pair.disco_packets, pair.relayed(derp.clock)) == (0, 1, False)
+            relay(a, b, b"x" * 100)
+            relay(b, a, b"y" * 50)
+            assert list(derp.pairs.values()) == [pair]
+            assert (pair.data_packets, pair.data_bytes, pair.relayed(derp.clock)) == (2, 150, True)
+            derp.sweep_pairs(derp.clock + meshbox.DERP_PAIR_QUIET + 1)
+            assert not pair.relayed(derp.clock + meshbox.DERP_PAIR_QUIET + 1)
+        logged = [r.getMessage() for r in caplog.records if "<->" in r.getMessage()]
+        assert len(logged) == 2 and logged[0].endswith("now relayed") and "no longer relayed" in logged[1], logged
+        for _ in range(meshbox.DERP_PAIR_LIMIT * 3):     # a hostile client: a new peer for every packet
+            relay(fake_connection(derp), b, b"z")
+        assert len(derp.pairs) <= meshbox.DERP_PAIR_LIMIT
+        assert pair.keys in derp.pairs                   # the pair that relayed most is kept
+        derp.sweep_pairs(derp.clock + meshbox.DERP_PAIR_FORGET + 1)
+        assert not derp.pairs                            # idle pairs are forgotten
+    run(main())
+
+
 # ---- TLS ----
 
 def test_tls_with_pinned_self_signed_certificate(tmp_path):

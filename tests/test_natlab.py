@@ -51,32 +51,38 @@ class NatTailnet:
     """A NatLab with SITES, meshbox serving in its internet and a stock
     client joined from every device (a context manager)."""
 
-    def __init__(self, folder, binaries):
-        self.folder, self.binaries = folder, binaries
+    def __init__(self, folder, binaries, sites=SITES, join=True):
+        self.folder, self.binaries, self.sites, self.join_all = folder, binaries, sites, join
         self.state = folder / "state"
-        self.lab = self.server = None
+        self.lab = self.server = self.key = None
         self.clients = {}
         self.restarts = 0
 
     def __enter__(self):
         self.lab = netlab.NatLab()
         try:
-            for site, (kind, devices) in SITES.items():
+            for site, (kind, devices) in self.sites.items():
                 built = self.lab.add_site(site, kind)
                 for device in devices:
                     built.add_device(device)
             meshbox_cli(self.state, "users", "create", "alice")
             self.start_meshbox()
-            key = meshbox_cli(self.state, "preauthkeys", "create", "--user", "alice", "--reusable").split()[-1]
-            for name in self.lab.devices:
-                self.clients[name] = realclients.StockClient(self.lab[name], self.folder / name, self.binaries,
-                                                             ca_file=self.state / "derp-cert.pem", hub=None).start()
-            with ThreadPoolExecutor(4) as pool:    # joins take seconds each: side by side
-                list(pool.map(lambda n: self.clients[n].up(CONTROL_URL, key, n), self.clients))
+            self.key = meshbox_cli(self.state, "preauthkeys", "create", "--user", "alice", "--reusable").split()[-1]
+            if self.join_all:
+                with ThreadPoolExecutor(4) as pool:    # joins take seconds each: side by side
+                    list(pool.map(self.join, list(self.lab.devices)))
         except BaseException:
             self.__exit__()
             raise
         return self
+
+    def join(self, name, workdir=None):
+        """Start a stock client on device `name` and join it as node `name`."""
+        client = realclients.StockClient(self.lab[name], workdir or self.folder / name, self.binaries,
+                                         ca_file=self.state / "derp-cert.pem", hub=None).start()
+        self.clients[name] = client
+        client.up(CONTROL_URL, self.key, name)
+        return client
 
     def start_meshbox(self):
         log = self.folder / f"meshbox-{self.restarts}.log"
@@ -267,8 +273,7 @@ def test_roaming_renumbered_wan_and_moved_device(net):
                 f"meshbox's endpoints for {a} do not follow to {public}: {net.node(a)['endpoints']}"
 
             def peer_map_has_it():
-                peer = next(p for p in net.clients[b].peers() if p["HostName"] == a)
-                return any(x.startswith(public + ":") for x in peer.get("Addrs") or [])
+                return any(x.startswith(public + ":") for x in net.clients[b].peer_endpoints(a) or [])
             assert netlab.wait_until(peer_map_has_it, PEER_TIMEOUT), f"{b}'s map lacks {a}'s new endpoint"
             endpoint, pongs = wait_direct(net, a, b, 60)
             print(f"roaming ({change}): direct again via {endpoint} after {time.monotonic() - at:.1f} s")
@@ -296,3 +301,45 @@ def test_meshbox_restart_does_not_stop_a_direct_session(net):
         assert wait_direct(net, a, b, 10)[0]
     finally:
         stream.stop()
+
+
+def test_box_behind_nat_with_forwarded_ports(net, tmp_path):
+    """meshbox itself on a LAN behind an easy NAT that forwards its TCP
+    control and DERP ports and both STUN ports: clients outside join through
+    the public address, learn their own public endpoints and go direct."""
+    site = net.lab.add_site("box", "easy", lan_net="198.51.100.0/24")
+    box = site.add_device("box")
+    addr, public = site.devices["box"], site.wan_addr
+    for proto, port in (("tcp", 8080), ("tcp", 443), ("udp", 3478), ("udp", 3479)):
+        site.forward(proto, port, addr)
+    state = tmp_path / "state"
+    meshbox_cli(state, "users", "create", "alice")
+    server = box.spawn([sys.executable, os.path.join(ROOT, "meshbox.py"), "--state", str(state), "serve",
+                        "--listen", f"{addr}:8080", "--server-url", f"http://{public}:8080",
+                        "--derp-listen", f"{addr}:443", "--stun-listen", f"{addr}:3478,{addr}:3479"],
+                       tmp_path / "box.log")
+    clients = {}
+    try:
+        server.wait_for_log(r"serving http://", 20)
+        key = meshbox_cli(state, "preauthkeys", "create", "--user", "alice", "--reusable").split()[-1]
+        for name, where in (("bx1", "e2"), ("bx2", "home")):
+            net.lab.sites[where].add_device(name)
+            clients[name] = realclients.StockClient(net.lab[name], tmp_path / name, net.binaries,
+                                                    ca_file=state / "derp-cert.pem", hub=None).start()
+            clients[name].up(f"http://{public}:8080", key, name)
+        target = clients["bx2"].status()["Self"]["TailscaleIPs"][0]
+
+        def direct():
+            pongs = clients["bx1"].ping(target)
+            return pongs and DIRECT_PONG.search(pongs[-1])
+        assert netlab.wait_until(direct, DIRECT_TIMEOUT, interval=0.3), "clients of a box behind NAT never went direct"
+        nodes = {n["name"]: n for n in json.loads(meshbox_cli(state, "status", "-o", "json"))["nodes"]}
+        wan = net.lab.sites["e2"].wan_addr
+        assert any(e["endpoint"].startswith(wan + ":") and e["from"] == "stun"
+                   for e in nodes["bx1"]["network"]["endpoints_from"]), nodes["bx1"]["network"]
+        assert nodes["bx1"]["network"]["nat_kind"] == "easy", nodes["bx1"]["network"]
+    finally:
+        for client in clients.values():
+            client.stop()
+        server.stop()
+        print(f"---- meshbox behind NAT:\n{server.log_text()[-3000:]}")
