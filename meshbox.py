@@ -25,13 +25,14 @@ comment ``# ---- Name ----``):
   Coordinator     registration, map sessions, fan-out of changes
   HTTP front      HTTP/1.1 on asyncio streams: request heads, responses
   TLS certificate self-signed Ed25519 certificate for DERP, pinned by hash
-  DERP            the relay: frames, clients, forwarding
+  DERP            the relay: frames, clients, forwarding, bytes per pair of clients
   STUN            RFC 5389 binding responses
   Control server  ts2021 over HTTP/2 (h2): register, map
   Gateway plan    pure: the box's WireGuard peers and nftables rules
   Gateway         kernel or userspace WireGuard, routes, nftables
   OIDC            sign-in through an OpenID provider (authorization code, PKCE)
-  Server          listeners, admin socket, API, metrics, lifetime of ``serve``
+  Server          listeners, admin socket, API, metrics, lifetime of ``serve``;
+                  what NetInfo says about a node's NAT, and why a pair is relayed
   Admin           the administrative verbs, shared by the CLI and the API
   CLI             argument parsing, output, local or remote verbs
 """
@@ -7970,7 +7971,9 @@ def show_status(result):
         r["state"] = "expired" if r["expired"] else ("online" if r["online"] else "offline")
         handshake = (r.get("wireguard") or {}).get("last_handshake")
         r["box_handshake"] = rfc3339(handshake) if handshake else None
-    print_table(rows, ["id", "name", "user", "ipv4", "state", "derp_home", "endpoints", "box_handshake", "last_seen"])
+        r["nat"] = r["network"]["nat_kind"]
+    print_table(rows, ["id", "name", "user", "ipv4", "state", "nat", "derp_home", "endpoints", "box_handshake",
+                       "last_seen"])
 
 
 def show_paths(rows):

@@ -298,7 +298,23 @@ def link(left, left_if, right, right_if):
 
 # ---- Topology ----
 
-class Lab:
+class Namespaces:
+    """A set of lab namespaces: close() kills what runs in them and deletes
+    them (in reverse order of namespaces()), then forget() drops them."""
+
+    def close(self):
+        for ns in reversed(self.namespaces()):
+            ns.close()
+        self.forget()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Lab(Namespaces):
     """A hub namespace and client namespaces each linked to it by a veth."""
 
     def __init__(self, clients=("a", "b"), direct=False):
@@ -346,18 +362,9 @@ class Lab:
     def namespaces(self):
         return ([self.hub] if self.hub else []) + list(self.clients.values())
 
-    def close(self):
-        """Kill every process in the lab's namespaces and delete them."""
-        for ns in reversed(self.namespaces()):
-            ns.close()
+    def forget(self):
         self.clients.clear()
         self.hub = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # ---- NAT lab ----
@@ -501,7 +508,7 @@ class Site:
         return new
 
 
-class NatLab:
+class NatLab(Namespaces):
     """An internet namespace (meshbox at INTERNET_ADDR) and NAT sites.
 
     add_site(name, kind) builds a router; site.add_device(name) a device
@@ -550,20 +557,11 @@ class NatLab:
         inet = getattr(self, "internet", None)
         return ([inet] if inet else []) + self.routers + list(self.devices.values())
 
-    def close(self):
-        """Kill every process in the lab's namespaces and delete them."""
-        for ns in reversed(self.namespaces()):
-            ns.close()
+    def forget(self):
         self.devices.clear()
         self.routers.clear()
         self.sites.clear()
         self.internet = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 # ---- Teardown ----
