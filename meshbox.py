@@ -11,8 +11,10 @@ Map of this file (sections in dependency order, each opened by a banner
 comment ``# ---- Name ----``):
 
   Shim            imports, optional dependencies and their fallbacks
-  Helpers         time, bounded JSON, key text forms, durations, private files,
-                  per-source blocks and the refused-attempt limiter
+  Helpers         time, bounded JSON, key text forms, control-character escaping,
+                  durations, private files, per-source blocks, the refused-attempt
+                  limiter, tailcfg's Go shapes (Hostinfo, endpoints) and the
+                  Hostinfo peers see
   Native crypto   the optional C helper (native/), loaded with ctypes
   Crypto          X25519, ChaCha20-Poly1305, BLAKE2s, NaCl box, Ed25519
   Noise           Noise_IK handshake and transport records (ts2021)
@@ -22,7 +24,7 @@ comment ``# ---- Name ----``):
   Addresses       tailnet IPv4/IPv6 allocation
   Policy          Tailscale's ACL language: parse, compile per node, check tests
   Map builder     pure: node records in, MapResponse JSON out
-  Coordinator     registration, map sessions, fan-out of changes
+  Coordinator     registration, MapRequest checks, map sessions, fan-out of changes
   HTTP front      HTTP/1.1 on asyncio streams: request heads, responses
   TLS certificate self-signed Ed25519 certificate for DERP, pinned by hash
   DERP            the relay: frames, clients, forwarding, bytes per pair of clients
@@ -216,6 +218,21 @@ def parse_json(data):
     return value
 
 
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_TERMINAL_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-_]?)|\x9b[0-?]*[ -/]*[@-~]")
+
+
+def escape_control(text):
+    """text with its control characters written out (\\n, \\x1b): text a node
+    chose cannot forge a log line or reach a terminal raw."""
+    return _CONTROL_CHARACTER.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def strip_control(text):
+    """text without terminal escape sequences and control characters, for tables."""
+    return _CONTROL_CHARACTER.sub("", _TERMINAL_SEQUENCE.sub("", text))
+
+
 def key_text(prefix, raw):
     """A 32-byte key in Tailscale's text form, e.g. ``nodekey:<hex>``."""
     return prefix + ":" + raw.hex()
@@ -338,6 +355,262 @@ class AttemptLimiter:
             del self.forgotten_at[next(iter(self.forgotten_at))]
         self.forgotten_at[key] = forgotten_at
         return not was_locked and self.wait(key, at) > 0
+
+
+# Tailscale's tailcfg shapes, for what nodes send.  The Go client decodes a
+# peer's Hostinfo strictly (one mistyped field and it refuses the whole map),
+# so a value a node sends is kept only where it has its Go type and a size a
+# router can hold; unknown fields (newer clients) are dropped quietly.
+GO_INT_MAX = 2 ** 63 - 1              # Go's int and int64 on the 64-bit clients
+GO_UINT64_MAX = 2 ** 64 - 1
+HOSTINFO_MAX_BYTES = 16 * 1024        # the whole Hostinfo, re-encoded
+HOSTINFO_MAX_TEXT = 256               # per string
+HOSTINFO_MAX_ITEMS = 64               # per list or map
+HOSTINFO_MAX_SERVICES = 128
+HOSTINFO_MAX_HOST_KEYS = 16           # sshHostKeys
+SSH_HOST_KEY_MAX_TEXT = 1024          # an RSA-4096 host key is about 730 characters
+MAX_ENDPOINTS = 64
+
+
+def json_type(value):
+    """A decoded value's JSON type with its article ("an array"), for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def go_string(value, limit=HOSTINFO_MAX_TEXT):
+    if not isinstance(value, str):
+        raise ValueError(f"{json_type(value)}, not a string")
+    if len(value) > limit:
+        raise ValueError(f"{len(value)} characters, more than {limit}")
+    return value
+
+
+def go_bool(value):
+    """A Go bool, or an opt.Bool (whose JSON is true or false; null is "unset")."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{json_type(value)}, not true or false")
+    return value
+
+
+def go_int(value, low=-GO_INT_MAX - 1, high=GO_INT_MAX):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{json_type(value)}, not an integer")
+    if not low <= value <= high:
+        raise ValueError(f"{str(value)[:24]} is outside {low}..{high}")
+    return value
+
+
+def go_float(value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{json_type(value)}, not a number")
+    try:
+        number = float(value)       # an integer past float64's range overflows here
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError("not a finite float64")
+    return number
+
+
+class GoList:
+    """A Go slice of what `item` accepts, at most `limit` long: bad items are
+    dropped (and reported), a longer list cut to its first `limit`."""
+
+    def __init__(self, item, limit=HOSTINFO_MAX_ITEMS):
+        self.item, self.limit = item, limit
+
+    def check(self, value, problems, path):
+        if not isinstance(value, list):
+            raise ValueError(f"{json_type(value)}, not an array")
+        if len(value) > self.limit:
+            problems.append((path, f"{len(value)} items, only the first {self.limit} kept"))
+        out, dropped = [], []
+        for i, item in enumerate(value[:self.limit]):
+            try:
+                out.append(go_checked(self.item, item, problems, f"{path}[{i}]"))
+            except ValueError as e:
+                dropped.append(f"item {i}: {e}")
+        if dropped:
+            problems.append((path, f"{len(dropped)} item(s) dropped, the first: {dropped[0]}"))
+        return out
+
+
+class GoMap:
+    """A Go map[string]T of at most `limit` entries; a bad entry is dropped (and reported)."""
+
+    def __init__(self, item, limit=HOSTINFO_MAX_ITEMS):
+        self.item, self.limit = item, limit
+
+    def check(self, value, problems, path):
+        if not isinstance(value, dict):
+            raise ValueError(f"{json_type(value)}, not an object")
+        if len(value) > self.limit:
+            raise ValueError(f"{len(value)} entries, more than {self.limit}")
+        out, dropped = {}, []
+        for key, item in value.items():
+            try:
+                go_string(key)
+                out[key] = go_checked(self.item, item, problems, f"{path}[{key[:40]!r}]")
+            except ValueError as e:
+                dropped.append(f"{key[:40]!r}: {e}")
+        if dropped:
+            problems.append((path, f"{len(dropped)} entries dropped, the first: {dropped[0]}"))
+        return out
+
+
+class GoStruct:
+    """A Go struct of these {JSON name: checker} fields: unknown and null
+    fields dropped quietly (newer clients add fields), a bad one dropped and
+    reported.  `strict` (a list item): a bad field makes the whole item bad."""
+
+    def __init__(self, fields, strict=False):
+        self.fields, self.strict = fields, strict
+
+    def check(self, value, problems, path):
+        if not isinstance(value, dict):
+            raise ValueError(f"{json_type(value)}, not an object")
+        out = {}
+        for name, check in self.fields.items():
+            if value.get(name) is None:
+                continue
+            try:
+                out[name] = go_checked(check, value[name], problems, f"{path}.{name}" if path else name)
+            except ValueError as e:
+                if self.strict:
+                    raise ValueError(f"{name}: {e}") from None
+                problems.append((f"{path}.{name}" if path else name, f"dropped: {e}"))
+        return out
+
+
+def go_checked(check, value, problems, path):
+    """value through `check`: a function of the value, or a GoList, GoMap or
+    GoStruct that reports the parts it drops into problems as (path, why)."""
+    return check.check(value, problems, path) if isinstance(check, (GoList, GoMap, GoStruct)) else check(value)
+
+
+def canonical_prefix(text):
+    """An IP prefix in its canonical text (as netip.Prefix writes it), or ValueError."""
+    go_string(text)
+    try:
+        prefix = str(ipaddress.ip_network(text))
+    except ValueError:
+        raise ValueError(f"{text[:60]!r} is not an IP prefix with its host bits zero") from None
+    if prefix != text:
+        raise ValueError(f"{text[:60]!r} is not in canonical form ({prefix})")
+    return prefix
+
+
+def checked_endpoint(text):
+    """An ip:port endpoint (netip.AddrPort's text), canonical, or ValueError."""
+    go_string(text, 64)
+    host, colon, port = text.rpartition(":")
+    try:
+        if not colon or not port.isdigit() or not 0 < int(port) <= 65535 or \
+                host.startswith("[") != host.endswith("]") or (":" in host) != host.startswith("["):
+            raise ValueError
+        address = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
+    except ValueError:
+        raise ValueError(f"{text[:64]!r} is not an ip:port") from None
+    return f"[{address}]:{int(port)}" if address.version == 6 else f"{address}:{int(port)}"
+
+
+def strict_list(check, limit):
+    """A checker for a JSON array of at most `limit` items, each through
+    `check`: ValueError naming the first bad one."""
+    def checked(value):
+        if not isinstance(value, list):
+            raise ValueError(f"{json_type(value)}, not an array")
+        if len(value) > limit:
+            raise ValueError(f"{len(value)} items, more than {limit}")
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(check(item))
+            except ValueError as e:
+                raise ValueError(f"item {i}: {e}") from None
+        return out
+    return checked
+
+
+checked_endpoints = strict_list(checked_endpoint, MAX_ENDPOINTS)     # []netip.AddrPort, canonical
+
+
+_SERVICE = GoStruct({"Proto": go_string, "Port": lambda v: go_int(v, 0, 65535), "Description": go_string},
+                    strict=True)
+_NETINFO = GoStruct({
+    **{name: go_bool for name in ("MappingVariesByDestIP", "WorkingIPv6", "OSHasIPv6", "WorkingUDP",
+                                  "WorkingICMPv4", "HavePortMap", "UPnP", "PMP", "PCP")},
+    "PreferredDERP": go_int, "LinkType": go_string, "FirewallMode": go_string,
+    "DERPLatency": GoMap(go_float)})
+_LOCATION = GoStruct({"Country": go_string, "CountryCode": go_string, "City": go_string, "CityCode": go_string,
+                      "Latitude": go_float, "Longitude": go_float, "Priority": go_int})
+_TPM = GoStruct({"Manufacturer": go_string, "Vendor": go_string, "Model": go_int,
+                 "FirmwareVersion": lambda v: go_int(v, 0, GO_UINT64_MAX), "SpecRevision": go_int,
+                 "FamilyIndicator": go_string})
+HOSTINFO_LISTS = ("Services", "sshHostKeys", "WoLMACs", "RequestTags", "RoutableIPs")  # dropped first when too big
+HOSTINFO_IDENTITY = ("Hostname", "OS", "OSVersion", "IPNVersion", "GoArch", "GoVersion", "Distro",
+                     "DistroVersion", "Machine", "ShareeNode", "AppConnector")   # kept last when too big
+HOSTINFO_SHAPE = GoStruct({
+    **{name: go_string for name in (
+        "IPNVersion", "FrontendLogID", "BackendLogID", "OS", "OSVersion", "Env", "Distro", "DistroVersion",
+        "DistroCodeName", "App", "Package", "DeviceModel", "PushDeviceToken", "Hostname", "Machine", "GoArch",
+        "GoArchVar", "GoVersion", "Cloud", "ServicesHash", "ExitNodeID")},
+    **{name: go_bool for name in (       # bool and opt.Bool alike: true or false on the wire
+        "Container", "Desktop", "ShieldsUp", "ShareeNode", "NoLogsNoSupport", "RemoteConfig", "WireIngress",
+        "IngressEnabled", "AllowsUpdate", "Userspace", "UserspaceRouter", "AppConnector", "PeerRelay",
+        "StateEncrypted")},
+    "RoutableIPs": GoList(canonical_prefix), "RequestTags": GoList(go_string), "WoLMACs": GoList(go_string),
+    "Services": GoList(_SERVICE, HOSTINFO_MAX_SERVICES),
+    "sshHostKeys": GoList(lambda v: go_string(v, SSH_HOST_KEY_MAX_TEXT), HOSTINFO_MAX_HOST_KEYS),
+    "NetInfo": _NETINFO, "Location": _LOCATION, "TPM": _TPM})
+
+
+def checked_hostinfo(value, whose="a node"):
+    """A node's Hostinfo in tailcfg's shape, or None if it is not an object:
+    each field of the wrong Go type or size dropped with a log line naming
+    it, unknown fields dropped, and over HOSTINFO_MAX_BYTES as a whole the
+    lists go first, then all but the identity fields."""
+    if not isinstance(value, dict):
+        if value is not None:
+            log.warning("Hostinfo from %s dropped: %s, not an object", whose, json_type(value))
+        return None
+    problems = []
+    out = HOSTINFO_SHAPE.check(value, problems, "")
+    size = len(json_bytes(out))
+    if size > HOSTINFO_MAX_BYTES:
+        for name in HOSTINFO_LISTS:
+            out.pop(name, None)
+        if len(json_bytes(out)) > HOSTINFO_MAX_BYTES:
+            identity, out = out, {}
+            for name in HOSTINFO_IDENTITY:      # escaped text may take 12 bytes a character
+                if name in identity and len(json_bytes({**out, name: identity[name]})) <= HOSTINFO_MAX_BYTES:
+                    out[name] = identity[name]
+        problems.append(("Hostinfo", f"{size} bytes, more than {HOSTINFO_MAX_BYTES}: only "
+                         f"{', '.join(sorted(out)) or 'nothing'} kept"))
+    for path, why in problems:
+        log.warning("Hostinfo from %s, %s: %s", whose, path, why)
+    return out
+
+
+PEER_HOSTINFO = ("Hostname", "OS", "OSVersion", "ShareeNode", "AppConnector", "sshHostKeys", "Location")
+PEER_SERVICES = ("peerapi4", "peerapi6", "peerapi-dns-proxy")
+
+
+def peer_hostinfo(hostinfo):
+    """The part of a (checked) Hostinfo a peer needs: its name and OS for
+    status, SSH host keys, the peer API services, where an exit node is;
+    the rest (log IDs, versions, NetInfo, tags asked for) stays with control."""
+    out = {name: hostinfo[name] for name in PEER_HOSTINFO if name in hostinfo}
+    services = [s for s in hostinfo.get("Services") or () if s.get("Proto") in PEER_SERVICES]
+    if services:
+        out["Services"] = services
+    return out
 
 
 # ---- Native crypto ----
@@ -1162,13 +1435,23 @@ class User:
     created: float
 
 
-def stored_hostinfo(text):
-    """A node's Hostinfo as stored; {} for one nested too deep to use (stored
-    before meshbox capped nesting), so the node still loads."""
+def stored_hostinfo(text, whose):
+    """A node's Hostinfo as stored, checked again: a value an older meshbox
+    stored that no longer passes is cleaned as it loads (a restart heals the
+    tailnet); {} for one nested too deep to use."""
     try:
-        return parse_json(text)
+        return checked_hostinfo(parse_json(text), whose) or {}
     except ValueError:
         return {}
+
+
+def stored_endpoints(text, whose):
+    """A node's endpoints as stored; [] for a list an older meshbox let through."""
+    try:
+        return checked_endpoints(json.loads(text))
+    except ValueError as e:
+        log.warning("stored endpoints of %s dropped: %s", whose, e)
+        return []
 
 
 @dataclasses.dataclass
@@ -1205,8 +1488,8 @@ class Node:
             given_name=row["given_name"], ipv4=row["ipv4"], ipv6=row["ipv6"],
             tags=json.loads(row["tags"]), ephemeral=bool(row["ephemeral"]),
             auth_key_id=row["auth_key_id"], expiry=row["expiry"], created=row["created"],
-            last_seen=row["last_seen"], hostinfo=stored_hostinfo(row["hostinfo"]),
-            endpoints=json.loads(row["endpoints"]),
+            last_seen=row["last_seen"], hostinfo=stored_hostinfo(row["hostinfo"], f"stored node {row['id']}"),
+            endpoints=stored_endpoints(row["endpoints"], f"stored node {row['id']}"),
             approved_routes=json.loads(row["approved_routes"]), cap=row["cap"], kind=row["kind"])
 
     def durable_fields(self):
@@ -3561,7 +3844,7 @@ def netinfo_value(node, name, kind):
 
 def home_derp(node):
     """The DERP region a node reports as its home, 0 when it has none."""
-    return netinfo_value(node, "PreferredDERP", int) or 0
+    return max(netinfo_value(node, "PreferredDERP", int) or 0, 0)
 
 
 def user_profile(user):
@@ -3588,7 +3871,7 @@ def node_json(node, base_domain, at, seen_as=None):
         "Addresses": addresses,
         "AllowedIPs": seen_as["AllowedIPs"] if seen_as else addresses + list(node.approved_routes),
         "Endpoints": list(node.endpoints),
-        "Hostinfo": node.hostinfo,
+        "Hostinfo": peer_hostinfo(node.hostinfo),
         "Created": rfc3339(node.created),
         "Cap": node.cap,
         "Tags": list(node.tags),
@@ -3750,6 +4033,7 @@ def peers_in_view(view, nodes):
 def self_node_json(node, view, base_domain, at):
     """The node as it sees itself, with the capabilities its policy grants."""
     out = node_json(node, base_domain, at)
+    out["Hostinfo"] = node.hostinfo
     if view.get("cap_map"):
         out["CapMap"] = view["cap_map"]
     return out
@@ -3800,6 +4084,42 @@ class MapRefused(Exception):
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
+
+
+# MapRequest's fields and their Go types (tailcfg.MapRequest); a field of the
+# wrong type is refused naming it, the others are not read.
+MAP_REQUEST_FIELDS = {
+    "Version": go_int, "Compress": go_string, "KeepAlive": go_bool, "Stream": go_bool, "ReadOnly": go_bool,
+    "OmitPeers": go_bool, "MapSessionHandle": go_string, "MapSessionSeq": go_int, "TKAHead": go_string,
+    "Endpoints": checked_endpoints, "EndpointTypes": strict_list(go_int, MAX_ENDPOINTS),
+    "DebugFlags": strict_list(go_string, HOSTINFO_MAX_ITEMS),
+}
+
+
+def checked_map_request(req, whose):
+    """The MapRequest fields meshbox reads, checked: MapRefused(400) naming
+    the first of the wrong Go type; Hostinfo through checked_hostinfo (its
+    bad parts dropped, not refused)."""
+    if not isinstance(req, dict):
+        raise MapRefused(400, f"MapRequest: {json_type(req)}, not an object")
+    out = {}
+    for name, check in MAP_REQUEST_FIELDS.items():
+        if req.get(name) is not None:
+            try:
+                out[name] = check(req[name])
+            except ValueError as e:
+                raise MapRefused(400, f"MapRequest.{name}: {e}") from None
+    for name, prefix in (("NodeKey", "nodekey"), ("DiscoKey", "discokey")):
+        if req.get(name):
+            try:
+                out[name] = key_bytes(req[name], prefix)
+            except ValueError as e:
+                raise MapRefused(400, f"MapRequest.{name}: {e}") from None
+    if req.get("Hostinfo") is not None:
+        out["Hostinfo"] = checked_hostinfo(req["Hostinfo"], whose)
+        if out["Hostinfo"] is None:
+            raise MapRefused(400, f"MapRequest.Hostinfo: {json_type(req['Hostinfo'])}, not an object")
+    return out
 
 
 class MapSession:
@@ -3890,29 +4210,6 @@ def json_field(obj, name, kind, default):
     """obj[name] when it has the JSON type kind, else default: clients may send anything."""
     value = obj.get(name)
     return value if isinstance(value, kind) else default
-
-
-def checked_hostinfo(value):
-    """A client's Hostinfo, or None if it is not an object.  RoutableIPs keeps
-    only well-formed prefixes and RequestTags only strings: the policy
-    compiler and the CLI read them."""
-    if not isinstance(value, dict):
-        return None
-    out = dict(value)
-    if "RoutableIPs" in out:
-        routes = out["RoutableIPs"] if isinstance(out["RoutableIPs"], list) else []
-        out["RoutableIPs"] = [r for r in routes if isinstance(r, str) and _canonical_prefix_or_none(r) == r]
-    if "RequestTags" in out:
-        tags = out["RequestTags"] if isinstance(out["RequestTags"], list) else []
-        out["RequestTags"] = [t for t in tags if isinstance(t, str)]
-    return out
-
-
-def _canonical_prefix_or_none(text):
-    try:
-        return str(ipaddress.ip_network(text))
-    except ValueError:
-        return None
 
 
 class NodeTable(dict):
@@ -4260,7 +4557,7 @@ class Coordinator:
             expiry = parse_go_time(req.get("Expiry"))
         except (ValueError, TypeError) as e:
             raise RegistrationRefused("malformed", f"malformed register request: {e}") from None
-        hostinfo = checked_hostinfo(req.get("Hostinfo")) or {}
+        hostinfo = checked_hostinfo(req.get("Hostinfo"), "registering machine " + key_text("mkey", machine_key)[:16]) or {}
         node = self.node_by_machine(machine_key)
         holder = self.node_by_node_key(node_key)
         if holder and holder.machine_key != machine_key:
@@ -4443,40 +4740,30 @@ class Coordinator:
         node = self.node_by_machine(machine_key)
         if node is None:
             raise MapRefused(401, "machine not registered")
-        try:
-            node_key = key_bytes(req.get("NodeKey"), "nodekey")
-        except ValueError as e:
-            raise MapRefused(400, str(e)) from None
-        if node_key != node.node_key:
+        req = checked_map_request(req, f"node {node.id} {node.given_name}")
+        if "NodeKey" not in req:
+            raise MapRefused(400, "MapRequest.NodeKey: missing")
+        if req["NodeKey"] != node.node_key:
             raise MapRefused(401, "node key does not match the registered one")
         if is_expired(node, now()):
             raise MapRefused(401, "node key expired: re-authenticate")
         if req.get("ReadOnly"):
             return node
         changed = False
-        disco = req.get("DiscoKey")
-        if disco:
-            try:
-                disco = key_bytes(disco, "discokey")
-            except ValueError as e:
-                raise MapRefused(400, str(e)) from None
-            changed |= disco != node.disco_key
-            node.disco_key = disco
-        endpoints = req.get("Endpoints")
-        if isinstance(endpoints, list):
-            endpoints = [str(e) for e in endpoints[:64]]
-            changed |= endpoints != node.endpoints
-            node.endpoints = endpoints
-            types = req.get("EndpointTypes")
-            node.endpoint_types = [t if isinstance(t, int) else 0 for t in types[:64]] \
-                if isinstance(types, list) else []
-        hostinfo = checked_hostinfo(req.get("Hostinfo"))
+        if "DiscoKey" in req:
+            changed |= req["DiscoKey"] != node.disco_key
+            node.disco_key = req["DiscoKey"]
+        if "Endpoints" in req:
+            changed |= req["Endpoints"] != node.endpoints
+            node.endpoints = req["Endpoints"]
+            node.endpoint_types = req.get("EndpointTypes") or []
+        hostinfo = req.get("Hostinfo")
         routes_changed = False
         if hostinfo is not None and hostinfo != node.hostinfo:
             routes_changed = hostinfo.get("RoutableIPs") != node.hostinfo.get("RoutableIPs")
             node.hostinfo, changed = hostinfo, True
         version = req.get("Version")
-        if isinstance(version, int) and version != node.cap:
+        if version is not None and version != node.cap:
             node.cap, changed = version, True
         if changed:
             self.dirty_live.add(node.id)
@@ -4494,6 +4781,7 @@ class Coordinator:
         """Create or update the box's own WireGuard-only node; the routes it
         advertises are approved by its configuration."""
         node = self.gateway_node()
+        endpoints = checked_endpoints(endpoints)
         hostinfo = {"Hostname": hostname, "OS": "linux", "RoutableIPs": routes}
         try:
             user = self.store.user_named(GATEWAY_USER)
@@ -7825,9 +8113,11 @@ def print_table(rows, columns):
 
 
 def cell(value):
+    """A table cell: node-supplied text (hostnames, endpoints, OS) reaches the
+    admin's terminal without its escape sequences."""
     if isinstance(value, list):
-        return ",".join(str(v) for v in value) or "-"
-    return "-" if value is None else str(value)
+        return strip_control(",".join(str(v) for v in value)) or "-"
+    return "-" if value is None else strip_control(str(value))
 
 
 def admin_socket_call(state_dir, noun, verb, params):
@@ -8021,6 +8311,15 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class TextLogFormatter(logging.Formatter):
+    """Plain log lines with the message's control characters escaped: one
+    record is one line, whatever a node put in the text logged."""
+
+    def formatMessage(self, record):
+        record.message = escape_control(record.message)
+        return super().formatMessage(record)
+
+
 class RecentLogs(logging.Handler):
     """The last lines logged, kept for 'meshbox logs'."""
 
@@ -8035,12 +8334,12 @@ class RecentLogs(logging.Handler):
 def log_formatter(config):
     if config.log_format == "json":
         return JsonLogFormatter()
-    return logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    return TextLogFormatter("%(asctime)s %(levelname)s %(message)s")
 
 
 def setup_logging(config, serving):
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(log_formatter(config) if serving else logging.Formatter("%(levelname)s %(message)s"))
+    handler.setFormatter(log_formatter(config) if serving else TextLogFormatter("%(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, str(config.log_level).upper(), logging.INFO) if serving else logging.WARNING)

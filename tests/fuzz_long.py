@@ -13,7 +13,9 @@ last line.  The short CI run of the same targets is tests/test_fuzz.py.
 import argparse
 import asyncio
 import json
+import logging
 import os
+import pathlib
 import random
 import struct
 import sys
@@ -26,8 +28,10 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import meshbox  # noqa: E402
-from test_fuzz import (LOOP, SERVER_PRIVATE, SERVER_PUBLIC, WEBSOCKET_SEED, mutations, relayed_stream,  # noqa: E402
-                       stream_reader, websocket_stream)
+from test_fuzz import (HOSTINFO_FIELDS, LOOP, MAP_FIELDS, ODD_VALUES, SERVER_PRIVATE, SERVER_PUBLIC,  # noqa: E402
+                       WEBSOCKET_SEED, hostinfo_case, maprequest_case, mutations, relayed_stream, stream_reader,
+                       websocket_stream, with_field)
+from test_hostinfo import GOOD, Tailnet  # noqa: E402
 
 
 def run(coro):
@@ -143,9 +147,45 @@ def register_json():
     return seeds, feed, ()
 
 
+def shapes_target(fields, seed_value, case):
+    """Seeds of one JSON object; each input is the mutated bytes when they
+    still parse as an object, else the seed with 1-4 fields (nested ones
+    too) set to values of the wrong type, size or nesting; fed to `case`
+    on a two-node tailnet (see test_fuzz.hostinfo_case)."""
+    logging.getLogger("meshbox").setLevel(logging.CRITICAL)    # a line per dropped field: millions of them
+    net = Tailnet(pathlib.Path(tempfile.mkdtemp()))
+    viewer, _ = net.join(1, GOOD)
+    hostile, hostile_key = net.join(2, GOOD)
+    seed = seed_value(hostile_key)
+    rng = random.Random(11)
+
+    def feed(data):
+        try:
+            value = meshbox.parse_json(data)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            value = seed
+            for _ in range(rng.randint(1, 4)):
+                value = with_field(value, rng.choice(fields), rng.choice(ODD_VALUES))
+        case(net, viewer, hostile, value)
+    return [json.dumps(seed).encode()], feed, ()
+
+
+def hostinfo_json():
+    """Hostinfo shapes, through checked_hostinfo into both nodes' maps."""
+    return shapes_target(HOSTINFO_FIELDS, lambda _: GOOD, hostinfo_case)
+
+
+def maprequest_json():
+    """MapRequest shapes, through node_for_map into both nodes' maps."""
+    return shapes_target(MAP_FIELDS, lambda key: {"Version": 130, "NodeKey": key, "Stream": False, "Hostinfo": GOOD,
+                                                  "Endpoints": ["192.0.2.1:41641"]}, maprequest_case)
+
+
 TARGETS = {f.__name__: f for f in (noise_initiation, transport_record, http_head, websocket_frames, derp_frame, derp_stream,
                                     derp_client_info,
-                                    stun, register_json)}
+                                    stun, register_json, hostinfo_json, maprequest_json)}
 
 
 def fuzz(name, count, seed, show=3):

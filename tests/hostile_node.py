@@ -6,10 +6,12 @@ namespace).
 
 One node per shape registers with that Hostinfo and opens its streaming map
 with it; one more node, joined with a good Hostinfo, then sends each shape in
-turn as the "lite" endpoint update.  Every request is bounded in time.  It
-prints what the server made of each, as JSON: {"register": {shape: "ok" or
-the error}, "update": {shape: HTTP status or the error}}; what it asserts is
-the caller's business (the server may refuse a shape or drop its bad parts).
+turn as the "lite" endpoint update, then each wrong MapRequest field
+(MAP_SHAPES).  Every request is bounded in time.  It prints what the server
+made of each, as JSON: {"register": {shape: "ok" or the error}, "update":
+{shape: HTTP status or the error}, "map_request": {shape: the same}}; what
+it asserts is the caller's business (the server may refuse a shape or drop
+its bad parts).
 """
 
 import argparse
@@ -62,14 +64,44 @@ SHAPES = {
     "hostname-huge": {"Hostname": "h" * 500_000},
     "os-number": {"OS": 5, "OSVersion": [], "GoVersion": {}, "IPNVersion": 1.5},
     "flags-strings": {"ShieldsUp": "x", "Userspace": [], "NoLogsNoSupport": {}, "WireIngress": 1},
-    "ssh-host-keys": {"SSH_HostKeys": "x"},
-    "ssh-host-keys-mixed": {"SSH_HostKeys": [1, {}, "k" * 100_000]},
+    "ssh-host-keys": {"sshHostKeys": "x"},
+    "ssh-host-keys-mixed": {"sshHostKeys": [1, {}, "k" * 100_000]},
+    "ssh-host-keys-many": {"sshHostKeys": ["ssh-ed25519 " + "A" * 68] * 5000},
+    "ssh-host-keys-go-name": {"SSH_HostKeys": [1]},
+    "derp-latency-nan": {"NetInfo": {"DERPLatency": {"900-v4": float("nan"), "1-v4": float("inf")}}},
+    "derp-latency-huge": {"NetInfo": {"DERPLatency": {f"{i}-v4": 0.1 for i in range(20000)}}},
+    "opt-bool-strings": {"NetInfo": {"MappingVariesByDestIP": "true", "UPnP": "false", "PMP": 1},
+                         "Container": "true", "AppConnector": 0},
+    "location-fields": {"Location": {"Latitude": "north", "Longitude": float("nan"), "Priority": 1.5,
+                                     "City": ["x"]}},
+    "tpm-fields": {"TPM": {"FirmwareVersion": -1, "Model": 2 ** 64, "Vendor": 7}, "WoLMACs": "aa:bb"},
+    "services-peerapi-bad": {"Services": [{"Proto": "peerapi4", "Port": -1}, {"Proto": "peerapi6", "Port": 2 ** 40},
+                                          {"Proto": "peerapi-dns-proxy", "Port": 1, "Description": 5}]},
+    "strings-long": {name: "s" * 4000 for name in ("OS", "OSVersion", "IPNVersion", "BackendLogID", "GoVersion")},
+    "unicode-escapes": {"Hostname": "\U0001f600" * 256, "OS": "\ud800" * 200, "Distro": "\x1b]0;t\x07"},
     "location": {"Location": [1, 2]},
     "app-connector": {"AppConnector": "x"},
     "nulls": {"NetInfo": None, "Services": None, "RoutableIPs": None, "RequestTags": None},
     "deep-nesting": {"NetInfo": {"DERPLatency": nested(DEEP, 1)}, "Services": nested(DEEP, {})},
     "many-keys": {f"K{i}": i for i in range(30000)},
     "huge-hostinfo": {"Services": [{"Proto": "tcp", "Port": i, "Description": "d" * 850} for i in range(1000)]},
+}
+
+# MapRequest fields of the wrong type or size, sent beside a good Hostinfo:
+# the server answers each with a 400 naming the field.
+MAP_SHAPES = {
+    "endpoints-string": {"Endpoints": "192.0.2.1:41641"},
+    "endpoints-garbage": {"Endpoints": [1, None, "x", "192.0.2.1", "[::1]:99999", "300.1.1.1:1", {}]},
+    "endpoints-many": {"Endpoints": [f"192.0.2.{i % 250 + 1}:{i + 1}" for i in range(5000)]},
+    "endpoint-types": {"EndpointTypes": ["x", None]},
+    "version-string": {"Version": "130"},
+    "version-huge": {"Version": 2 ** 70},
+    "stream-string": {"Stream": "yes"},
+    "keepalive-number": {"KeepAlive": 1},
+    "omitpeers-list": {"OmitPeers": []},
+    "compress-number": {"Compress": 5},
+    "debug-flags": {"DebugFlags": "x"},
+    "disco-key-bad": {"DiscoKey": "discokey:zz"},
 }
 
 
@@ -92,12 +124,13 @@ async def register_with(host, port, auth_key, server_public, name, shape):
         await client.close()
 
 
-async def update_with(client, shape):
-    """Send `shape` as the lite endpoint update: the HTTP status, or why none."""
+async def update_with(client, shape, fields=None):
+    """Send `shape` as the lite endpoint update (with MapRequest `fields`
+    replaced): the HTTP status, or why none."""
     client.hostinfo = hostinfo_with(client, shape)
     try:
-        status, _ = await client.request("/machine/map", client.map_request(stream=False, OmitPeers=True),
-                                         REQUEST_TIMEOUT)
+        status, _ = await client.request("/machine/map", {**client.map_request(stream=False, OmitPeers=True),
+                                                          **(fields or {})}, REQUEST_TIMEOUT)
         return status
     except Exception as err:
         return f"{type(err).__name__}: {err}"[:300]
@@ -110,18 +143,21 @@ async def attack(host, port, auth_key):
     updater = tsclient.ControlClient(host, port, "hostile-updater")
     try:
         await updater.join(auth_key, REQUEST_TIMEOUT, server_public)
-        updated, stalled = {}, False
+        updated, requests, stalled = {}, {}, False
         for name, shape in SHAPES.items():
             if stalled:     # the server stopped answering: the rest would only add timeouts
                 updated[name] = "not sent"
                 continue
             updated[name] = await update_with(updater, shape)
             stalled = str(updated[name]).startswith("TimeoutError")
+        for name, fields in MAP_SHAPES.items():
+            requests[name] = "not sent" if stalled else await update_with(updater, {}, fields)
+            stalled = stalled or str(requests[name]).startswith("TimeoutError")
     except Exception as err:
-        updated = {"join": f"{type(err).__name__}: {err}"[:300]}
+        updated = requests = {"join": f"{type(err).__name__}: {err}"[:300]}
     finally:
         await updater.close()
-    return {"register": dict(zip(SHAPES, registered)), "update": updated}
+    return {"register": dict(zip(SHAPES, registered)), "update": updated, "map_request": requests}
 
 
 def main():

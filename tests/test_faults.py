@@ -6,6 +6,7 @@ stock clients do.  Tests that need root (mounts, namespaces) skip otherwise.
 """
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -299,6 +300,7 @@ def test_thousand_nodes_connect_within_60s(tmp_path):
 
 
 UPDATES = 120
+MOVERS = 5
 
 
 def test_stalled_client_holds_up_nobody_and_stays_bounded(tmp_path):
@@ -308,8 +310,8 @@ def test_stalled_client_holds_up_nobody_and_stays_bounded(tmp_path):
 
     async def main():
         server.start()
-        clients, _ = await tsclient.join_fleet("127.0.0.1", server.port, key, 10, timeout=30)
-        stalled, mover, watchers = clients[0], clients[1], clients[2:]
+        clients, _ = await tsclient.join_fleet("127.0.0.1", server.port, key, 14, timeout=30)
+        stalled, movers, watchers = clients[0], clients[1:1 + MOVERS], clients[1 + MOVERS:]
         # The stalled client grants the server a huge HTTP/2 window, then stops reading.
         stalled.h2.increment_flow_control_window(2**31 - 1 - 65535)
         stalled.h2.increment_flow_control_window(2**31 - 1 - 65535, stalled.map_stream.stream_id)
@@ -317,16 +319,21 @@ def test_stalled_client_holds_up_nobody_and_stays_bounded(tmp_path):
         stalled.reader_task.cancel()
         stalled.writer.transport.pause_reading()
         rss_before = server.rss_mb()
-        # Big hostinfo makes each update to the stalled client big.
-        padding = os.urandom(60000).hex()      # about 65 kB a message after zstd
+        # Big Hostinfo makes each update to the stalled client big: SSH host
+        # keys (a field peers get), near the Hostinfo cap, random so that zstd
+        # keeps about 11 kB of each mover's, 56 kB a round.
+        host_keys = [[base64.b64encode(os.urandom(740)).decode() for _ in range(meshbox.HOSTINFO_MAX_HOST_KEYS - 1)]
+                     for _ in movers]
         latencies = []
         for i in range(UPDATES):
-            mover.hostinfo_extra = {"Padding": padding + str(i)}
-            new = [f"198.51.100.{i % 250 + 1}:{1000 + i}"]
-            t0 = time.monotonic()
-            await mover.update_endpoints(new)
+            for m, mover in enumerate(movers):
+                mover.hostinfo_extra = {"sshHostKeys": [f"{i} {k}" for k in host_keys[m]]}
+                new = [f"198.51.100.{m + 1}:{1000 + i}"]
+                if m == 0:
+                    t0 = time.monotonic()
+                await mover.update_endpoints(new)
             arrivals = await asyncio.gather(*(w.map_message_where(
-                lambda m: any(p["Endpoints"] == new for p in m.get("PeersChanged", ())), 5) for w in watchers))
+                lambda msg: any(p["Endpoints"] == new for p in msg.get("PeersChanged", ())), 5) for w in watchers))
             latencies.append(max(a for a, _ in arrivals) - t0)
         latencies.sort()
         await asyncio.sleep(0.5)
@@ -334,7 +341,7 @@ def test_stalled_client_holds_up_nobody_and_stays_bounded(tmp_path):
         print(f"updates to 8 watchers: median {latencies[UPDATES // 2] * 1000:.0f} ms, worst {latencies[-1] * 1000:.0f} ms; "
               f"server RSS grew {growth:.1f} MiB with a stalled client")
         assert latencies[-1] < 2.0
-        assert growth < 4       # queued without bound, the stalled client's updates would take 7.8 MB
+        assert growth < 4       # queued without bound, the stalled client's updates would take 6.7 MB
         for c in clients:
             await c.close()
 

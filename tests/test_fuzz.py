@@ -23,6 +23,7 @@ import meshbox
 import tsclient
 from derpclient import DerpClient, FakeWriter, fake_connection, serve_derp_http, split_frames
 from test_coordinator import new_key, running_server, snapshot
+from test_hostinfo import GOOD, HOSTINFO_TYPES, Tailnet, go_type_problems, map_problems
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SERVER_ROUNDS = 40            # hostile connections per live-server test
@@ -253,6 +254,90 @@ def test_register_and_map_bodies(coordinator, machine, request, with_key):
     durable_matches_memory(coordinator)
     node_keys = [n.node_key for n in coordinator.nodes.values()]
     assert len(node_keys) == len(set(node_keys))          # no key held by two machines
+
+
+# ---- Hostinfo and MapRequest shapes ----
+# Whatever a node sends, the Hostinfo kept has tailcfg's Go types within the
+# caps, and every viewer's map still builds, encodes and has them too.
+
+ODD_VALUES = [None, 0, -1, 2 ** 63, -2 ** 63 - 1, 2 ** 70, 10 ** 400, 1.5, 1e308, float("nan"), float("inf"), True, False,
+              "", "x", "true", "s" * 300, "\x1b[31m\n", "\ud800", [], [None], [1, "a"], ["10.0.0.0/8"], {},
+              {"a": 1}, {"Proto": "tcp", "Port": 1}, [[[[[1]]]]], {"PreferredDERP": 900}]
+HOSTINFO_FIELDS = sorted(HOSTINFO_TYPES) + ["NetInfo.PreferredDERP", "NetInfo.DERPLatency", "NetInfo.WorkingUDP",
+                                            "NetInfo.MappingVariesByDestIP", "Location.Latitude", "TPM.Model",
+                                            "Services[]", "sshHostKeys[]", "Unknown"]
+MAP_FIELDS = ["Version", "Compress", "KeepAlive", "Stream", "ReadOnly", "OmitPeers", "NodeKey", "DiscoKey",
+              "Endpoints", "Endpoints[]", "EndpointTypes", "DebugFlags", "MapSessionSeq", "Hostinfo"]
+
+
+def with_field(value, path, new):
+    """A copy of a JSON object with `path` ("A", "A.B" or "A[]": append) set to new."""
+    out = dict(value) if isinstance(value, dict) else {}
+    name, _, rest = path.partition(".")
+    if name.endswith("[]"):
+        name = name[:-2]
+        out[name] = (list(out[name]) if isinstance(out.get(name), list) else []) + [new]
+    elif rest:
+        out[name] = with_field(out.get(name), rest, new)
+    else:
+        out[name] = new
+    return out
+
+
+def hostinfo_case(net, viewer, hostile, hostinfo):
+    """hostinfo through checked_hostinfo onto the hostile node; the kept value
+    and the viewer's map have tailcfg's types."""
+    kept = meshbox.checked_hostinfo(hostinfo, "fuzz")
+    assert kept is None or (go_type_problems(kept, HOSTINFO_TYPES) == [] and
+                            len(meshbox.json_bytes(kept)) <= meshbox.HOSTINFO_MAX_BYTES), kept
+    net.coordinator.node_by_machine(hostile).hostinfo = kept or {}
+    net.coordinator.notify(changed=[net.coordinator.node_by_machine(hostile).id])
+    assert map_problems(net.map_for(viewer)) == []
+
+
+def maprequest_case(net, viewer, hostile, request):
+    """A MapRequest from the hostile node: refused with 400 naming a field or
+    401, or applied; the viewer's map has tailcfg's types."""
+    try:
+        net.coordinator.node_for_map(hostile, request)
+    except meshbox.MapRefused as e:
+        assert e.status == 401 or (e.status == 400 and str(e).startswith("MapRequest")), e
+    assert map_problems(net.map_for(viewer)) == []
+
+
+@pytest.fixture(scope="module")
+def shapes_tailnet(tmp_path_factory):
+    net = Tailnet(tmp_path_factory.mktemp("shapes"))
+    viewer, _ = net.join(1, GOOD)
+    hostile, hostile_key = net.join(2, GOOD)
+    net.hostile_key = hostile_key
+    return net, viewer, hostile
+
+
+JSON_ODD = st.one_of(st.sampled_from(ODD_VALUES), JSON_VALUE)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(HOSTINFO_FIELDS), JSON_ODD), max_size=6), st.booleans())
+def test_hostinfo_json(shapes_tailnet, changes, from_good):
+    net, viewer, hostile = shapes_tailnet
+    hostinfo = GOOD if from_good else {}
+    for path, value in changes:
+        hostinfo = with_field(hostinfo, path, value)
+    hostinfo_case(net, viewer, hostile, json.loads(json.dumps(hostinfo)))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(MAP_FIELDS), JSON_ODD), max_size=4))
+def test_maprequest_json(shapes_tailnet, changes):
+    net, viewer, hostile = shapes_tailnet
+    request = {"Version": 130, "NodeKey": net.hostile_key, "Stream": False, "Endpoints": ["192.0.2.1:41641"],
+               "Hostinfo": GOOD}
+    for path, value in changes:
+        request = with_field(request, path, value)
+    maprequest_case(net, viewer, hostile, json.loads(json.dumps(request)))
 
 
 # ---- DERP and STUN parsers ----

@@ -320,11 +320,10 @@ def assert_victims_unhurt(net, when):
         f"{when}: meshbox status: server_running {status['server_running']}, online {sorted(online)}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11: Hostinfo is not checked against tailcfg's shapes "
-                   "(NetInfo=[1] makes home_derp raise for every viewer); drop this mark with the fix")
 def test_stock_clients_survive_a_node_sending_malformed_hostinfo(tmp_path, stock_binaries):
     """Issue 11: a hostile node registers and updates with every wrong Hostinfo
-    shape (tests/hostile_node.py); the two stock clients keep talking and
+    shape (tests/hostile_node.py), and sends every mistyped MapRequest field
+    (each answered 400); the two stock clients keep talking and
     keep receiving map updates, and `meshbox status` works, both right after
     the attack and after a restart (the hostile values are stored)."""
     with StockTailnet(tmp_path, stock_binaries) as net:
@@ -334,6 +333,7 @@ def test_stock_clients_survive_a_node_sending_malformed_hostinfo(tmp_path, stock
         report = json.loads(attack.stdout)
         print("hostile node:", json.dumps(report)[:4000])
         assert set(report["register"]) == set(hostile_node.SHAPES)
+        assert report["map_request"] == {name: 400 for name in hostile_node.MAP_SHAPES}, report["map_request"]
         assert_victims_unhurt(net, "after the attack")
         net.restart_meshbox()
         assert_victims_unhurt(net, "after a restart")

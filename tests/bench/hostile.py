@@ -7,7 +7,8 @@ DERP-TLS on loopback.  The fleet (--nodes simulated nodes, tests/tsclient.py)
 joins, keeps its map sessions and, while the attack lasts, makes endpoint
 changes at a steady rate, timing until every other good node sees each one
 (as fanout.py does).  The attacker runs the chosen ATTACKS together for
---seconds, each bounded in count and rate, and counts what became of them.
+--seconds from its own loopback address (--attacker-source), each bounded in
+count and rate, and counts what became of them.
 The bench itself starts the three, samples the server's RSS from /proc, and
 kills the server past --rss-ceiling, as a router's OOM killer would.
 
@@ -719,7 +720,21 @@ class Attacker:
         return {"counters": plain(self.counters), "cut_off": sorted(attacks[t] for t in pending), "crashed": crashed}
 
 
+def connect_from(source):
+    """Make every connection this process opens start at source: a stranger has an
+    address of its own, and meshbox's per-address limits must not lock the good
+    nodes (on 127.0.0.1) out along with the attacker."""
+    open_connection = asyncio.open_connection
+
+    async def opened(*args, **kw):
+        kw.setdefault("local_addr", (source, 0))
+        return await open_connection(*args, **kw)
+    asyncio.open_connection = opened
+
+
 async def run_attacker(spec):
+    if spec["source"]:
+        connect_from(spec["source"])
     print(json.dumps(await Attacker(spec).run()), flush=True)
 
 
@@ -763,6 +778,7 @@ async def run(args, tmp):
                                      bytecode_dir=meshproc.compile_bytecode(tmp))
     server.start()
     result = {"nodes": args.nodes, "seconds": args.seconds, "attacks": args.attacks,
+              "attacker_source": args.attacker_source or HOST,
               "rss_ceiling_mb": args.rss_ceiling}
     fleet = attacker = None
     try:
@@ -778,6 +794,7 @@ async def run(args, tmp):
               f"with the nodes {result['rss_joined_mb']} MiB", flush=True)
 
         attacker = await child("attacker", {**spec, "attacks": args.attacks, "hostile_key": hostile_key,
+                                            "source": args.attacker_source,
                                             "displayed_prefix": auth_key[:14]})
         fleet.stdin.write(b"go\n")
         await fleet.stdin.drain()
@@ -846,6 +863,9 @@ def main():
     parser.add_argument("--rss-ceiling", dest="rss_ceiling", type=float, default=600,
                         help="MiB of server RSS at which the bench kills the server, as an OOM killer would "
                              "(default 600; a router has 128 MB)")
+    parser.add_argument("--attacker-source", dest="attacker_source", default="127.0.0.2",
+                        help="loopback address the attacker connects from (default 127.0.0.2; "
+                             "empty: the good nodes' own, 127.0.0.1)")
     parser.add_argument("--role", choices=["fleet", "attacker"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
