@@ -552,3 +552,56 @@ def test_tls_context_without_ssl_module(monkeypatch):
     monkeypatch.setattr(meshbox, "ssl", None)
     with pytest.raises(RuntimeError, match="ssl"):
         meshbox.tls_server_context("c", "k")
+
+
+# ---- what clients report about their NAT (meshbox paths, nodes show) ----
+
+def reporting_node(name, netinfo, endpoints=(), types=()):
+    """A node whose client reported Hostinfo.NetInfo `netinfo` (left out when None)."""
+    hostinfo = {"Hostname": name, "IPNVersion": "1.96.4-t8cf541dfd"}
+    if netinfo is not None:
+        hostinfo["NetInfo"] = netinfo
+    return meshbox.Node(id=1, machine_key=bytes(32), node_key=bytes(32), disco_key=b"", user_id=1, hostname=name,
+                        given_name=name, ipv4="100.64.0.1", ipv6="fd7a:115c:a1e0::1", tags=[], ephemeral=False,
+                        auth_key_id=None, expiry=None, created=0, last_seen=0, hostinfo=hostinfo,
+                        endpoints=list(endpoints), approved_routes=[], cap=133, endpoint_types=list(types))
+
+
+def test_nat_kind_in_words_from_netinfo_of_any_shape():
+    hard = reporting_node("hard", {"MappingVariesByDestIP": True, "WorkingUDP": True, "PreferredDERP": 900,
+                                   "DERPLatency": {"900-v4": 0.0123, "901-v4": "x"}},
+                          ["203.0.113.14:4130", "192.0.2.66:41641"], [2, 1])
+    easy = reporting_node("easy", {"MappingVariesByDestIP": "false", "HairPinning": "true"})   # opt.Bool strings
+    blocked = reporting_node("blocked", {"WorkingUDP": False})
+    upnp = reporting_node("upnp", {"MappingVariesByDestIP": True, "UPnP": True})
+    assert meshbox.nat_words(hard) == ["hard NAT: mapping varies by destination"]
+    assert meshbox.nat_words(easy) == ["easy NAT (or none): one mapping for every destination", "hairpinning"]
+    assert meshbox.nat_words(blocked) == ["UDP blocked"] and meshbox.nat_class(blocked) == "udp-blocked"
+    assert "port mapping: UPnP" in meshbox.nat_words(upnp)
+    for odd in (None, [1], "NetInfo", {"MappingVariesByDestIP": 7, "PreferredDERP": True, "DERPLatency": [1]}):
+        node = reporting_node("odd", odd)
+        assert (meshbox.nat_words(node), meshbox.nat_class(node), meshbox.home_derp(node)) == \
+            (["not reported"], "unknown", 0)
+        assert meshbox.network_fields(node)["derp_latency_ms"] == {}
+    fields = meshbox.network_fields(hard)
+    assert fields["endpoints_from"] == [{"endpoint": "203.0.113.14:4130", "from": "stun"},
+                                        {"endpoint": "192.0.2.66:41641", "from": "local"}]
+    assert (fields["derp_home"], fields["derp_latency_ms"], fields["capability"]) == (900, {"900-v4": 12.3}, 133)
+    assert fields["client_version"] == "1.96.4-t8cf541dfd"
+    assert "both are behind hard NATs" in meshbox.why_relayed(hard, reporting_node("h2", {"MappingVariesByDestIP": True}))[0]
+    assert "hard is behind a hard NAT" in meshbox.why_relayed(hard, easy)[0]
+    assert meshbox.why_relayed(hard, reporting_node("pm", {"PMP": True}))[0].startswith("nothing in their NetInfo")
+    assert meshbox.why_relayed(blocked, easy) == ["blocked: UDP blocked, so only DERP over TCP reaches it"]
+
+
+def test_second_stun_port_is_a_stun_only_region_never_home():
+    derp_map = meshbox.derp_map("203.0.113.1", 443, [3478, 3479], "")
+    main, stun = derp_map["Regions"]["900"], derp_map["Regions"]["901"]
+    assert main["Nodes"][0]["STUNPort"] == 3478 and not main["Nodes"][0].get("STUNOnly")
+    assert stun["Nodes"] == [dict(main["Nodes"][0], Name="901a", RegionID=901, STUNPort=3479, STUNOnly=True)]
+    assert derp_map["HomeParams"] == {"RegionScore": {"901": meshbox.STUN_ONLY_REGION_SCORE}}
+    assert set(meshbox.derp_map("203.0.113.1", 443, [3478], "")["Regions"]) == {"900"}
+    config = meshbox.Config(listen="203.0.113.1:8080")
+    assert config.stun_addresses() == [("203.0.113.1", 3478), ("203.0.113.1", 3479)]
+    with pytest.raises(ValueError, match="1 to 4 addresses"):
+        meshbox.Config(stun_listen=",".join(["127.0.0.1:1"] * 5)).stun_addresses()
