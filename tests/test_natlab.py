@@ -166,6 +166,16 @@ def stream_between(net, a, b, duration):
     return realclients.Stream(net.clients[a], net.clients[b], net.address(b), duration)
 
 
+def direct_stream(net, a, b, duration):
+    """A stream from a to b once they are direct, its first 100 KB arrived."""
+    assert wait_direct(net, a, b)[0], f"{a} -> {b} is not direct"
+    stream = stream_between(net, a, b, duration)
+    if not stream.wait_bytes(100_000, 20):
+        stream.stop()
+        raise AssertionError(f"stream {a} -> {b} moved only {stream.received()} bytes")
+    return stream
+
+
 # ---- Paths ----
 
 @pytest.mark.parametrize("a, b", [("ea", "eb"), ("hc", "hd"), ("fa", "ha")],
@@ -262,10 +272,8 @@ def test_roaming_renumbered_wan_and_moved_device(net):
     clients close connections whose local address disappeared), so meshbox
     hears of the new endpoints only then: the move checks the data path."""
     a, b = "ea", "eb"
-    assert wait_direct(net, a, b)[0]
-    stream = stream_between(net, a, b, 120)
+    stream = direct_stream(net, a, b, 120)
     try:
-        assert stream.wait_bytes(100_000, 20)
         at = time.monotonic()
         public = net.lab.sites["e1"].renumber()
         stall = recovery_after(stream, at)
@@ -293,10 +301,8 @@ def test_roaming_renumbered_wan_and_moved_device(net):
 
 def test_meshbox_restart_does_not_stop_a_direct_session(net):
     a, b = "hc", "hd"
-    assert wait_direct(net, a, b)[0]
-    stream = stream_between(net, a, b, 40)
+    stream = direct_stream(net, a, b, 40)
     try:
-        assert stream.wait_bytes(100_000, 20)
         at = time.monotonic()
         net.server.stop()
         time.sleep(5)                      # control and DERP gone for a while
