@@ -215,6 +215,7 @@ def test_pair_stays_relayed_and_flows(net, a, b):
         row = net.pair(a, b)
         print(f"meshbox paths {a} <-> {b}: {row}")
         assert row["relayed"], row
+        assert f"derp: {row['nodes'][0]} <-> {row['nodes'][1]} now relayed" in net.server.log_text()
     finally:
         stream.stop()
     why = " ".join(row["why"])
