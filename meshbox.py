@@ -20,12 +20,12 @@ comment ``# ---- Name ----``):
   Noise           Noise_IK handshake and transport records (ts2021)
   Zstd framing    map-response compression
   WebSocket       the small RFC 6455 framing for browser-style upgrades
-  Store           SQLite: users, keys, nodes, devices, policy, server secrets
+  Store           SQLite: users, keys, OAuth clients, nodes, devices, settings, server secrets
   Addresses       tailnet IPv4/IPv6 allocation
   Policy          Tailscale's ACL language: parse, compile per node, check tests
   Map builder     pure: node records in, MapResponse JSON out
   Coordinator     registration, MapRequest checks, map sessions, fan-out of changes
-  HTTP front      HTTP/1.1 on asyncio streams: request heads, responses
+  HTTP front      HTTP/1.1 on asyncio streams: request heads, bounded bodies, cookies, responses
   TLS certificate self-signed Ed25519 certificate for DERP, pinned by hash
   DERP            the relay: frames, clients, forwarding, bytes per pair of clients
   STUN            RFC 5389 binding responses
@@ -33,9 +33,12 @@ comment ``# ---- Name ----``):
   Gateway plan    pure: the box's WireGuard peers and nftables rules
   Gateway         kernel or userspace WireGuard, routes, nftables
   OIDC            sign-in through an OpenID provider (authorization code, PKCE)
-  Server          listeners, admin socket, API, metrics, lifetime of ``serve``;
+  Server          listeners, admin socket, API routing, DNS settings, metrics, lifetime of ``serve``;
                   what NetInfo says about a node's NAT, and why a pair is relayed
-  Admin           the administrative verbs, shared by the CLI and the API
+  Admin           the administrative verbs, shared by the CLI and the APIs
+  QR code         a QR encoder (byte mode, level M) for keys and WireGuard configs
+  API v2          Tailscale's public API v2 in its shapes, OAuth tokens; each change an Admin verb
+  Admin page      /admin: HTML, CSS and script, its cookie sessions and CSRF tokens
   CLI             argument parsing, output, local or remote verbs
 """
 
@@ -1396,6 +1399,9 @@ DROP TABLE IF EXISTS auth_requests;  -- login requests live in the server's memo
 CREATE TABLE IF NOT EXISTS api_keys (
     id INTEGER PRIMARY KEY, prefix TEXT NOT NULL, hash TEXT UNIQUE NOT NULL, created REAL NOT NULL,
     expiration REAL, revoked INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS oauth_clients (
+    id INTEGER PRIMARY KEY, client_id TEXT UNIQUE NOT NULL, hash TEXT UNIQUE NOT NULL, scopes TEXT NOT NULL,
+    created REAL NOT NULL, expiration REAL, revoked INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS users (
     id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS preauth_keys (
@@ -3829,11 +3835,12 @@ def sanitize_hostname(hostname):
     return label or "node"
 
 
-def netinfo_value(node, name, kind):
-    """Field `name` of the NetInfo a node reports, when it has the JSON type
-    `kind`, else None: clients may send anything, or nothing.  Tailscale's
-    opt.Bool fields arrive as true/false, or as the strings "true"/"false"."""
-    netinfo = node.hostinfo.get("NetInfo") if isinstance(node.hostinfo, dict) else None
+def netinfo_value(hostinfo, name, kind):
+    """Field `name` of the NetInfo in a Hostinfo, when it has the JSON type
+    `kind`, else None: clients may send anything, or nothing (and stored
+    Hostinfo predates the checks).  Tailscale's opt.Bool fields arrive as
+    true/false, or as the strings "true"/"false"."""
+    netinfo = hostinfo.get("NetInfo") if isinstance(hostinfo, dict) else None
     value = netinfo.get(name) if isinstance(netinfo, dict) else None
     if kind is bool and value in ("true", "false"):
         return value == "true"
@@ -3842,9 +3849,14 @@ def netinfo_value(node, name, kind):
     return value if isinstance(value, kind) else None
 
 
+def home_derp_region(hostinfo):
+    """The DERP region a Hostinfo reports as home, 0 when none."""
+    return max(netinfo_value(hostinfo, "PreferredDERP", int) or 0, 0)
+
+
 def home_derp(node):
     """The DERP region a node reports as its home, 0 when it has none."""
-    return max(netinfo_value(node, "PreferredDERP", int) or 0, 0)
+    return home_derp_region(node.hostinfo)
 
 
 def user_profile(user):
@@ -4758,15 +4770,20 @@ class Coordinator:
             node.endpoints = req["Endpoints"]
             node.endpoint_types = req.get("EndpointTypes") or []
         hostinfo = req.get("Hostinfo")
-        routes_changed = False
+        routes_changed = stored = False
         if hostinfo is not None and hostinfo != node.hostinfo:
             routes_changed = hostinfo.get("RoutableIPs") != node.hostinfo.get("RoutableIPs")
-            node.hostinfo, changed = hostinfo, True
+            # Peers hear of a new Hostinfo only when the part they are sent
+            # changes, so a node churning its other fields costs no fan-out.
+            changed |= routes_changed or peer_hostinfo(hostinfo) != peer_hostinfo(node.hostinfo) or \
+                home_derp_region(hostinfo) != home_derp_region(node.hostinfo)
+            node.hostinfo, stored = hostinfo, True
         version = req.get("Version")
         if version is not None and version != node.cap:
             node.cap, changed = version, True
-        if changed:
+        if stored or changed:
             self.dirty_live.add(node.id)
+        if changed:
             if routes_changed:
                 self.topology_changed(changed=[node.id])
             else:
@@ -4876,8 +4893,8 @@ MAX_REQUEST_HEAD = 32 << 10  # bytes of a whole request head (a browser's cookie
 WRITE_TIMEOUT = 30           # seconds a peer may leave a full buffer unread before it is dropped
 HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 204: "No Content", 302: "Found", 400: "Bad Request",
                 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-                413: "Payload Too Large", 426: "Upgrade Required", 431: "Request Header Fields Too Large",
-                500: "Internal Server Error",
+                411: "Length Required", 412: "Precondition Failed", 413: "Payload Too Large",
+                426: "Upgrade Required", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
                 501: "Not Implemented", 503: "Service Unavailable"}
 
 
@@ -4989,6 +5006,30 @@ def http_response(status, body=b"", content_type="text/plain; charset=utf-8", he
             f"Content-Type: {content_type}", f"Content-Length: {len(body)}", "Connection: close"]
     head += [f"{k}: {v}" for k, v in headers]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+BODY_TIMEOUT = 30            # seconds to send a request body (at most MAX_REQUEST_BODY)
+
+
+async def read_request_body(request, reader):
+    """A request's body by its Content-Length, bounded in size and time."""
+    if request.headers.get("transfer-encoding"):
+        raise HttpError(411, "send the body with a Content-Length, not chunked")
+    length = request.headers.get("content-length", "0") or "0"
+    if not length.isdigit() or len(length) > 12:
+        raise HttpError(400, "bad Content-Length")
+    if int(length) > MAX_REQUEST_BODY:
+        raise HttpError(413, f"request body too large (limit {MAX_REQUEST_BODY >> 20} MiB)")
+    return await asyncio.wait_for(reader.readexactly(int(length)), BODY_TIMEOUT) if int(length) else b""
+
+
+def request_cookie(request, name):
+    """The value of one cookie of a request ("" when it has none by that name)."""
+    for part in request.headers.get("cookie", "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return ""
 
 
 def http_upgrade_response(protocol, headers=()):
@@ -6900,6 +6941,7 @@ class Config:
     oidc_allowed_users: list = dataclasses.field(default_factory=list)     # and users (emails) outside them
     oidc_allowed_groups: list = dataclasses.field(default_factory=list)    # when set, one of them is required
     oidc_ca_file: str = ""      # CA bundle for the provider's TLS (default: the system's)
+    oidc_admins: list = dataclasses.field(default_factory=list)   # users (emails) who may sign in to /admin
 
     def control_address(self):
         return parse_host_port(self.listen, 8080)
@@ -6989,6 +7031,45 @@ def release_free_memory():
         pass
 
 
+# The tailnet's DNS settings start as the configuration's and, once changed
+# through the API or the CLI, are the stored ones.
+MAX_DNS_ENTRIES = 64       # resolvers, search domains or split-DNS domains in one setting
+DNS_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){DNS_LABEL}(\.{DNS_LABEL})*\.?$")
+
+
+def dns_settings(store, config):
+    """{"nameservers", "search_domains", "split_dns", "magic_dns"}: stored, else from the configuration."""
+    stored = store.setting("dns")
+    if stored:
+        return json.loads(stored)
+    return {"nameservers": list(config.nameservers), "search_domains": list(config.search_domains),
+            "split_dns": dict(config.split_dns), "magic_dns": bool(config.magic_dns)}
+
+
+def bounded_list(value, what):
+    if not isinstance(value, list) or len(value) > MAX_DNS_ENTRIES:
+        raise ValueError(f"{what} must be a list of at most {MAX_DNS_ENTRIES} entries")
+    return value
+
+
+def checked_nameservers(value, what):
+    """A list of resolver IP addresses, each checked."""
+    out = []
+    for item in bounded_list(value, what):
+        try:
+            out.append(str(ipaddress.ip_address(item if isinstance(item, str) else "")))
+        except ValueError:
+            raise ValueError(f"bad resolver address {str(item)[:64]!r} in {what}: use an IP address") from None
+    return out
+
+
+def checked_domain(value):
+    if not isinstance(value, str) or not DNS_NAME.match(value):
+        raise ValueError(f"bad domain {str(value)[:64]!r}: use a DNS name such as corp.example")
+    return value.rstrip(".").lower()
+
+
 # Connection budgets.  max_connections counts every connection from its
 # accept (TLS ones before their handshake); once the request head says what
 # a connection is, it also takes a place in its kind's budget, so a flood of
@@ -7068,6 +7149,8 @@ class Server:
         self.frames = {}            # id(map message) -> (message, its zstd frame)
         self.derp_nodes = None      # node key -> node, for DERP admission; None after a change
         self.recent_logs = RecentLogs()
+        self.admin_sessions = AdminSessions()
+        self.oauth_tokens = OAuthTokens()
         self.stopping = asyncio.Event()
 
     def _open_state(self):
@@ -7152,8 +7235,7 @@ class Server:
         settings = MapSettings(
             base_domain=config.base_domain,
             derp_map=derp_map(config.public_host(), derp_port, stun_ports, cert_name) if derp_port else {"Regions": {}},
-            dns_config=dns_config(config.base_domain, config.nameservers, config.split_dns, config.search_domains,
-                                  config.extra_records, config.magic_dns),
+            dns_config=self.dns_config(dns_settings(self.store, config)),
             control_url=config.public_url())
         expiry = 0 if str(config.node_expiry) == "0" else parse_duration(config.node_expiry)
         self.coordinator = Coordinator(self.store, settings, config.prefix_v4, config.prefix_v6, expiry)
@@ -7179,6 +7261,15 @@ class Server:
                  VERSION, config.public_url(), host, port,
                  f"TLS port {derp_port}" if derp_port else "off", "ports " + ",".join(map(str, stun_ports)) if stun_ports else "off",
                  os.path.abspath(config.state_dir))
+
+    def dns_config(self, dns):
+        return dns_config(self.config.base_domain, dns["nameservers"], dns["split_dns"], dns["search_domains"],
+                          self.config.extra_records, dns["magic_dns"])
+
+    def apply_dns(self, dns):
+        """New DNS settings: every node gets a full map with them."""
+        self.coordinator.settings.dns_config = self.dns_config(dns)
+        self.coordinator.notify(full=True)
 
     def store_healthy(self):
         try:
@@ -7402,6 +7493,10 @@ class Server:
             await self.finish_oidc_login(request.query, writer, peer)
         elif path.startswith("/api/v1/"):
             await self.handle_api(request, reader, writer)
+        elif path.startswith(API_V2_PREFIX):
+            await self.handle_api_v2(request, reader, writer)
+        elif path == "/admin" or path.startswith("/admin/"):
+            await self.handle_admin_page(request, reader, writer)
         elif path == "/metrics":
             writer.write(http_response(200, self.metrics_text(), "text/plain; version=0.0.4"))
         elif path == "/health":
@@ -7463,6 +7558,9 @@ class Server:
     async def finish_oidc_login(self, query, writer, peer):
         try:
             request_id, identity = await self.oidc.finish(query)
+            if request_id.startswith(ADMIN_SIGN_IN):
+                self.finish_admin_sign_in(identity, writer, peer)
+                return
             if request_id not in self.coordinator.auth_requests:
                 raise OidcError("the device's login request has expired: log in again on the device")
             user = self.coordinator.user_signing_in(identity["name"])
@@ -7477,6 +7575,19 @@ class Server:
                  request_id)
         writer.write(http_response(200, message_page("Signed in", f"Signed in as {user.name}; the device is joining."),
                                    "text/html; charset=utf-8"))
+
+    def finish_admin_sign_in(self, identity, writer, peer):
+        """An admin back from the identity provider: a session cookie, and on to the page."""
+        if identity["name"] not in self.config.oidc_admins:
+            log.warning("OIDC: %s signed in at %s but is not one of oidc_admins", identity["name"], peer)
+            writer.write(http_response(403, message_page("Not an admin", f"{identity['name']} is not one of this "
+                                                         "meshbox's oidc_admins."), "text/html; charset=utf-8"))
+            return
+        token, _ = self.admin_sessions.create(None)
+        log.info("OIDC: %s signed in to the admin page", identity["name"])
+        secure = self.config.public_url().startswith("https://")
+        writer.write(http_response(302, b"", headers=[("Location", "/admin"), ("Cache-Control", "no-store"),
+                                                      ("Set-Cookie", admin_cookie(token, secure))]))
 
     # local admin socket: live state for the CLI
     async def run_admin(self, noun, verb, params):
@@ -7519,11 +7630,9 @@ class Server:
             self.metrics["api_refused"] += 1
             writer.write(http_response(401, json_bytes({"error": "missing or invalid API key"}), "application/json"))
             return
-        length = int(request.headers.get("content-length") or 0)
-        if length > MAX_REQUEST_BODY:
-            raise HttpError(413, "request body too large")
+        body = await read_request_body(request, reader)
         try:
-            params = parse_json(await reader.readexactly(length)) if length else {}
+            params = parse_json(body) if body else {}
             if not isinstance(params, dict):
                 raise ValueError("the body must be a JSON object")
         except ValueError as e:
@@ -7535,6 +7644,72 @@ class Server:
             verb = None
         answer = await self.run_admin(noun, verb, params)
         writer.write(http_response(400 if "error" in answer else 200, json_bytes(answer), "application/json"))
+
+    def api_caller_scopes(self, request):
+        """The API v2 scopes of a request's caller, None when unknown: an API key (HTTP Bearer, or Basic
+        with the key as the user, as Tailscale's clients send it) or the admin page's session cookie with
+        its CSRF token may do everything; an OAuth access token (Bearer) what its client's scopes say."""
+        everything = frozenset({"all"})
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            if value.strip().startswith(OAUTH_SECRET_PREFIX):
+                return self.oauth_tokens.scopes(self.store, value.strip())
+            return everything if api_key_valid(self.store, value.strip()) else None
+        if scheme.lower() == "basic":
+            try:
+                user = base64.b64decode(value.strip(), validate=True).decode().partition(":")[0]
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            return everything if api_key_valid(self.store, user) else None
+        valid = self.admin_sessions.valid(self.store, request_cookie(request, SESSION_COOKIE),
+                                          request.headers.get(CSRF_HEADER, ""))
+        return everything if valid else None
+
+    async def handle_api_v2(self, request, reader, writer):
+        """Tailscale's API v2 (see ApiV2): errors answer as Tailscale's do, {"message": ...}."""
+        headers = [("Cache-Control", "no-store")]
+        try:
+            body = await read_request_body(request, reader)
+            if request.path.rstrip("/") == API_V2_PREFIX + "oauth/token" and request.method == "POST":
+                status, token = self.oauth_tokens.answer(self.store, request, body)
+                self.metrics["api_refused"] += status == 401
+                writer.write(http_response(status, json_bytes(token), "application/json", headers))
+                return
+            scopes = self.api_caller_scopes(request)
+            if scopes is None:
+                self.metrics["api_refused"] += 1
+                raise ApiError(401, "API token invalid")
+            status, content_type, answer, extra = await ApiV2(self).answer(
+                request.method, request.path, ApiRequest(request.method, request.query, request.headers, body), scopes)
+            headers += extra
+        except (ApiError, HttpError) as e:
+            status, content_type, answer = e.status, "application/json", json_bytes({"message": str(e)})
+        writer.write(http_response(status, answer, content_type, headers))
+
+    async def handle_admin_page(self, request, reader, writer):
+        """The admin page, its script and style, and its sign-in (a cookie session for an API key)."""
+        path, method = request.path.rstrip("/") or "/admin", request.method
+        secure = writer.get_extra_info("sslcontext") is not None or self.config.public_url().startswith("https://")
+        if path == "/admin/session":
+            body = await read_request_body(request, reader)
+            status, answer, headers = self.admin_sessions.answer(self.store, request, body, secure)
+            writer.write(http_response(status, json_bytes(answer), "application/json",
+                                       headers + [("Cache-Control", "no-store")]))
+        elif (method, path) == ("GET", "/admin"):
+            oidc = bool(self.oidc and self.config.oidc_admins)
+            writer.write(http_response(200, admin_page(self.config.public_url(), oidc), "text/html; charset=utf-8",
+                                       ADMIN_PAGE_HEADERS))
+        elif (method, path) == ("GET", "/admin/oidc") and self.oidc and self.config.oidc_admins:
+            try:     # a sign-in of its own each time: one person's reloads push out no other's
+                url = await self.oidc.authorization_url(ADMIN_SIGN_IN + secrets.token_urlsafe(12))
+            except OidcError as e:
+                raise HttpError(503, f"sign-in is unavailable: {e}") from None
+            writer.write(http_response(302, b"", headers=[("Location", url), ("Cache-Control", "no-store")]))
+        elif (method, path) in ADMIN_PAGE_FILES:
+            content_type, content = ADMIN_PAGE_FILES[(method, path)]
+            writer.write(http_response(200, content, content_type, ADMIN_PAGE_HEADERS))
+        else:
+            raise HttpError(404, f"{path} is not served here")
 
     def metrics_text(self):
         """Prometheus text exposition of the server's counters and gauges."""
@@ -7587,28 +7762,28 @@ TOP_PAIRS_METRICS = 10
 
 def nat_class(node):
     """One word for a node's network: udp-blocked, hard, port-mapped, easy or unknown."""
-    if netinfo_value(node, "WorkingUDP", bool) is False:
+    if netinfo_value(node.hostinfo, "WorkingUDP", bool) is False:
         return "udp-blocked"
-    if netinfo_value(node, "MappingVariesByDestIP", bool):
+    if netinfo_value(node.hostinfo, "MappingVariesByDestIP", bool):
         return "hard"
-    if any(netinfo_value(node, field, bool) for field, _ in PORT_MAPPINGS):
+    if any(netinfo_value(node.hostinfo, field, bool) for field, _ in PORT_MAPPINGS):
         return "port-mapped"
-    return "easy" if netinfo_value(node, "MappingVariesByDestIP", bool) is False else "unknown"
+    return "easy" if netinfo_value(node.hostinfo, "MappingVariesByDestIP", bool) is False else "unknown"
 
 
 def nat_words(node):
     """What a node's NetInfo says about its NAT, as phrases."""
     words = []
-    if netinfo_value(node, "WorkingUDP", bool) is False:
+    if netinfo_value(node.hostinfo, "WorkingUDP", bool) is False:
         words.append("UDP blocked")
-    varies = netinfo_value(node, "MappingVariesByDestIP", bool)
+    varies = netinfo_value(node.hostinfo, "MappingVariesByDestIP", bool)
     if varies:
         words.append("hard NAT: mapping varies by destination")
     elif varies is False:
         words.append("easy NAT (or none): one mapping for every destination")
-    if netinfo_value(node, "HairPinning", bool):
+    if netinfo_value(node.hostinfo, "HairPinning", bool):
         words.append("hairpinning")
-    words += [f"port mapping: {name}" for field, name in PORT_MAPPINGS if netinfo_value(node, field, bool)]
+    words += [f"port mapping: {name}" for field, name in PORT_MAPPINGS if netinfo_value(node.hostinfo, field, bool)]
     return words or ["not reported"]
 
 
@@ -7616,7 +7791,7 @@ def network_fields(node):
     """A node's network as its client reports it: NAT, endpoints and where
     each came from, DERP home and latencies, client version and capability."""
     types = node.endpoint_types if len(node.endpoint_types) == len(node.endpoints) else []
-    latency = netinfo_value(node, "DERPLatency", dict) or {}
+    latency = netinfo_value(node.hostinfo, "DERPLatency", dict) or {}
     version = node.hostinfo.get("IPNVersion") if isinstance(node.hostinfo, dict) else None
     return {"nat": nat_words(node), "nat_kind": nat_class(node),
             "endpoints_from": [{"endpoint": e, "from": ENDPOINT_SOURCES.get(t, "unknown") if types else "unknown"}
@@ -7703,8 +7878,12 @@ tailscale up --login-server {url} --auth-key KEY</pre>"""
 # HTTP API runs them inside the server for remote callers.
 
 API_KEY_PREFIX = "msapi-"
-ADMIN_NOUNS = ("users", "preauthkeys", "nodes", "routes", "devices", "policy", "apikeys", "status", "netmap", "logs",
-               "paths")
+OAUTH_SECRET_PREFIX = "msoauth-"
+# API v2's OAuth scopes that map onto meshbox; ":read" ones allow GET only.
+OAUTH_SCOPES = tuple(f"{area}{mode}" for area in ("all", "devices:core", "devices:routes", "auth_keys", "policy_file",
+                                                  "dns", "users", "feature_settings") for mode in ("", ":read"))
+ADMIN_NOUNS = ("users", "preauthkeys", "nodes", "routes", "devices", "policy", "dns", "apikeys", "oauthclients",
+               "status", "netmap", "logs", "paths")
 
 
 class Admin:
@@ -7755,7 +7934,7 @@ class Admin:
         at = now()
         return [{"id": k["id"], "key": k["prefix"] + "…", "user": k["user"], "reusable": bool(k["reusable"]),
                  "ephemeral": bool(k["ephemeral"]), "used": k["used"], "tags": json.loads(k["tags"]),
-                 "expiration": rfc3339(k["expiration"]),
+                 "created": rfc3339(k["created"]), "expiration": rfc3339(k["expiration"]),
                  "valid": not k["revoked"] and not (k["expiration"] and k["expiration"] <= at)
                  and bool(k["reusable"] or not k["used"])} for k in self.store.preauth_keys()]
 
@@ -7840,6 +8019,13 @@ class Admin:
         if any(n.given_name == name and n.id != node.id for n in self.store.nodes()):
             raise ValueError(f"name {name!r} is taken by another node")
         return self._update_node(node, f"renamed node {node.id} to {name}", given_name=name)
+
+    def nodes_pending(self):
+        """The login requests waiting for an admin (they live in the running server's memory)."""
+        if self.server is None:
+            return []
+        return [{"key": r.id, "hostname": r.hostname, "requested_tags": r.requested_tags, "created": rfc3339(r.created)}
+                for r in self.server.coordinator.auth_requests.values() if not r.done.flag]
 
     def nodes_register(self, user, key):
         owner = self.store.user_named(user)
@@ -7974,6 +8160,31 @@ class Admin:
         return {name: {"packet_filter_rules": view["packet_filter_rules"], "peers": peers_dict(view["peers"]),
                        "ssh_rules": view["ssh_rules"]} for name, view in compiled.items()}
 
+    # DNS
+    def dns_get(self):
+        return dns_settings(self.store, self.config)
+
+    def dns_set(self, nameservers=None, search_domains=None, split_dns=None, magic_dns=None):
+        """Change the tailnet's DNS settings (None: leave as is); a running server sends them at once."""
+        settings = self.dns_get()
+        if nameservers is not None:
+            settings["nameservers"] = checked_nameservers(nameservers, "nameservers")
+        if search_domains is not None:
+            settings["search_domains"] = [checked_domain(d) for d in bounded_list(search_domains, "search domains")]
+        if split_dns is not None:
+            if not isinstance(split_dns, dict) or len(split_dns) > MAX_DNS_ENTRIES:
+                raise ValueError(f"split DNS must map at most {MAX_DNS_ENTRIES} domains to lists of resolvers")
+            settings["split_dns"] = {checked_domain(d): checked_nameservers(ns, f"resolvers of {d}")
+                                     for d, ns in split_dns.items()}
+        if magic_dns is not None:
+            if not isinstance(magic_dns, bool):
+                raise ValueError("magic_dns is true or false")
+            settings["magic_dns"] = magic_dns
+        self.store.set_setting("dns", json.dumps(settings))
+        if self.server is not None:
+            self.server.apply_dns(settings)
+        return dict(settings, message="DNS settings saved")
+
     # API keys
     def apikeys_list(self):
         at = now()
@@ -7997,6 +8208,34 @@ class Admin:
         if cur.rowcount != 1:
             raise ValueError(f"no single API key matches {prefix!r}")
         return {"message": "API key expired"}
+
+    # OAuth clients: API v2's client credentials, each with its scopes
+    def oauthclients_list(self):
+        at = now()
+        return [{"id": r["id"], "client_id": r["client_id"], "scopes": json.loads(r["scopes"]),
+                 "created": rfc3339(r["created"]), "expiration": rfc3339(r["expiration"]),
+                 "valid": not r["revoked"] and not (r["expiration"] and r["expiration"] <= at)}
+                for r in self.store.db.execute("SELECT * FROM oauth_clients ORDER BY id")]
+
+    def oauthclients_create(self, scopes="all", expiration="365d"):
+        scope_list = sorted(set(scopes.replace(",", " ").split()))
+        unknown = [s for s in scope_list if s not in OAUTH_SCOPES]
+        if unknown or not scope_list:
+            raise ValueError(f"unknown scope {' '.join(unknown)[:64]!r}: use {', '.join(OAUTH_SCOPES)}")
+        client_id, secret = "msoc" + secrets.token_hex(8), OAUTH_SECRET_PREFIX + secrets.token_hex(24)
+        expires = now() + parse_duration(expiration)
+        with self.store.transaction():
+            self.store.db.execute("INSERT INTO oauth_clients(client_id, hash, scopes, created, expiration)"
+                                  " VALUES(?,?,?,?,?)", (client_id, hash_secret(secret), json.dumps(scope_list),
+                                                         now(), expires))
+        return {"client_id": client_id, "client_secret": secret, "scopes": scope_list, "expiration": rfc3339(expires)}
+
+    def oauthclients_expire(self, client_id):
+        with self.store.transaction():
+            cur = self.store.db.execute("UPDATE oauth_clients SET revoked=1 WHERE client_id=?", (client_id,))
+        if cur.rowcount != 1:
+            raise ValueError(f"no OAuth client {client_id!r}")
+        return {"message": f"OAuth client {client_id} revoked; its access tokens stop working"}
 
     # the running server's view
     def status(self):
@@ -8027,8 +8266,1354 @@ class Admin:
 
 def api_key_valid(store, secret):
     """Whether a presented API key is known, unexpired and not revoked."""
-    row = store.db.execute("SELECT * FROM api_keys WHERE hash=?", (hash_secret(secret),)).fetchone()
+    return api_key_hash_valid(store, hash_secret(secret))
+
+
+def oauth_client_scopes(store, client_id, secret=None):
+    """The scopes of a valid OAuth client (whose secret, when given, matches), else None."""
+    row = store.db.execute("SELECT * FROM oauth_clients WHERE client_id=?", (client_id,)).fetchone()
+    if not row or row["revoked"] or (row["expiration"] and row["expiration"] <= now()):
+        return None
+    if secret is not None and not hmac.compare_digest(row["hash"].encode(), hash_secret(secret).encode()):
+        return None
+    return json.loads(row["scopes"])
+
+
+def api_key_hash_valid(store, key_hash):
+    """Whether the API key of this hash is known, unexpired and not revoked."""
+    row = store.db.execute("SELECT * FROM api_keys WHERE hash=?", (key_hash,)).fetchone()
     return bool(row) and not row["revoked"] and not (row["expiration"] and row["expiration"] <= now())
+
+
+# ---- QR code ----
+# A QR code encoder (ISO/IEC 18004: byte mode, error correction level M,
+# versions 1-20, up to 666 bytes) for the admin page to show a pre-auth
+# key's `tailscale up` command or a WireGuard configuration to a phone's
+# camera, without sending the secret anywhere but the admin's own screen.
+
+# Per version at level M: EC codewords per block, then (blocks, data codewords per block) for each group.
+QR_M_BLOCKS = ((10, 1, 16), (16, 1, 28), (26, 1, 44), (18, 2, 32), (24, 2, 43), (16, 4, 27), (18, 4, 31),
+               (22, 2, 38, 2, 39), (22, 3, 36, 2, 37), (26, 4, 43, 1, 44), (30, 1, 50, 4, 51), (22, 6, 36, 2, 37),
+               (22, 8, 37, 1, 38), (24, 4, 40, 5, 41), (24, 5, 41, 5, 42), (28, 7, 45, 3, 46), (28, 10, 46, 1, 47),
+               (26, 9, 43, 4, 44), (26, 3, 44, 11, 45), (26, 3, 41, 13, 42))
+QR_MASKS = (lambda x, y: (x + y) % 2 == 0, lambda x, y: y % 2 == 0, lambda x, y: x % 3 == 0,
+            lambda x, y: (x + y) % 3 == 0, lambda x, y: (x // 3 + y // 2) % 2 == 0,
+            lambda x, y: x * y % 2 + x * y % 3 == 0, lambda x, y: (x * y % 2 + x * y % 3) % 2 == 0,
+            lambda x, y: ((x + y) % 2 + x * y % 3) % 2 == 0)
+
+
+def _gf256_multiply(x, y):
+    """Multiplication in GF(2^8) modulo x^8 + x^4 + x^3 + x^2 + 1, QR's field."""
+    z = 0
+    for i in range(7, -1, -1):
+        z = (z << 1) ^ ((z >> 7) * 0x11D)
+        z ^= ((y >> i) & 1) * x
+    return z
+
+
+def reed_solomon_remainder(data, degree):
+    """The `degree` error correction codewords of a block."""
+    divisor, root = [0] * (degree - 1) + [1], 1
+    for _ in range(degree):
+        for j in range(degree):
+            divisor[j] = _gf256_multiply(divisor[j], root)
+            if j + 1 < degree:
+                divisor[j] ^= divisor[j + 1]
+        root = _gf256_multiply(root, 2)
+    result = [0] * degree
+    for byte in data:
+        factor = byte ^ result.pop(0)
+        result.append(0)
+        for i, coefficient in enumerate(divisor):
+            result[i] ^= _gf256_multiply(coefficient, factor)
+    return result
+
+
+def _qr_codewords(data):
+    """(version, the interleaved data and EC codewords) of the smallest version that holds data."""
+    for version, (ec, *groups) in enumerate(QR_M_BLOCKS, 1):
+        blocks = [(groups[i], groups[i + 1]) for i in range(0, len(groups), 2)]
+        capacity = sum(count * size for count, size in blocks)
+        count_bits = 8 if version < 10 else 16
+        if 4 + count_bits + 8 * len(data) <= capacity * 8:
+            break
+    else:
+        raise ValueError(f"too long for a QR code: {len(data)} bytes (at most 666)")
+    bits = "0100" + format(len(data), f"0{count_bits}b") + "".join(format(b, "08b") for b in data)
+    bits += "0" * min(4, capacity * 8 - len(bits))
+    bits += "0" * (-len(bits) % 8)
+    words = [int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)]
+    words += [(0xEC, 0x11)[i % 2] for i in range(capacity - len(words))]
+    data_blocks, at = [], 0
+    for count, size in blocks:
+        for _ in range(count):
+            data_blocks.append(words[at:at + size])
+            at += size
+    ec_blocks = [reed_solomon_remainder(block, ec) for block in data_blocks]
+    out = [b[i] for i in range(max(map(len, data_blocks))) for b in data_blocks if i < len(b)]
+    return version, out + [b[i] for i in range(ec) for b in ec_blocks]
+
+
+def _qr_penalty(modules):
+    """Rules 1, 2 and 4 of the mask penalty: long runs, 2x2 blocks, imbalance of dark and light."""
+    size, score = len(modules), 0
+    for lines in (modules, list(zip(*modules))):
+        for line in lines:
+            run, previous = 0, None
+            for dark in line:
+                run = run + 1 if dark == previous else 1
+                previous = dark
+                score += 3 if run == 5 else 1 if run > 5 else 0
+    for y in range(size - 1):
+        for x in range(size - 1):
+            if modules[y][x] == modules[y][x + 1] == modules[y + 1][x] == modules[y + 1][x + 1]:
+                score += 3
+    dark = sum(map(sum, modules))
+    return score + abs(dark * 20 - size * size * 10) // (size * size) * 10
+
+
+def qr_matrix(text):
+    """The QR code of text (UTF-8) as rows of booleans (True: dark)."""
+    version, codewords = _qr_codewords(text.encode())
+    size = version * 4 + 17
+    modules = [[False] * size for _ in range(size)]
+    function = [[False] * size for _ in range(size)]
+
+    def put(x, y, dark):
+        modules[y][x], function[y][x] = bool(dark), True
+
+    def format_bits(mask):          # level M is 00
+        rem = mask
+        for _ in range(10):
+            rem = (rem << 1) ^ ((rem >> 9) * 0x537)
+        bits = (mask << 10 | rem) ^ 0x5412
+        for i in range(15):
+            bit = (bits >> i) & 1
+            put(8, i if i < 6 else i + 1 if i < 8 else size - 15 + i, bit)
+            put(size - 1 - i if i < 8 else 15 - i - (1 if i >= 9 else 0), 8, bit)
+        put(8, size - 8, True)
+
+    for i in range(size):
+        put(6, i, i % 2 == 0)
+        put(i, 6, i % 2 == 0)
+    for cx, cy in ((3, 3), (size - 4, 3), (3, size - 4)):
+        for dy in range(-4, 5):
+            for dx in range(-4, 5):
+                if 0 <= cx + dx < size and 0 <= cy + dy < size:
+                    put(cx + dx, cy + dy, max(abs(dx), abs(dy)) not in (2, 4))
+    if version > 1:
+        count = version // 7 + 2
+        step = (version * 8 + count * 3 + 5) // (count * 4 - 4) * 2
+        centres = [6] + [size - 7 - i * step for i in range(count - 1)][::-1]
+        for cy in centres:
+            for cx in centres:
+                if (cx, cy) not in ((6, 6), (6, centres[-1]), (centres[-1], 6)):
+                    for dy in range(-2, 3):
+                        for dx in range(-2, 3):
+                            put(cx + dx, cy + dy, max(abs(dx), abs(dy)) != 1)
+    format_bits(0)                  # reserves the format areas; drawn for real below
+    if version >= 7:
+        rem = version
+        for _ in range(12):
+            rem = (rem << 1) ^ ((rem >> 11) * 0x1F25)
+        bits = version << 12 | rem
+        for i in range(18):
+            put(size - 11 + i % 3, i // 3, (bits >> i) & 1)
+            put(i // 3, size - 11 + i % 3, (bits >> i) & 1)
+    at, total = 0, len(codewords) * 8
+    for right in range(size - 1, 0, -2):
+        right = right - 1 if right <= 6 else right
+        for vertical in range(size):
+            for x in (right, right - 1):
+                y = size - 1 - vertical if ((right + 1) & 2) == 0 else vertical
+                if not function[y][x] and at < total:
+                    modules[y][x] = (codewords[at >> 3] >> (7 - (at & 7))) & 1 == 1
+                    at += 1
+    plain = [row[:] for row in modules]
+    best = None
+    for mask, rule in enumerate(QR_MASKS):
+        for y in range(size):
+            for x in range(size):
+                modules[y][x] = plain[y][x] ^ (not function[y][x] and rule(x, y))
+        format_bits(mask)
+        score = _qr_penalty(modules)
+        if best is None or score < best[0]:
+            best = (score, [row[:] for row in modules])
+    return best[1]
+
+
+def qr_terminal_text(text):
+    """The QR code of text drawn with block characters, two rows a line, dark on a light quiet zone."""
+    matrix = qr_matrix(text)
+    size = len(matrix)
+    light = [[True] * (size + 8) for _ in range(4)]
+    rows = light + [[True] * 4 + [not dark for dark in row] + [True] * 4 for row in matrix] + light
+    rows.append([False] * (size + 8))        # an even number of rows
+    glyphs = {(True, True): "\u2588", (True, False): "\u2580", (False, True): "\u2584", (False, False): " "}
+    return "\n".join("".join(glyphs[top, bottom] for top, bottom in zip(rows[y], rows[y + 1]))
+                     for y in range(0, len(rows) - 1, 2))
+
+
+def qr_svg(text):
+    """The QR code of text as an SVG image with its quiet zone."""
+    matrix = qr_matrix(text)
+    size = len(matrix) + 8
+    path = "".join(f"M{x + 4} {y + 4}h1v1h-1z" for y, row in enumerate(matrix) for x, dark in enumerate(row) if dark)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {size} {size}" shape-rendering="crispEdges">'
+            f'<rect width="{size}" height="{size}" fill="#fff"/><path d="{path}" fill="#000"/></svg>')
+
+
+# ---- API v2 ----
+# Tailscale's public API (api.tailscale.com/api/v2/), the parts a
+# self-hosted tailnet has, in Tailscale's JSON shapes and status codes, so
+# the tools written for it (the Go client, the Terraform provider, the PyPI
+# package Home Assistant uses) drive meshbox.  The tailnet is "-" (or its
+# base domain).  Callers bring an API key or an OAuth access token, whose
+# client's scopes say which endpoints it may use.  Reads come from the Admin verbs' answers; every change is an
+# Admin verb run inside the server, the one path the CLI and /api/v1 take.
+# A few meshbox endpoints that Tailscale has no counterpart for (pending
+# logins, plain WireGuard devices, logs, QR codes) live beside them.
+
+API_V2_PREFIX = "/api/v2/"
+DEVICE_ALL_FIELDS = ("advertisedRoutes", "enabledRoutes", "clientConnectivity")   # only with fields=all
+MAX_KEY_SECONDS = 90 * 86400          # Tailscale's longest auth key
+MAX_API_ITEMS = 256                   # tags or routes in one request
+ZERO_TIME = "0001-01-01T00:00:00Z"    # Go's zero time.Time, Tailscale's "never"
+DEFAULT_POLICY = """// No policy is set: every node may reach every other.
+{
+  "acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}],
+}
+"""
+
+
+class ApiError(Exception):
+    """An API answer other than success: its status and Tailscale's {"message": ...}."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclasses.dataclass
+class ApiRequest:
+    method: str
+    query: dict
+    headers: dict
+    body: bytes
+    scopes: frozenset = frozenset()     # what the caller may do (see ApiV2.answer)
+
+    def json(self):
+        """The body as a JSON object (or list); ApiError 400 when it is not one."""
+        try:
+            value = parse_json(self.body or b"{}")
+        except ValueError as e:
+            raise ApiError(400, f"malformed JSON body: {e}") from None
+        if not isinstance(value, (dict, list)):
+            raise ApiError(400, "the body must be a JSON object")
+        return value
+
+    def field(self, name, kind, default=None):
+        """One field of a JSON object body, of the given type."""
+        body = self.json()
+        value = body.get(name, default) if isinstance(body, dict) else default
+        if value is None and default is None:
+            raise ApiError(400, f"the body needs {name!r}")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ApiError(400, f"{name!r} has the wrong type")
+        return value
+
+    def text(self):
+        try:
+            return self.body.decode()
+        except UnicodeDecodeError:
+            raise ApiError(400, "the body is not UTF-8 text") from None
+
+
+NETINFO_FLAGS = {"true": True, "false": False, True: True, False: False}
+
+
+def _netinfo_flag(value):
+    """tailcfg.NetInfo's opt.Bool ("true", "false", "") as True, False or None."""
+    return NETINFO_FLAGS.get(value) if isinstance(value, (str, bool)) else None
+
+
+def client_connectivity(row, hostinfo):
+    """The device's clientConnectivity from what its client last reported (NetInfo)."""
+    netinfo = hostinfo.get("NetInfo") if isinstance(hostinfo.get("NetInfo"), dict) else {}
+    latency, measured = {}, netinfo.get("DERPLatency")
+    for region, seconds in (measured.items() if isinstance(measured, dict) else ()):
+        if isinstance(seconds, (int, float)):
+            latency[str(region)] = {"latencyMs": seconds * 1000,
+                                    "preferred": str(region).startswith(f"{netinfo.get('PreferredDERP')}-")}
+    network = row.get("network") or {}       # the NAT diagnostics' view, where nodes list has it
+    return {"endpoints": list(row["endpoints"] or []), "derp": "meshbox" if row["derp_home"] else "",
+            "nat": network.get("nat_kind") or "",
+            "mappingVariesByDestIP": _netinfo_flag(netinfo.get("MappingVariesByDestIP")), "latency": latency,
+            "clientSupports": {"hairPinning": _netinfo_flag(netinfo.get("HairPinning")),
+                               "ipv6": _netinfo_flag(netinfo.get("WorkingIPv6")),
+                               "pcp": _netinfo_flag(netinfo.get("PCP")), "pmp": _netinfo_flag(netinfo.get("PMP")),
+                               "udp": _netinfo_flag(netinfo.get("WorkingUDP")),
+                               "upnp": _netinfo_flag(netinfo.get("UPnP"))}}
+
+
+def device_json(row, node, base_domain, fields):
+    """One row of `nodes list` (and its node) as Tailscale's Device; fields "all" adds routes and connectivity."""
+    hostinfo = node.hostinfo
+    out = {"id": str(node.id), "nodeId": f"n{node.id}", "name": f"{node.given_name}.{base_domain}",
+           "hostname": node.hostname, "user": row["user"] or "", "addresses": [node.ipv4, node.ipv6],
+           "os": row["os"], "clientVersion": str(hostinfo.get("IPNVersion") or ""), "updateAvailable": False,
+           "created": row["created"] or ZERO_TIME, "lastSeen": rfc3339(now()) if row["online"] else row["last_seen"],
+           "connectedToControl": row["online"], "keyExpiryDisabled": node.expiry is None,
+           "expires": rfc3339(node.expiry) or ZERO_TIME, "authorized": True, "isExternal": False,
+           "isEphemeral": node.ephemeral, "machineKey": key_text("mkey", node.machine_key),
+           "nodeKey": key_text("nodekey", node.node_key),
+           "blocksIncomingConnections": bool(hostinfo.get("ShieldsUp")), "tags": list(node.tags),
+           "tailnetLockKey": "", "tailnetLockError": "", "multipleConnections": False}
+    if fields == "all":
+        out.update(advertisedRoutes=row["advertised_routes"], enabledRoutes=row["approved_routes"],
+                   clientConnectivity=client_connectivity(row, hostinfo))
+        if row.get("kind") == NODE_GATEWAY:
+            out["meshboxGateway"] = True
+    return out
+
+
+def device_fields(query):
+    fields = query.get("fields", "default") or "default"
+    if fields not in ("default", "all"):
+        raise ApiError(400, f"fields is default or all, not {fields[:32]!r}")
+    return fields
+
+
+def key_json(row):
+    """A row of `preauthkeys list` as Tailscale's Key (without its secret)."""
+    return {"id": f"k{row['id']}", "keyType": "auth", "description": "", "created": row["created"],
+            "expires": row["expiration"], "invalid": not row["valid"], "userId": row["user"],
+            "capabilities": {"devices": {"create": {"reusable": row["reusable"], "ephemeral": row["ephemeral"],
+                                                    "preauthorized": True, "tags": row["tags"]}}}}
+
+
+def client_key_json(row):
+    """A row of `oauthclients list` as Tailscale's Key of type client (without its secret)."""
+    return {"id": row["client_id"], "keyType": "client", "description": "", "created": row["created"],
+            "expires": row["expiration"], "invalid": not row["valid"], "scopes": row["scopes"]}
+
+
+def policy_etag(text):
+    return '"' + hashlib.sha256(text.encode()).hexdigest() + '"'
+
+
+def checked_strings(value, what, limit=MAX_API_ITEMS):
+    if not isinstance(value, list) or len(value) > limit or not all(isinstance(v, str) and len(v) <= 255
+                                                                    for v in value):
+        raise ApiError(400, f"{what} must be a list of at most {limit} strings")
+    return value
+
+
+def _api_route(pattern):
+    """A route pattern ("device/{id}/routes") as a regular expression; {t} is the tailnet."""
+    return re.compile("^" + re.sub(r"\{\w+\}", "([^/]+)", pattern) + "$")
+
+
+def with_expiring_entry(table, key, entry, limit):
+    """table (hash -> (expires, ...)) without its expired entries, with entry added: at most limit
+    entries, the soonest to expire dropped first."""
+    at = now()
+    table = {k: v for k, v in table.items() if v[0] > at}
+    while len(table) >= limit:
+        del table[min(table, key=lambda k: table[k][0])]
+    table[key] = entry
+    return table
+
+
+OAUTH_TOKEN_TTL = 3600        # seconds an access token lasts, as Tailscale's
+MAX_OAUTH_TOKENS = 256
+
+
+class OAuthTokens:
+    """Access tokens handed out at /api/v2/oauth/token, kept by their hash:
+    each with its expiry, scopes and client (revoking the client ends them)."""
+
+    def __init__(self):
+        self.tokens = {}         # hash of the token -> (expires, scopes, client ID)
+
+    def issue(self, client_id, scopes):
+        token = OAUTH_SECRET_PREFIX + "token-" + secrets.token_hex(24)
+        self.tokens = with_expiring_entry(self.tokens, hash_secret(token),
+                                          (now() + OAUTH_TOKEN_TTL, frozenset(scopes), client_id), MAX_OAUTH_TOKENS)
+        return token
+
+    def scopes(self, store, token):
+        """The scopes of a live token whose client is still valid, else None."""
+        entry = self.tokens.get(hash_secret(token))
+        if entry is None or entry[0] <= now() or oauth_client_scopes(store, entry[2]) is None:
+            return None
+        return entry[1]
+
+    def answer(self, store, request, body):
+        """The token endpoint (RFC 6749 client credentials, form-encoded, the client in the form or in
+        HTTP Basic): (status, JSON answer)."""
+        form = parse_query(body.decode(errors="replace")) if body else {}
+        client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "basic" and not client_id:
+            try:
+                client_id, _, secret = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                pass
+        if form.get("grant_type", "client_credentials") != "client_credentials":
+            return 400, {"error": "unsupported_grant_type", "message": "only client_credentials is supported"}
+        allowed = oauth_client_scopes(store, client_id, secret) if client_id and secret else None
+        if allowed is None:
+            return 401, {"error": "invalid_client", "message": "unknown or revoked OAuth client, or a wrong secret"}
+        wanted = form.get("scope", "").split() or allowed
+        if not set(wanted) <= set(allowed):
+            return 400, {"error": "invalid_scope", "message": f"the client may ask for {' '.join(allowed)} only"}
+        return 200, {"access_token": self.issue(client_id, wanted), "token_type": "Bearer",
+                     "expires_in": OAUTH_TOKEN_TTL, "scope": " ".join(wanted)}
+
+
+class ApiV2:
+    """One running server's /api/v2: routes requests to handlers, which call Admin verbs."""
+
+    # (method, path, handler, the OAuth scope it needs; its ":read" form is enough for a GET)
+    ROUTES = [(method, _api_route(pattern), handler, scope) for method, pattern, handler, scope in (
+        ("GET", "tailnet/{t}/devices", "list_devices", "devices:core"),
+        ("GET", "device/{id}", "get_device", "devices:core"),
+        ("DELETE", "device/{id}", "delete_device", "devices:core"),
+        ("POST", "device/{id}/authorized", "authorize_device", "devices:core"),
+        ("POST", "device/{id}/expire", "expire_device", "devices:core"),
+        ("POST", "device/{id}/key", "device_key", "devices:core"),
+        ("POST", "device/{id}/name", "rename_device", "devices:core"),
+        ("POST", "device/{id}/tags", "tag_device", "devices:core"),
+        ("GET", "device/{id}/routes", "device_routes", "devices:routes"),
+        ("POST", "device/{id}/routes", "set_device_routes", "devices:routes"),
+        ("GET", "tailnet/{t}/keys", "list_keys", "auth_keys"),
+        ("POST", "tailnet/{t}/keys", "create_key", "auth_keys"),
+        ("GET", "tailnet/{t}/keys/{id}", "get_key", "auth_keys"),
+        ("DELETE", "tailnet/{t}/keys/{id}", "delete_key", "auth_keys"),
+        ("GET", "tailnet/{t}/acl", "get_policy", "policy_file"),
+        ("POST", "tailnet/{t}/acl", "set_policy", "policy_file"),
+        ("POST", "tailnet/{t}/acl/validate", "validate_policy", "policy_file"),
+        ("GET", "tailnet/{t}/dns/nameservers", "get_nameservers", "dns"),
+        ("POST", "tailnet/{t}/dns/nameservers", "set_nameservers", "dns"),
+        ("GET", "tailnet/{t}/dns/preferences", "get_dns_preferences", "dns"),
+        ("POST", "tailnet/{t}/dns/preferences", "set_dns_preferences", "dns"),
+        ("GET", "tailnet/{t}/dns/searchpaths", "get_search_paths", "dns"),
+        ("POST", "tailnet/{t}/dns/searchpaths", "set_search_paths", "dns"),
+        ("GET", "tailnet/{t}/dns/split-dns", "get_split_dns", "dns"),
+        ("PUT", "tailnet/{t}/dns/split-dns", "replace_split_dns", "dns"),
+        ("PATCH", "tailnet/{t}/dns/split-dns", "update_split_dns", "dns"),
+        ("GET", "tailnet/{t}/dns/configuration", "get_dns_configuration", "dns"),
+        ("POST", "tailnet/{t}/dns/configuration", "set_dns_configuration", "dns"),
+        ("GET", "tailnet/{t}/users", "list_users", "users"),
+        ("GET", "users/{id}", "get_user", "users"),
+        ("POST", "users/{id}/delete", "delete_user", "users"),
+        ("GET", "tailnet/{t}/settings", "get_settings", "feature_settings"),
+        ("PATCH", "tailnet/{t}/settings", "update_settings", "feature_settings"),
+        # meshbox's own, for what Tailscale's API has no endpoint for
+        ("POST", "tailnet/{t}/users", "create_user", "all"),
+        ("GET", "tailnet/{t}/logins", "list_logins", "all"),
+        ("POST", "tailnet/{t}/logins/{id}/approve", "approve_login", "all"),
+        ("GET", "tailnet/{t}/wireguard-devices", "list_wireguard_devices", "all"),
+        ("POST", "tailnet/{t}/wireguard-devices", "add_wireguard_device", "all"),
+        ("DELETE", "tailnet/{t}/wireguard-devices/{id}", "remove_wireguard_device", "all"),
+        ("GET", "tailnet/{t}/logs", "recent_logs", "all"),
+        ("POST", "tailnet/{t}/qr", "qr_code", "all"),
+    )]
+
+    def __init__(self, server):
+        self.server = server
+        self.config = server.config
+
+    async def answer(self, method, path, request, scopes):
+        """(status, content type, body bytes, extra headers) for one request by a caller with these scopes."""
+        segments = path[len(API_V2_PREFIX):].strip("/")
+        allowed = False
+        for route_method, pattern, handler, scope in self.ROUTES:
+            match = pattern.match(segments)
+            if not match:
+                continue
+            allowed = True
+            if route_method != method:
+                continue
+            if not {"all", scope} & scopes and not (method == "GET" and {"all:read", f"{scope}:read"} & scopes):
+                raise ApiError(403, f"this token lacks the scope {scope}{':read' if method == 'GET' else ''}")
+            request.scopes = scopes
+            args = [_percent_decode(a) for a in match.groups()]
+            if pattern.pattern.startswith("^tailnet/"):
+                tailnet = args.pop(0)
+                if tailnet not in ("-", self.config.base_domain):
+                    raise ApiError(404, f"tailnet {tailnet[:64]!r} not found (this one is '-')")
+            result = await getattr(self, handler)(request, *args)
+            if isinstance(result, tuple):
+                return result
+            return 200, "application/json", json_bytes(result), []
+        if allowed:
+            raise ApiError(405, f"method {method} not allowed on {path[:128]}")
+        raise ApiError(404, f"{path[:128]} is not part of meshbox's API v2 (see its README for the endpoints)")
+
+    def read(self, noun, verb, **params):
+        """A verb that only reads, without the reload from the store that follows a change."""
+        admin = Admin(self.server.store, self.config, self.server)
+        try:
+            return getattr(admin, f"{noun}_{verb}" if verb else noun)(**params)
+        except (ValueError, StoreError) as e:
+            raise ApiError(400, str(e)) from None
+
+    async def verb(self, noun, verb, **params):
+        answer = await self.server.run_admin(noun, verb, params)
+        if "error" in answer:
+            raise ApiError(400, answer["error"])
+        return answer["result"]
+
+    # devices
+    def node(self, ident):
+        """The node a device ID (or Tailscale's stable nodeId, nN) names; 404 when none."""
+        digits = ident[1:] if ident[:1] == "n" else ident
+        node = self.server.coordinator.nodes.get(int(digits)) if digits.isdigit() and len(digits) < 19 else None
+        if node is None:
+            raise ApiError(404, f"device {ident[:64]!r} not found")
+        return node
+
+    async def device(self, node, fields):
+        rows = self.read("nodes", "list")
+        row = next((r for r in rows if r["id"] == node.id), None)
+        if row is None:
+            raise ApiError(404, f"device {node.id} not found")
+        return device_json(row, node, self.config.base_domain, fields)
+
+    async def list_devices(self, request):
+        fields = device_fields(request.query)
+        nodes = self.server.coordinator.nodes
+        return {"devices": [device_json(row, nodes[row["id"]], self.config.base_domain, fields)
+                            for row in self.read("nodes", "list") if row["id"] in nodes]}
+
+    async def get_device(self, request, ident):
+        return await self.device(self.node(ident), device_fields(request.query))
+
+    async def delete_device(self, request, ident):
+        await self.verb("nodes", "delete", id=str(self.node(ident).id))
+        return {}
+
+    async def authorize_device(self, request, ident):
+        self.node(ident)
+        if not request.field("authorized", bool):
+            raise ApiError(400, "meshbox has no deauthorized devices: expire the device's key or delete it")
+        return {}          # a registered node is authorized; pending logins are approved at .../logins
+
+    async def expire_device(self, request, ident):
+        await self.verb("nodes", "expire", id=str(self.node(ident).id))
+        return {}
+
+    async def device_key(self, request, ident):
+        node = self.node(ident)
+        if request.field("keyExpiryDisabled", bool):
+            await self.verb("nodes", "expiry", switch="disable", id=str(node.id))
+        elif node.expiry is None:
+            raise ApiError(400, "meshbox cannot turn key expiry back on: the key expires again at the next login")
+        return {}
+
+    async def rename_device(self, request, ident):
+        node = self.node(ident)
+        name = request.field("name", str).strip()
+        suffix = "." + self.config.base_domain
+        name = name.rstrip(".")[:-len(suffix)] if name.rstrip(".").endswith(suffix) else name
+        await self.verb("nodes", "rename", id=str(node.id), name=name or sanitize_hostname(node.hostname))
+        return {}
+
+    async def tag_device(self, request, ident):
+        tags = checked_strings(request.field("tags", list), "tags")
+        await self.verb("nodes", "tag", id=str(self.node(ident).id), tags=",".join(tags))
+        return {}
+
+    async def device_routes(self, request, ident):
+        device = await self.device(self.node(ident), "all")
+        return {"advertisedRoutes": device["advertisedRoutes"], "enabledRoutes": device["enabledRoutes"]}
+
+    async def set_device_routes(self, request, ident):
+        node = self.node(ident)
+        wanted = []
+        for text in checked_strings(request.field("routes", list), "routes"):
+            try:
+                wanted.append(str(ipaddress.ip_network(text, strict=True)))
+            except ValueError as e:
+                raise ApiError(400, f"bad route {text[:64]!r}: {e}") from None
+        advertised = node.hostinfo.get("RoutableIPs") or []
+        missing = [r for r in wanted if r not in advertised and r not in node.approved_routes]
+        if missing:     # checked before any change, so a refusal changes nothing
+            raise ApiError(400, f"device {node.given_name} does not advertise {', '.join(missing)} "
+                                "(meshbox enables only advertised routes)")
+        for prefix in [r for r in node.approved_routes if r not in wanted]:
+            await self.verb("routes", "unapprove", node=str(node.id), prefix=prefix)
+        for prefix in [r for r in dict.fromkeys(wanted) if r not in node.approved_routes]:
+            await self.verb("routes", "approve", node=str(node.id), prefix=prefix)
+        return await self.device_routes(request, ident)
+
+    # auth keys
+    async def key_row(self, ident):
+        for row in self.read("preauthkeys", "list"):
+            if f"k{row['id']}" == ident:
+                return row
+        raise ApiError(404, f"key {ident[:64]!r} not found")
+
+    def client_row(self, ident):
+        for row in self.read("oauthclients", "list"):
+            if row["client_id"] == ident:
+                return row
+        raise ApiError(404, f"key {ident[:64]!r} not found")
+
+    async def list_keys(self, request):
+        return {"keys": [key_json(row) for row in self.read("preauthkeys", "list")]
+                + [client_key_json(row) for row in self.read("oauthclients", "list")]}
+
+    async def get_key(self, request, ident):
+        if ident.startswith("msoc"):
+            return client_key_json(self.client_row(ident))
+        return key_json(await self.key_row(ident))
+
+    async def create_oauth_client(self, body, request):
+        """keyType "client": an OAuth client, which only a caller who may do everything may make (a client
+        with more scopes than its maker's would widen them)."""
+        if "all" not in request.scopes:
+            raise ApiError(403, "making an OAuth client needs the scope all")
+        scopes = checked_strings(body.get("scopes") or [], "scopes", len(OAUTH_SCOPES))
+        created = await self.verb("oauthclients", "create", scopes=" ".join(scopes))
+        return dict(client_key_json(self.client_row(created["client_id"])), key=created["client_secret"])
+
+    async def create_key(self, request):
+        body = request.json()
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        if body.get("keyType") == "client":
+            return await self.create_oauth_client(body, request)
+        if body.get("keyType", "auth") != "auth":
+            raise ApiError(400, "meshbox makes auth keys and OAuth clients (API keys: meshbox apikeys create)")
+        create = ((body.get("capabilities") or {}).get("devices") or {}).get("create") or {}
+        if not isinstance(create, dict):
+            raise ApiError(400, "capabilities.devices.create must be an object")
+        flags = {name: create.get(name, False) for name in ("reusable", "ephemeral", "preauthorized")}
+        if not all(isinstance(v, bool) for v in flags.values()):
+            raise ApiError(400, "reusable, ephemeral and preauthorized are true or false")
+        tags = checked_strings(create.get("tags") or [], "tags")
+        seconds = body.get("expirySeconds") or MAX_KEY_SECONDS
+        if not isinstance(seconds, int) or isinstance(seconds, bool) or not 0 < seconds <= MAX_KEY_SECONDS:
+            raise ApiError(400, f"expirySeconds must be 1 to {MAX_KEY_SECONDS} (90 days)")
+        user = body.get("user")      # meshbox's: an API key belongs to no user
+        if user is None:
+            users = self.read("users", "list")
+            if len(users) != 1:
+                raise ApiError(400, 'say which user owns the devices: add "user": NAME to the body '
+                                    f"(the tailnet has {len(users)} users)")
+            user = users[0]["name"]
+        if not isinstance(user, str):
+            raise ApiError(400, "'user' has the wrong type")
+        created = await self.verb("preauthkeys", "create", user=user, reusable=flags["reusable"],
+                                  ephemeral=flags["ephemeral"], expiration=f"{seconds}s", tags=",".join(tags))
+        row = self.server.store.preauth_key(created["key"])
+        return dict(key_json(await self.key_row(f"k{row['id']}")), key=created["key"], expirySeconds=seconds)
+
+    async def delete_key(self, request, ident):
+        if ident.startswith("msoc"):
+            await self.verb("oauthclients", "expire", client_id=self.client_row(ident)["client_id"])
+            return {}
+        row = await self.key_row(ident)
+        await self.verb("preauthkeys", "expire", key=row["key"])
+        return {}
+
+    # policy file
+    async def policy_text(self):
+        return (self.read("policy", "get"))["policy"] or DEFAULT_POLICY
+
+    def policy_answer(self, request, text):
+        headers = [("ETag", policy_etag(text))]
+        if "application/hujson" in request.headers.get("accept", ""):
+            return 200, "application/hujson", text.encode(), headers
+        try:
+            value = parse_hujson(text)
+        except PolicyError as e:
+            raise ApiError(500, f"the stored policy does not parse: {e}") from None
+        return 200, "application/json", json_bytes(value), headers
+
+    async def get_policy(self, request):
+        return self.policy_answer(request, await self.policy_text())
+
+    async def set_policy(self, request):
+        if self.config.policy_file:
+            raise ApiError(403, f"the policy comes from the file {self.config.policy_file} (policy_file): "
+                                "edit it there")
+        match = request.headers.get("if-match")
+        if match and match != "ts-default" and match != policy_etag(await self.policy_text()):
+            raise ApiError(412, "precondition failed, invalid old hash: the policy changed since you read it")
+        text = request.text()
+        await self.verb("policy", "set", policy=text)
+        return self.policy_answer(request, text)
+
+    async def validate_policy(self, request):
+        """A policy to check, or (a JSON list) tests to run against the policy in force."""
+        text = request.text()
+        try:
+            tests = parse_json(text.encode())
+        except ValueError:
+            tests = None
+        if isinstance(tests, list):
+            try:
+                current = parse_hujson(await self.policy_text())
+            except PolicyError as e:
+                raise ApiError(500, f"the stored policy does not parse: {e}") from None
+            text = json.dumps(dict(current, tests=tests))
+        answer = await self.server.run_admin("policy", "check", {"policy": text})
+        if "error" in answer:
+            return {"message": answer["error"], "data": [{"user": "", "errors": [answer["error"]], "warnings": []}]}
+        return {}
+
+    # DNS
+    async def dns(self):
+        return self.read("dns", "get")
+
+    async def set_dns(self, **changes):
+        return await self.verb("dns", "set", **changes)
+
+    async def get_nameservers(self, request):
+        dns = await self.dns()
+        return {"dns": dns["nameservers"], "magicDNS": dns["magic_dns"]}
+
+    async def set_nameservers(self, request):
+        dns = await self.set_dns(nameservers=request.field("dns", list))
+        return {"dns": dns["nameservers"], "magicDNS": dns["magic_dns"]}
+
+    async def get_dns_preferences(self, request):
+        return {"magicDNS": (await self.dns())["magic_dns"]}
+
+    async def set_dns_preferences(self, request):
+        return {"magicDNS": (await self.set_dns(magic_dns=request.field("magicDNS", bool)))["magic_dns"]}
+
+    async def get_search_paths(self, request):
+        return {"searchPaths": (await self.dns())["search_domains"]}
+
+    async def set_search_paths(self, request):
+        dns = await self.set_dns(search_domains=request.field("searchPaths", list))
+        return {"searchPaths": dns["search_domains"]}
+
+    async def get_split_dns(self, request):
+        return (await self.dns())["split_dns"]
+
+    def split_body(self, request):
+        body = request.json()
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body maps domains to lists of resolvers")
+        return body
+
+    async def replace_split_dns(self, request):
+        body = {d: ns for d, ns in self.split_body(request).items() if ns is not None}
+        return (await self.set_dns(split_dns=body))["split_dns"]
+
+    async def update_split_dns(self, request):
+        merged = dict((await self.dns())["split_dns"])
+        for domain, servers in self.split_body(request).items():
+            if servers is None:
+                merged.pop(domain.rstrip(".").lower(), None)
+            else:
+                merged[domain] = servers
+        return (await self.set_dns(split_dns=merged))["split_dns"]
+
+    @staticmethod
+    def dns_configuration(dns):
+        return {"nameservers": [{"address": a} for a in dns["nameservers"]], "searchPaths": dns["search_domains"],
+                "splitDNS": {d: [{"address": a} for a in ns] for d, ns in dns["split_dns"].items()},
+                "preferences": {"magicDNS": dns["magic_dns"], "overrideLocalDNS": bool(dns["nameservers"])}}
+
+    async def get_dns_configuration(self, request):
+        return self.dns_configuration(await self.dns())
+
+    async def set_dns_configuration(self, request):
+        body = request.json()
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+
+        def addresses(resolvers, what):
+            if not isinstance(resolvers, list) or not all(isinstance(r, dict) for r in resolvers):
+                raise ApiError(400, f"{what} must be a list of {{\"address\": ...}} objects")
+            return [r.get("address") for r in resolvers]
+
+        split = body.get("splitDNS") or {}
+        if not isinstance(split, dict):
+            raise ApiError(400, "splitDNS maps domains to lists of resolvers")
+        preferences = body.get("preferences") or {}
+        magic = preferences.get("magicDNS", True) if isinstance(preferences, dict) else None
+        dns = await self.set_dns(nameservers=addresses(body.get("nameservers") or [], "nameservers"),
+                                 search_domains=body.get("searchPaths") or [],
+                                 split_dns={d: addresses(ns or [], f"splitDNS {d}") for d, ns in split.items()},
+                                 magic_dns=magic)
+        return self.dns_configuration(dns)
+
+    # users
+    async def user_rows(self):
+        nodes = list(self.server.coordinator.nodes.values())
+        out = []
+        for user in self.read("users", "list"):
+            owned = [n for n in nodes if n.user_id == user["id"]]
+            seen = max((n.last_seen or 0 for n in owned), default=0)
+            out.append({"id": str(user["id"]), "displayName": user["name"], "loginName": user["name"],
+                        "profilePicUrl": "", "tailnetId": self.config.base_domain, "created": user["created"],
+                        "type": "member", "role": "member", "status": "active", "deviceCount": len(owned),
+                        "currentlyConnected": any(n.online for n in owned),
+                        "lastSeen": rfc3339(seen) or ZERO_TIME})
+        return out
+
+    async def user_row(self, ident):
+        row = next((u for u in await self.user_rows() if u["id"] == ident), None)
+        if row is None:
+            raise ApiError(404, f"user {ident[:64]!r} not found")
+        return row
+
+    async def list_users(self, request):
+        return {"users": await self.user_rows()}
+
+    async def get_user(self, request, ident):
+        return await self.user_row(ident)
+
+    async def delete_user(self, request, ident):
+        await self.verb("users", "delete", name=(await self.user_row(ident))["loginName"])
+        return {}
+
+    async def create_user(self, request):
+        created = await self.verb("users", "create", name=request.field("name", str))
+        return await self.user_row(str(created["id"]))
+
+    # tailnet settings: what meshbox's configuration says, read-only
+    def settings(self):
+        expiry = 0 if str(self.config.node_expiry) == "0" else parse_duration(self.config.node_expiry)
+        return {"devicesApprovalOn": False, "devicesAutoUpdatesOn": False,
+                "devicesKeyDurationDays": expiry // 86400, "usersApprovalOn": not self.config.oidc_issuer,
+                "usersRoleAllowedToJoinExternalTailnets": "none", "networkFlowLoggingOn": False,
+                "regionalRoutingOn": False, "postureIdentityCollectionOn": False, "httpsEnabled": False,
+                "aclsExternallyManagedOn": bool(self.config.policy_file), "aclsExternalLink": ""}
+
+    async def get_settings(self, request):
+        return self.settings()
+
+    async def update_settings(self, request):
+        body, current = request.json(), self.settings()
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        changed = sorted(k for k, v in body.items() if current.get(k, object()) != v)
+        if changed:
+            raise ApiError(400, f"meshbox takes {', '.join(changed)[:200]} from its configuration "
+                                "(node_expiry, oidc_*, policy_file): change it there")
+        return {}
+
+    # meshbox's own
+    async def list_logins(self, request):
+        return {"logins": self.read("nodes", "pending")}
+
+    async def approve_login(self, request, ident):
+        await self.verb("nodes", "register", user=request.field("user", str), key=ident)
+        return {}
+
+    async def list_wireguard_devices(self, request):
+        return {"devices": self.read("devices", "list")}
+
+    async def add_wireguard_device(self, request):
+        return await self.verb("devices", "add", name=request.field("name", str),
+                               user=request.field("user", str, GATEWAY_USER),
+                               full_tunnel=request.field("fullTunnel", bool, False))
+
+    async def remove_wireguard_device(self, request, name):
+        await self.verb("devices", "remove", name=name)
+        return {}
+
+    async def recent_logs(self, request):
+        lines = request.query.get("lines", "200")
+        if not lines.isdigit() or not 0 < int(lines) <= 1000:
+            raise ApiError(400, "lines is 1 to 1000")
+        return {"logs": self.read("logs", None, lines=int(lines))}
+
+    async def qr_code(self, request):
+        """The QR code of a text (a `tailscale up` command, a WireGuard config) as SVG; the
+        text travels in the body, never in a URL, as it holds a secret."""
+        text = request.field("text", str)
+        try:
+            return 200, "image/svg+xml", qr_svg(text).encode(), []
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+
+
+# ---- Admin page ----
+# /admin: one HTML page, its style sheet and its script (served as their own
+# paths, so the Content-Security-Policy allows no inline script at all).  It
+# signs in with an API key for a cookie session and then does everything
+# through /api/v2 with that cookie and a per-session CSRF token in a header.
+
+SESSION_COOKIE = "meshbox_session"
+CSRF_HEADER = "x-csrf-token"
+SESSION_TTL = 8 * 3600       # seconds a sign-in lasts
+MAX_SESSIONS = 32            # signed-in pages at once; the oldest goes first
+ADMIN_PAGE_HEADERS = [
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store")]
+
+
+ADMIN_SIGN_IN = "admin-page:"   # what an admin's sign-in at the identity provider is for (not a device's login)
+
+
+def admin_cookie(token, secure, max_age=SESSION_TTL):
+    """The Set-Cookie value of an admin session: never readable by script nor sent from another site."""
+    return (f"{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+            + ("; Secure" if secure else ""))
+
+
+class AdminSessions:
+    """Signed-in admin pages, by the hash of their cookie: each with its CSRF
+    token, its expiry and the hash of the API key it signed in with (revoking
+    or expiring that key ends the session too; None: an admin signed in
+    through the identity provider)."""
+
+    def __init__(self):
+        self.sessions = {}       # hash of the cookie -> (expires, CSRF token, hash of the API key)
+
+    def create(self, key_hash):
+        token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        self.sessions = with_expiring_entry(self.sessions, hash_secret(token), (now() + SESSION_TTL, csrf, key_hash),
+                                            MAX_SESSIONS)
+        return token, csrf
+
+    def session(self, store, token):
+        """(expires, CSRF token, key hash) of a live session, or None."""
+        entry = self.sessions.get(hash_secret(token)) if token else None
+        if entry is None or entry[0] <= now() or (entry[2] is not None and not api_key_hash_valid(store, entry[2])):
+            return None
+        return entry
+
+    def valid(self, store, token, csrf):
+        entry = self.session(store, token)
+        return entry is not None and hmac.compare_digest(entry[1].encode(), csrf.encode())
+
+    def answer(self, store, request, body, secure):
+        """/admin/session: POST signs in ({"key": API key}), GET tells a signed-in page its CSRF token, DELETE
+        signs out: (status, JSON answer, headers)."""
+        token = request_cookie(request, SESSION_COOKIE)
+        if request.method == "POST":
+            try:
+                key = parse_json(body or b"{}").get("key")
+            except (ValueError, AttributeError):
+                key = None
+            if not isinstance(key, str) or not api_key_valid(store, key):
+                return 401, {"message": "that API key is not valid (create one with: meshbox apikeys create)"}, []
+            token, csrf = self.create(hash_secret(key))
+            return 200, {"csrf": csrf}, [("Set-Cookie", admin_cookie(token, secure))]
+        if request.method == "DELETE":
+            if self.valid(store, token, request.headers.get(CSRF_HEADER, "")):
+                self.sessions.pop(hash_secret(token), None)
+            return 200, {}, [("Set-Cookie", admin_cookie("gone", secure, 0))]
+        entry = self.session(store, token)
+        if entry is None:
+            return 401, {"message": "not signed in"}, []
+        return 200, {"csrf": entry[1]}, []
+
+
+ADMIN_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>meshbox admin</title><link rel="stylesheet" href="/admin/admin.css"></head>
+<body data-login-server="{login_server}" data-gateway-user="{gateway_user}">
+<header><h1>meshbox</h1><nav><a href="#nodes-section">Nodes</a> <a href="#keys-section">Keys</a>
+<a href="#wg-section">WireGuard</a> <a href="#users-section">Users</a> <a href="#policy-section">Policy</a>
+<a href="#logs-section">Logs</a></nav></header>
+<main>
+<form id="signin"><h2>Sign in</h2><p>With an API key (<code>meshbox apikeys create</code>).</p>
+<input id="apikey" type="password" autocomplete="off" placeholder="msapi-..." aria-label="API key">
+<button type="submit">Sign in</button>{oidc_link}<p id="signin-error"></p></form>
+<div id="app" hidden>
+<p class="bar"><button type="button" id="refresh">Refresh</button> <button type="button" id="signout">Sign out</button></p>
+<section id="graph-section"><h2>Tailnet</h2><div id="graph"></div>
+<p class="legend"><span class="key direct"></span>direct <span class="key relayed"></span>relayed (DERP)
+<span class="key offline"></span>offline</p></section>
+<section id="logins-section"><h2>Waiting logins</h2><p id="logins-error"></p><div id="logins" class="cards"></div></section>
+<section id="nodes-section"><h2>Nodes</h2><p id="nodes-error"></p><div id="nodes" class="cards"></div></section>
+<section id="keys-section"><h2>Pre-auth keys</h2><p id="keys-error"></p>
+<div class="row"><select id="key-user" aria-label="user"></select>
+<label><input type="checkbox" id="key-reusable"> reusable</label>
+<label><input type="checkbox" id="key-ephemeral"> ephemeral</label>
+<input id="key-tags" placeholder="tag:phone" aria-label="tags" size="14">
+<label>days <input id="key-days" type="number" value="1" min="1" max="90" aria-label="days"></label>
+<button type="button" id="key-create">Create key</button></div>
+<div id="new-key"></div><ul id="keys"></ul></section>
+<section id="wg-section"><h2>Plain WireGuard devices</h2><p id="wg-error"></p>
+<div class="row"><input id="wg-name" placeholder="phone" aria-label="device name">
+<label><input type="checkbox" id="wg-full"> all traffic through the box</label>
+<button type="button" id="wg-add">Add device</button></div><div id="new-wg"></div><ul id="wg"></ul></section>
+<section id="users-section"><h2>Users</h2><p id="users-error"></p>
+<div class="row"><input id="user-name" placeholder="alice@example.com" aria-label="user name">
+<button type="button" id="user-create">Add user</button></div><ul id="users"></ul></section>
+<section id="policy-section"><h2>Policy</h2>
+<textarea id="policy" rows="18" spellcheck="false" aria-label="policy"></textarea>
+<div class="row"><button type="button" id="policy-check">Check</button>
+<button type="button" id="policy-save">Save</button></div><p id="policy-error"></p></section>
+<section id="logs-section"><h2>Recent logs</h2><p id="logs-error"></p><pre id="logs"></pre></section>
+</div></main>
+<script src="/admin/admin.js"></script></body></html>
+"""
+
+ADMIN_CSS = """
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.4 system-ui, sans-serif; color: #1d2330; background: #f3f4f7; }
+header { background: #1d2330; color: #fff; padding: .5em 1em; display: flex; flex-wrap: wrap; gap: .2em 1.5em;
+         align-items: baseline; }
+header h1 { margin: 0; font-size: 1.3em; }
+header a { color: #cfe0ff; margin-right: .6em; }
+main { max-width: 1100px; margin: 0 auto; padding: .5em; }
+section, form#signin { background: #fff; border-radius: 8px; padding: .6em 1em; margin: .8em 0;
+                       box-shadow: 0 1px 3px #0002; }
+h2 { font-size: 1.1em; margin: .3em 0 .5em; }
+h3 { font-size: 1em; margin: 0 0 .3em; word-break: break-all; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: .6em; }
+.card { border: 1px solid #d8dbe3; border-radius: 6px; padding: .5em .7em; }
+.meta { margin: .1em 0; color: #535b6b; font-size: .9em; word-break: break-word; }
+.row { display: flex; flex-wrap: wrap; gap: .4em; align-items: center; margin: .35em 0; }
+input, select, button, textarea { font: inherit; padding: .35em .5em; border: 1px solid #b9bfcc; border-radius: 5px; }
+input, select { min-width: 0; max-width: 100%; }
+button { background: #2456c7; color: #fff; border-color: #2456c7; cursor: pointer; min-height: 2.2em; }
+button.danger { background: #b3261e; border-color: #b3261e; }
+button:disabled { opacity: .6; }
+textarea { width: 100%; font-family: ui-monospace, monospace; font-size: 13px; }
+pre { white-space: pre-wrap; word-break: break-all; background: #f3f4f7; padding: .5em; border-radius: 5px;
+      max-height: 24em; overflow: auto; font-size: 12px; }
+ul { padding-left: 1.2em; } li { margin: .3em 0; } li.invalid { color: #8a8f99; }
+.error { color: #b3261e; font-weight: 600; white-space: pre-wrap; } .ok { color: #1e7b34; }
+.dot { display: inline-block; width: .7em; height: .7em; border-radius: 50%; margin-right: .4em; }
+.dot.on { background: #1e9e4a; } .dot.off { background: #9aa0ab; }
+.route { display: inline-block; margin-right: .8em; }
+.qr { width: min(300px, 80vw); margin: .5em 0; } .qr svg { width: 100%; height: auto; display: block; }
+#graph svg { width: 100%; max-width: 600px; height: auto; display: block; margin: 0 auto; }
+#graph text { font-size: 15px; fill: #1d2330; }
+.edge { stroke-width: 3; } .edge.direct { stroke: #1e9e4a; } .edge.relayed { stroke: #e08a00; }
+.edge.offline { stroke: #b0b5bf; stroke-dasharray: 6 5; }
+circle.node.on { fill: #2456c7; } circle.node.off { fill: #b0b5bf; } circle.box { fill: #1d2330; }
+.legend .key { display: inline-block; width: 1.6em; height: .3em; margin: 0 .3em .2em 1em; vertical-align: middle; }
+.key.direct { background: #1e9e4a; } .key.relayed { background: #e08a00; } .key.offline { background: #b0b5bf; }
+.bar { text-align: right; margin: 0; }
+@media (max-width: 600px) { main { padding: .2em; } section { padding: .5em .6em; } .cards { grid-template-columns: 1fr; } }
+"""
+
+ADMIN_JS = r""""use strict";
+// meshbox admin page: every action is a call to /api/v2 with the session
+// cookie and the CSRF token the sign-in returned.
+let csrf = "", policyEtag = null, users = [];
+const loginServer = document.body.dataset.loginServer, gatewayUser = document.body.dataset.gatewayUser;
+const $ = (selector) => document.querySelector(selector);
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== false && v !== null && v !== undefined) node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const child of children.flat()) node.append(child instanceof Node ? child : String(child ?? ""));
+  return node;
+}
+
+async function api(method, path, body, hujson) {
+  const headers = {"X-CSRF-Token": csrf, "Accept": hujson !== undefined ? "application/hujson" : "application/json"};
+  let data;
+  if (hujson !== undefined && method !== "GET") { headers["Content-Type"] = "application/hujson"; data = hujson; }
+  else if (body !== undefined) { headers["Content-Type"] = "application/json"; data = JSON.stringify(body); }
+  const response = await fetch("/api/v2/" + path, {method, headers, body: data, credentials: "same-origin"});
+  const text = await response.text();
+  if (!response.ok) {
+    let message = response.status + " " + response.statusText;
+    try { message = JSON.parse(text).message || message; } catch (e) { /* not JSON */ }
+    throw new Error(message);
+  }
+  return {text, etag: response.headers.get("ETag"), json: () => (text ? JSON.parse(text) : {})};
+}
+
+async function apiJSON(method, path, body) {
+  return (await api(method, path, body)).json();
+}
+
+function report(where, error) {
+  const box = $(where);
+  box.textContent = error ? error.message || String(error) : "";
+  box.className = error ? "error" : "";
+}
+
+// An action button: runs fn, reports its error beside the section, reloads.
+function action(label, fn, where, cls) {
+  return el("button", {type: "button", class: cls || "", onclick: async (event) => {
+    event.target.disabled = true;
+    try { await fn(event); report(where, null); await refresh(); }
+    catch (e) { report(where, e); }
+    finally { event.target.disabled = false; }
+  }}, label);
+}
+
+function confirmFirst(label, fn, where) {
+  const button = action(label, async (event) => {
+    if (!button.dataset.armed) { button.dataset.armed = "1"; button.textContent = "Sure? " + label; throw null; }
+    await fn(event);
+  }, where, "danger");
+  return button;
+}
+
+async function qrInto(box, text) {
+  const svg = (await api("POST", "tailnet/-/qr", {text})).text;
+  const image = new DOMParser().parseFromString(svg, "image/svg+xml").documentElement;
+  box.replaceChildren(document.importNode(image, true));
+}
+
+function copyButton(text) {
+  return el("button", {type: "button", onclick: async (e) => {
+    try { await navigator.clipboard.writeText(text); e.target.textContent = "Copied"; }
+    catch (err) { e.target.textContent = "Select and copy by hand"; }
+  }}, "Copy");
+}
+
+function ago(time) {
+  if (!time || time.startsWith("0001")) return "never";
+  const seconds = Math.max(0, (Date.now() - Date.parse(time)) / 1000);
+  if (seconds < 90) return "just now";
+  if (seconds < 5400) return Math.round(seconds / 60) + " min ago";
+  if (seconds < 129600) return Math.round(seconds / 3600) + " h ago";
+  return Math.round(seconds / 86400) + " days ago";
+}
+
+// How a node reaches the others, as far as the control server knows.
+function pathKind(d) {
+  if (!d.connectedToControl) return "offline";
+  const c = d.clientConnectivity || {};
+  const udp = (c.clientSupports || {}).udp;
+  return udp !== false && (c.endpoints || []).length ? "direct" : "relayed";
+}
+
+function nodeCard(d) {
+  const where = "#nodes-error";
+  const kind = pathKind(d);
+  const name = el("input", {value: d.name.split(".")[0], "aria-label": "name", size: 16});
+  const tags = el("input", {value: d.tags.join(","), placeholder: "tag:server,tag:web", "aria-label": "tags", size: 20});
+  const routes = d.advertisedRoutes.map((route) => {
+    const on = d.enabledRoutes.includes(route);
+    return el("label", {class: "route"}, el("input", {type: "checkbox", checked: on, onchange: async (e) => {
+      const wanted = e.target.checked ? [...d.enabledRoutes, route] : d.enabledRoutes.filter((r) => r !== route);
+      try { await api("POST", `device/${d.id}/routes`, {routes: wanted}); report(where, null); }
+      catch (err) { report(where, err); }
+      await refresh();
+    }}), route === "0.0.0.0/0" || route === "::/0" ? route + " (exit node)" : route);
+  });
+  const c = d.clientConnectivity || {};
+  return el("article", {class: "card node", "data-id": d.id},
+    el("h3", {}, el("span", {class: "dot " + (d.connectedToControl ? "on" : "off"),
+                              title: d.connectedToControl ? "online" : "offline"}), d.name),
+    el("p", {class: "meta"}, d.addresses.join(" · ")),
+    el("p", {class: "meta"}, `${d.os || "?"} ${d.clientVersion || ""} · ${d.user} · last seen ${ago(d.lastSeen)}`),
+    el("p", {class: "meta"}, `path: ${kind}` + (c.nat ? ` · NAT ${c.nat}` : "") +
+       ((c.endpoints || []).length ? ` · endpoints ${c.endpoints.join(", ")}` : "") +
+       (d.keyExpiryDisabled ? " · key never expires" : ` · key expires ${d.expires.slice(0, 10)}`)),
+    routes.length ? el("div", {class: "routes"}, "Routes: ", routes) : "",
+    el("div", {class: "row"}, name, action("Rename", () => api("POST", `device/${d.id}/name`, {name: name.value}), where)),
+    el("div", {class: "row"}, tags, action("Set tags", () => api("POST", `device/${d.id}/tags`,
+      {tags: tags.value.split(",").map((t) => t.trim()).filter(Boolean)}), where)),
+    el("div", {class: "row"},
+      action("Expire key", () => api("POST", `device/${d.id}/expire`), where),
+      d.keyExpiryDisabled ? "" : action("Key never expires", () => api("POST", `device/${d.id}/key`, {keyExpiryDisabled: true}), where),
+      confirmFirst("Delete", () => api("DELETE", `device/${d.id}`), where)));
+}
+
+// The users a device may join as, people first (the box's own user owns its WireGuard devices).
+function userOptions() {
+  const people = users.filter((u) => u.loginName !== gatewayUser), box = users.filter((u) => u.loginName === gatewayUser);
+  return [...people, ...box].map((u) => el("option", {value: u.loginName}, u.loginName));
+}
+
+function userSelect() {
+  return el("select", {"aria-label": "user"}, userOptions());
+}
+
+function drawGraph(all) {
+  const devices = all.filter((d) => !d.meshboxGateway);   // the box's own WireGuard node is the centre
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = (tag, attrs, text) => {
+    const node = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    if (text !== undefined) node.textContent = text;
+    return node;
+  };
+  const size = 600, centre = size / 2, radius = devices.length > 1 ? 220 : 160;
+  const picture = svg("svg", {viewBox: `0 0 ${size} ${size}`, role: "img", "aria-label": "the tailnet"});
+  devices.forEach((d, i) => {
+    const angle = 2 * Math.PI * i / Math.max(devices.length, 1) - Math.PI / 2;
+    const x = centre + radius * Math.cos(angle), y = centre + radius * Math.sin(angle);
+    const kind = pathKind(d);
+    picture.append(svg("line", {x1: centre, y1: centre, x2: x, y2: y, class: "edge " + kind}));
+    picture.append(svg("circle", {cx: x, cy: y, r: 14, class: "node " + (d.connectedToControl ? "on" : "off")}));
+    picture.append(svg("text", {x, y: y + 30, "text-anchor": "middle"}, d.name.split(".")[0]));
+  });
+  picture.append(svg("circle", {cx: centre, cy: centre, r: 24, class: "box"}));
+  picture.append(svg("text", {x: centre, y: centre + 44, "text-anchor": "middle", class: "boxlabel"}, "meshbox"));
+  $("#graph").replaceChildren(picture);
+}
+
+async function loadNodes() {
+  const devices = (await apiJSON("GET", "tailnet/-/devices?fields=all")).devices;
+  $("#nodes").replaceChildren(...(devices.length ? devices.map(nodeCard) : [el("p", {}, "No nodes yet.")]));
+  drawGraph(devices);
+}
+
+async function loadLogins() {
+  const logins = (await apiJSON("GET", "tailnet/-/logins")).logins;
+  $("#logins").replaceChildren(...(logins.length ? logins.map((l) => {
+    const who = userSelect();
+    return el("article", {class: "card login"}, el("h3", {}, l.hostname),
+      el("p", {class: "meta"}, `asked ${ago(l.created)}` + (l.requested_tags.length ? ` · tags ${l.requested_tags.join(",")}` : "")),
+      el("div", {class: "row"}, "as user ", who,
+         action("Approve", () => api("POST", `tailnet/-/logins/${encodeURIComponent(l.key)}/approve`, {user: who.value}), "#logins-error")));
+  }) : [el("p", {}, "No login is waiting.")]));
+}
+
+async function loadKeys() {
+  const keys = (await apiJSON("GET", "tailnet/-/keys")).keys;
+  $("#keys").replaceChildren(...keys.map((k) => {
+    const caps = k.keyType === "auth" ? k.capabilities.devices.create : null;
+    const what = caps ? `${k.userId} · ${caps.reusable ? "reusable" : "one use"}${caps.ephemeral ? " · ephemeral" : ""}` +
+      (caps.tags.length ? " · " + caps.tags.join(",") : "") : `OAuth client · ${k.scopes.join(" ")}`;
+    return el("li", {class: k.invalid ? "invalid" : ""}, `${k.id} · ${what} · expires ${(k.expires || "").slice(0, 16)}` +
+      (k.invalid ? " · invalid" : " "), k.invalid ? "" : action("Expire", () => api("DELETE", `tailnet/-/keys/${k.id}`), "#keys-error"));
+  }));
+  const chosen = $("#key-user").value;
+  $("#key-user").replaceChildren(...userOptions());
+  if (users.some((u) => u.loginName === chosen)) $("#key-user").value = chosen;
+}
+
+async function createKey() {
+  const days = Number($("#key-days").value) || 1;
+  const tags = $("#key-tags").value.split(",").map((t) => t.trim()).filter(Boolean);
+  const key = (await api("POST", "tailnet/-/keys", {user: $("#key-user").value, expirySeconds: Math.round(days * 86400),
+    capabilities: {devices: {create: {reusable: $("#key-reusable").checked, ephemeral: $("#key-ephemeral").checked,
+                                      preauthorized: true, tags}}}})).json();
+  const command = `tailscale up --login-server ${loginServer} --auth-key ${key.key}`;
+  const qr = el("div", {class: "qr", id: "key-qr"});
+  $("#new-key").replaceChildren(el("p", {}, "Shown only now:"), el("pre", {id: "key-command"}, command), copyButton(command), qr);
+  await qrInto(qr, command);
+}
+
+async function loadWireguard() {
+  const devices = (await apiJSON("GET", "tailnet/-/wireguard-devices")).devices;
+  $("#wg").replaceChildren(...devices.map((d) => el("li", {}, `${d.name} · ${d.ipv4} · ${d.ipv6} · ${d.user}` +
+    (d.full_tunnel ? " · all traffic" : ""), confirmFirst("Remove", () => api("DELETE", `tailnet/-/wireguard-devices/${encodeURIComponent(d.name)}`), "#wg-error"))));
+}
+
+async function addWireguard() {
+  const added = (await api("POST", "tailnet/-/wireguard-devices", {name: $("#wg-name").value, fullTunnel: $("#wg-full").checked})).json();
+  const qr = el("div", {class: "qr", id: "wg-qr"});
+  $("#new-wg").replaceChildren(el("p", {}, "Scan with the WireGuard app; the key is not kept:"), el("pre", {}, added.config), qr);
+  await qrInto(qr, added.config);
+}
+
+async function loadUsers() {
+  users = (await apiJSON("GET", "tailnet/-/users")).users;
+  $("#users").replaceChildren(...users.map((u) => el("li", {}, `${u.loginName} · ${u.deviceCount} device(s)` +
+    (u.currentlyConnected ? " · online" : ""), confirmFirst("Delete", () => api("POST", `users/${u.id}/delete`), "#users-error"))));
+}
+
+async function loadPolicy() {
+  const policy = await api("GET", "tailnet/-/acl", undefined, "");
+  if (document.activeElement !== $("#policy")) $("#policy").value = policy.text;
+  policyEtag = policy.etag;
+}
+
+function showPolicyError(message) {
+  const box = $("#policy-error");
+  box.textContent = message;
+  box.className = message ? "error" : "ok";
+  const line = /line (\d+)/.exec(message || "");
+  if (line) {   // put the cursor on the line the error names
+    const lines = $("#policy").value.split("\n"), n = Math.min(Number(line[1]), lines.length) - 1;
+    const start = lines.slice(0, n).reduce((sum, l) => sum + l.length + 1, 0);
+    $("#policy").focus();
+    $("#policy").setSelectionRange(start, start + lines[n].length);
+  }
+}
+
+async function checkPolicy() {
+  const answer = (await api("POST", "tailnet/-/acl/validate", undefined, $("#policy").value)).json();
+  showPolicyError(answer.message || "");
+  if (!answer.message) $("#policy-error").textContent = "The policy is valid.";
+}
+
+async function savePolicy() {
+  const response = await fetch("/api/v2/tailnet/-/acl", {method: "POST", credentials: "same-origin", body: $("#policy").value,
+    headers: {"X-CSRF-Token": csrf, "Content-Type": "application/hujson", "Accept": "application/hujson", "If-Match": policyEtag || ""}});
+  const text = await response.text();
+  if (!response.ok) { showPolicyError(JSON.parse(text).message); return; }
+  policyEtag = response.headers.get("ETag");
+  showPolicyError("");
+  $("#policy-error").textContent = "Saved; the nodes have the new policy.";
+}
+
+async function loadLogs() {
+  $("#logs").textContent = (await apiJSON("GET", "tailnet/-/logs?lines=200")).logs.join("\n");
+}
+
+async function refresh() {
+  await loadUsers();
+  for (const [load, where] of [[loadNodes, "#nodes-error"], [loadLogins, "#logins-error"], [loadKeys, "#keys-error"],
+                               [loadWireguard, "#wg-error"], [loadLogs, "#logs-error"]]) {
+    try { await load(); } catch (e) { report(where, e); }
+  }
+}
+
+async function enter(answer) {
+  csrf = answer.csrf;
+  $("#signin").hidden = true;
+  $("#app").hidden = false;
+  await refresh();
+  await loadPolicy();
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  const response = await fetch("/admin/session", {method: "POST", credentials: "same-origin",
+    headers: {"Content-Type": "application/json"}, body: JSON.stringify({key: $("#apikey").value})});
+  const answer = await response.json();
+  $("#apikey").value = "";
+  if (!response.ok) { report("#signin-error", new Error(answer.message)); return; }
+  await enter(answer);
+}
+
+async function signOut() {
+  await fetch("/admin/session", {method: "DELETE", credentials: "same-origin", headers: {"X-CSRF-Token": csrf}});
+  location.reload();
+}
+
+function wire(id, fn, where) {
+  $(id).addEventListener("click", async (e) => {
+    e.preventDefault();
+    try { await fn(); report(where, null); await refresh(); } catch (err) { report(where, err); }
+  });
+}
+
+$("#signin").addEventListener("submit", signIn);
+$("#signout").addEventListener("click", signOut);
+wire("#key-create", createKey, "#keys-error");
+wire("#wg-add", addWireguard, "#wg-error");
+wire("#user-create", () => api("POST", "tailnet/-/users", {name: $("#user-name").value}), "#users-error");
+$("#policy-check").addEventListener("click", () => checkPolicy().catch((e) => showPolicyError(e.message)));
+$("#policy-save").addEventListener("click", () => savePolicy().catch((e) => showPolicyError(e.message)));
+$("#refresh").addEventListener("click", refresh);
+fetch("/admin/session", {credentials: "same-origin"}).then(async (r) => { if (r.ok) await enter(await r.json()); });
+setInterval(() => { if (csrf && document.visibilityState === "visible") loadNodes().catch(() => {}); }, 15000);
+"""
+
+ADMIN_PAGE_FILES = {("GET", "/admin/admin.css"): ("text/css; charset=utf-8", ADMIN_CSS),
+                    ("GET", "/admin/admin.js"): ("text/javascript; charset=utf-8", ADMIN_JS)}
+
+
+def admin_page(login_server, oidc=False):
+    """The admin page's HTML, which tells its script the URL devices log in at (and, with oidc, offers
+    the sign-in at the identity provider)."""
+    link = ' <a href="/admin/oidc" id="oidc-signin">or sign in with your identity provider</a>' if oidc else ""
+    return ADMIN_HTML.replace("{login_server}", html_text(login_server)).replace(
+        "{gateway_user}", GATEWAY_USER).replace("{oidc_link}", link)
 
 
 # ---- CLI ----
@@ -8218,6 +9803,7 @@ TABLES = {
     ("routes", "list"): ["node_id", "node", "prefix", "advertised", "approved", "primary"],
     ("devices", "list"): ["id", "name", "user", "ipv4", "full_tunnel", "public_key"],
     ("apikeys", "list"): ["id", "prefix", "created", "expiration", "valid"],
+    ("oauthclients", "list"): ["id", "client_id", "scopes", "created", "expiration", "valid"],
 }
 
 
@@ -8232,9 +9818,8 @@ def show_result(args, noun, verb, result):
     elif (noun, verb) == ("devices", "add"):
         print(f"device {result['name']}: {result['ipv4']} {result['ipv6']}; keep this config secret, "
               "its key is not stored", file=sys.stderr)
-        if args.qr:
-            import subprocess
-            subprocess.run(["qrencode", "-t", "ansiutf8"], input=result["config"].encode(), check=False)
+        if args.qr:         # on the terminal, so that `> phone.conf` keeps the config alone
+            print(qr_terminal_text(result["config"]), file=sys.stderr)
         sys.stdout.write(result["config"])
     elif (noun, verb) == ("policy", "get"):
         if result["policy"] is None:
@@ -8479,7 +10064,7 @@ def build_parser():
     add.add_argument("name")
     add.add_argument("--user", default=GATEWAY_USER, help=f"owner (default {GATEWAY_USER})")
     add.add_argument("--full-tunnel", action="store_true", help="send all traffic through the box (0.0.0.0/0)")
-    add.add_argument("--qr", action="store_true", help="also show the config as a QR code (needs qrencode)")
+    add.add_argument("--qr", action="store_true", help="also show the config as a QR code on the terminal")
     with_output(devices.add_parser("list", help="list devices"))
     devices.add_parser("remove", help="remove a device").add_argument("name")
 
@@ -8503,6 +10088,14 @@ def build_parser():
     with_output(apikeys.add_parser("list", help="list API keys"))
     apikeys.add_parser("expire", help="revoke an API key").add_argument("prefix", help="the key or its listed prefix")
 
+    oauth = sub.add_parser("oauthclients", help="OAuth clients for Tailscale's API v2 (client credentials)"
+                           ).add_subparsers(dest="verb", required=True)
+    oauth_create = oauth.add_parser("create", help="make an OAuth client (its secret is shown once)")
+    oauth_create.add_argument("--scopes", default="all", help=f"comma-separated, of: {', '.join(OAUTH_SCOPES)}")
+    oauth_create.add_argument("--expiration", default="365d", help="how long it is valid (default 365d)")
+    with_output(oauth.add_parser("list", help="list OAuth clients"))
+    oauth.add_parser("expire", help="revoke an OAuth client and its tokens").add_argument("client_id")
+
     with_output(sub.add_parser("status", help="the tailnet as the server sees it"))
     sub.add_parser("netmap", help="the exact MapResponse a node receives now").add_argument(
         "id", help="node ID or name")
@@ -8524,10 +10117,6 @@ def main(argv=None):
         if args.command == "gateway":
             return cmd_gateway_down(config)
         noun, verb = args.command, getattr(args, "verb", None)
-        if noun == "devices" and verb == "add" and args.qr:
-            import shutil
-            if not shutil.which("qrencode"):
-                raise ValueError("--qr needs qrencode (apt install qrencode / opkg install qrencode)")
         show_result(args, noun, verb, run_verb(args, config, noun, verb, verb_params(args, noun, verb)))
     except (ValueError, StoreError, RuntimeError, OSError, GatewayError, PolicyError) as e:
         print(f"meshbox: {e}", file=sys.stderr)

@@ -225,6 +225,25 @@ def test_peers_get_only_the_fields_a_peer_needs_and_the_node_all(tmp_path):
     assert net.map_for(a)["Node"]["Hostinfo"] == GOOD
 
 
+def test_peers_hear_of_a_hostinfo_change_only_when_their_part_changes(tmp_path):
+    net = Tailnet(tmp_path)
+    machine, node_key = net.join(1, GOOD)
+    net.join(2, {"Hostname": "phone", "OS": "android"})
+    coordinator = net.coordinator
+
+    def report(hostinfo):
+        before = coordinator.generation
+        coordinator.node_for_map(machine, {"NodeKey": node_key, "Hostinfo": hostinfo})
+        assert coordinator.node_by_machine(machine).hostinfo == hostinfo     # kept for the node and the admin
+        return coordinator.generation != before
+
+    assert not report({**GOOD, "BackendLogID": "c" * 64, "IPNVersion": "1.96.5"})   # control's fields only
+    assert not report({**GOOD, "BackendLogID": "d" * 64, "NetInfo": {**GOOD["NetInfo"], "WorkingUDP": False}})
+    assert report({**GOOD, "Hostname": "laptop-2"})
+    assert report({**GOOD, "Hostname": "laptop-2", "NetInfo": {**GOOD["NetInfo"], "PreferredDERP": 901}})
+    assert net.map_for(net.join(3, {"Hostname": "tablet"})[0])["Peers"][0]["HomeDERP"] == 901
+
+
 def test_a_restart_heals_a_bad_value_an_older_version_stored(tmp_path):
     net = Tailnet(tmp_path)
     viewer, _ = net.join(1, GOOD)

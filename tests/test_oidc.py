@@ -43,6 +43,7 @@ ACCOUNTS = {
     "mallory": {"email": "mallory@elsewhere.example", "email_verified": True, "name": "Mallory",
                 "groups": ["mesh-users"]},
     "bob": {"email": "bob@example.com", "email_verified": True, "name": "Bob", "groups": ["contractors"]},
+    "carol": {"email": "carol@example.com", "email_verified": True, "name": "Carol", "groups": ["mesh-users"]},
     # Emails the provider does not vouch for: no email_verified, or false with a name that is alice's.
     "erin": {"email": "erin@example.com", "name": "Erin", "groups": ["mesh-users"]},
     "frank": {"email": "frank@example.com", "email_verified": False, "preferred_username": "alice@example.com",
@@ -103,7 +104,8 @@ def oidc(tmp_path_factory):
     config = tmp / "meshbox.json"
     config.write_text(json.dumps({
         "oidc_issuer": issuer, "oidc_client_id": CLIENT_ID, "oidc_client_secret": CLIENT_SECRET,
-        "oidc_allowed_domains": ["example.com"], "oidc_allowed_groups": ["mesh-users"], "oidc_ca_file": str(cert)}))
+        "oidc_allowed_domains": ["example.com"], "oidc_allowed_groups": ["mesh-users"], "oidc_ca_file": str(cert),
+        "oidc_admins": ["alice@example.com"]}))
     state, provider_log, serve_log = tmp / "state", tmp / "provider.log", tmp / "serve.log"
     procs = []
     try:
@@ -210,6 +212,25 @@ def test_sign_in_at_the_provider_admits_the_node(oidc):
     assert node_owners(oidc)["laptop"] == "alice@example.com"
     assert "alice@example.com" in [u["name"] for u in json.loads(cli(oidc.state, "users", "list", "-o", "json"))]
     assert "Alice Example" in oidc.log.read_text()
+
+
+def test_an_admin_signs_in_to_the_admin_page_at_the_provider(oidc):
+    browser = Browser(oidc.cert)
+    status, _, page = browser.open(oidc.url + "/admin")
+    assert status == 200 and 'href="/admin/oidc"' in page
+    status, url, page = browser.sign_in(oidc.url + "/admin/oidc", "alice")
+    assert status == 200 and url == oidc.url + "/admin" and "/admin/admin.js" in page, (status, url)
+    status, _, answer = browser.open(oidc.url + "/admin/session")
+    assert status == 200
+    request = urllib.request.Request(oidc.url + "/api/v2/tailnet/-/users",
+                                     headers={"X-CSRF-Token": json.loads(answer)["csrf"]})
+    with browser.opener.open(request, timeout=10) as response:
+        assert "alice@example.com" in response.read().decode()
+    # carol may join the tailnet, but is not one of oidc_admins
+    other = Browser(oidc.cert)
+    status, _, page = other.sign_in(oidc.url + "/admin/oidc", "carol")
+    assert status == 403 and "is not one of this" in page and "oidc_admins" in page
+    assert other.open(oidc.url + "/admin/session")[0] == 401
 
 
 def test_callback_with_a_wrong_state_is_refused(oidc):
