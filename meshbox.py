@@ -5522,8 +5522,7 @@ class DerpServer:
                         self._handle_frame(conn, frame_type, view[start:end])
                     offset = end
             finally:       # the packets before a bad frame still go out
-                for dst, (pieces, _) in outgoing.items():
-                    dst.writer.write(b"".join(pieces))
+                self._send_queued(conn, outgoing)
             pending = data[offset:]
             self._note_activity(conn)
             self.clock = time.monotonic()
@@ -5558,21 +5557,35 @@ class DerpServer:
                 src.send(peer_gone_frame(dst_key, PEER_GONE_NOT_HERE), DERP_DISCO_BUFFER)
             return
         dst = conns[-1]
-        queued, size = outgoing.get(dst) or ([], dst.transport.get_write_buffer_size())
-        if size > (DERP_DISCO_BUFFER if disco else DERP_SEND_BUFFER):
+        queued = outgoing.get(dst)
+        if queued is None:   # pieces of frames, buffered bytes with them, disco packets and bytes among them
+            queued = outgoing[dst] = [[], dst.transport.get_write_buffer_size(), 0, 0]
+        if queued[1] > (DERP_DISCO_BUFFER if disco else DERP_SEND_BUFFER):
             self.packets_dropped += 1
             return
         # RecvPacket has SendPacket's length: the source key takes the destination key's place.
-        queued += (RECV_PACKET_TYPE, data[start - 4:start], src.key, packet)
-        outgoing[dst] = (queued, size + DERP_FRAME_HEADER_LEN + DERP_KEY_LEN + len(packet))
+        queued[0] += (RECV_PACKET_TYPE, data[start - 4:start], src.key, packet)
+        queued[1] += DERP_FRAME_HEADER_LEN + DERP_KEY_LEN + len(packet)
+        if disco:
+            queued[2] += 1
+            queued[3] += len(packet)
         self.packets_relayed += 1
         self.bytes_relayed += len(packet)
-        self._count_pair(src.key, dst_key, len(packet), disco)
         if src.key not in dst.senders:
             dst.senders.add(src.key)
             self._watchers.setdefault(src.key, set()).add(dst)
 
-    def _count_pair(self, src_key, dst_key, size, disco):
+    def _send_queued(self, src, outgoing):
+        """Write what _relay queued from src, one write per destination, and
+        count it: once per destination and socket read, not per packet."""
+        for dst, (pieces, _, disco, disco_bytes) in outgoing.items():
+            frames = b"".join(pieces)
+            dst.writer.write(frames)
+            packets = len(pieces) // 4
+            payload = len(frames) - packets * (DERP_FRAME_HEADER_LEN + DERP_KEY_LEN)
+            self._count_pair(src.key, dst.key, packets - disco, payload - disco_bytes, disco)
+
+    def _count_pair(self, src_key, dst_key, data_packets, data_bytes, disco_packets):
         keys = (src_key, dst_key) if src_key < dst_key else (dst_key, src_key)
         pair, at = self.pairs.get(keys), self.clock
         if pair is None:
@@ -5580,14 +5593,14 @@ class DerpServer:
                 self._shrink_pairs()
             pair = self.pairs[keys] = DerpPair(keys, at)
         pair.last = at
-        if disco:
-            pair.disco_packets += 1
+        pair.disco_packets += disco_packets
+        if not data_packets:
             return
         if not pair.relayed(at):
             pair.relayed_since = at
             log.info("derp: %s <-> %s now relayed", self.name_of(keys[0]), self.name_of(keys[1]))
-        pair.data_packets += 1
-        pair.data_bytes += size
+        pair.data_packets += data_packets
+        pair.data_bytes += data_bytes
         pair.last_data = at
 
     def _shrink_pairs(self):

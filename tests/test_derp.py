@@ -430,9 +430,11 @@ def test_pairs_count_data_and_disco_and_stay_bounded(caplog):
         derp = meshbox.DerpServer(meshbox.new_private_key())
         a, b = fake_connection(derp), fake_connection(derp)
 
-        def relay(src, dst, packet):
-            data = frame(meshbox.FRAME_SEND_PACKET, dst.key + packet)
-            derp._relay(src, data, memoryview(data), 5, len(data), {})
+        def relay(src, dst, packet):        # as the receive loop does with one read's frames
+            data, outgoing = frame(meshbox.FRAME_SEND_PACKET, dst.key + packet), {}
+            derp._relay(src, data, memoryview(data), 5, len(data), outgoing)
+            derp._send_queued(src, outgoing)
+            assert dst.writer.frames[-1] == frame(FRAME_RECV_PACKET, src.key + packet)
 
         with caplog.at_level("INFO", logger="meshbox"):
             relay(a, b, DISCO_LIKE)
