@@ -27,13 +27,14 @@ comment ``# ---- Name ----``):
   Coordinator     registration, MapRequest checks, map sessions, fan-out of changes, held SSH checks
   HTTP front      HTTP/1.1 on asyncio streams: request heads, bounded bodies, cookies, responses
   TLS certificate self-signed Ed25519 certificate for DERP, pinned by hash
-  DERP            the relay: frames, clients, forwarding
+  DERP            the relay: frames, clients, forwarding, bytes per pair of clients
   STUN            RFC 5389 binding responses
   Control server  ts2021 over HTTP/2 (h2): register, map, SSH check verdicts, set-dns
   Gateway plan    pure: the box's WireGuard peers and nftables rules
   Gateway         kernel or userspace WireGuard, routes, nftables
   OIDC            sign-in through an OpenID provider (authorization code, PKCE)
-  Server          listeners, admin socket, API routing, DNS settings, metrics, lifetime of ``serve``
+  Server          listeners, admin socket, API routing, DNS settings, metrics, lifetime of ``serve``;
+                  what NetInfo says about a node's NAT, and why a pair is relayed
   Admin           the administrative verbs, shared by the CLI and the APIs
   QR code         a QR encoder (byte mode, level M) for keys and WireGuard configs
   API v2          Tailscale's public API v2 in its shapes, OAuth tokens; each change an Admin verb
@@ -1493,6 +1494,7 @@ class Node:
     cap: int
     kind: str = NODE_CLIENT
     online: bool = False
+    endpoint_types: list = dataclasses.field(default_factory=list)   # how the node found each endpoint
 
     @classmethod
     def from_row(cls, row):
@@ -3846,6 +3848,7 @@ def check_policy_tests(policy, topology):
 # Pure: node records and settings in, tailcfg JSON out.
 
 DERP_REGION_ID = 900
+STUN_ONLY_REGION_SCORE = 1000.0   # latency x1000: never a client's home
 LEGACY_DERP_IP = "127.3.3.40"       # clients' magic address for "DERP region N"
 
 
@@ -3856,11 +3859,23 @@ def sanitize_hostname(hostname):
     return label or "node"
 
 
+def netinfo_value(hostinfo, name, kind):
+    """Field `name` of the NetInfo in a Hostinfo, when it has the JSON type
+    `kind`, else None: clients may send anything, or nothing (and stored
+    Hostinfo predates the checks).  Tailscale's opt.Bool fields arrive as
+    true/false, or as the strings "true"/"false"."""
+    netinfo = hostinfo.get("NetInfo") if isinstance(hostinfo, dict) else None
+    value = netinfo.get(name) if isinstance(netinfo, dict) else None
+    if kind is bool and value in ("true", "false"):
+        return value == "true"
+    if kind is int and isinstance(value, bool):
+        return None
+    return value if isinstance(value, kind) else None
+
+
 def home_derp_region(hostinfo):
-    """The DERP region a (checked) Hostinfo reports as home, 0 when none."""
-    netinfo = hostinfo.get("NetInfo") or {}
-    region = netinfo.get("PreferredDERP") or 0      # an int: checked_hostinfo saw to it
-    return max(region, 0)
+    """The DERP region a Hostinfo reports as home, 0 when none."""
+    return max(netinfo_value(hostinfo, "PreferredDERP", int) or 0, 0)
 
 
 def home_derp(node):
@@ -3965,8 +3980,13 @@ def hosts_file_text(nodes, devices, base_domain):
     return "\n".join(lines) + "\n"
 
 
-def derp_map(host, derp_port, stun_port, cert_name):
-    """tailcfg.DERPMap with meshbox's own relay as the only region."""
+def derp_map(host, derp_port, stun_ports, cert_name):
+    """tailcfg.DERPMap with meshbox's own relay as the only DERP region.
+
+    Each STUN port after the first is a region of its own holding one
+    STUN-only node: a client's netcheck counts one answer per region, and
+    tells a NAT whose mapping varies by destination only from two.  Their
+    home score keeps clients from choosing them as home."""
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
@@ -3975,13 +3995,22 @@ def derp_map(host, derp_port, stun_port, cert_name):
         "Name": f"{DERP_REGION_ID}a", "RegionID": DERP_REGION_ID, "HostName": host,
         "IPv4": str(addr) if addr and addr.version == 4 else ("none" if addr else ""),
         "IPv6": str(addr) if addr and addr.version == 6 else ("none" if addr else ""),
-        "STUNPort": stun_port if stun_port else -1,
+        "STUNPort": stun_ports[0] if stun_ports else -1,
         "DERPPort": derp_port,
     }
     if cert_name:
         node["CertName"] = cert_name
-    region = {"RegionID": DERP_REGION_ID, "RegionCode": "meshbox", "RegionName": "meshbox", "Nodes": [node]}
-    return {"Regions": {str(DERP_REGION_ID): region}, "OmitDefaultRegions": True}
+    regions = {str(DERP_REGION_ID): {"RegionID": DERP_REGION_ID, "RegionCode": "meshbox", "RegionName": "meshbox",
+                                     "Nodes": [node]}}
+    for region_id, port in enumerate(stun_ports[1:], DERP_REGION_ID + 1):
+        stun_node = dict(node, Name=f"{region_id}a", RegionID=region_id, STUNPort=port, STUNOnly=True)
+        regions[str(region_id)] = {"RegionID": region_id, "RegionCode": f"meshbox-stun{port}",
+                                   "RegionName": f"meshbox STUN {port}", "Nodes": [stun_node]}
+    out = {"Regions": regions, "OmitDefaultRegions": True}
+    if len(regions) > 1:
+        out["HomeParams"] = {"RegionScore": {key: STUN_ONLY_REGION_SCORE for key in regions
+                                             if key != str(DERP_REGION_ID)}}
+    return out
 
 
 @dataclasses.dataclass
@@ -4877,6 +4906,7 @@ class Coordinator:
         if "Endpoints" in req:
             changed |= req["Endpoints"] != node.endpoints
             node.endpoints = req["Endpoints"]
+            node.endpoint_types = req.get("EndpointTypes") or []
         hostinfo = req.get("Hostinfo")
         if hostinfo is not None:
             hostinfo = keeping_netinfo(hostinfo, node.hostinfo)
@@ -5319,6 +5349,13 @@ DERP_SEND_BUFFER = 256 << 10
 DERP_DISCO_BUFFER = DERP_SEND_BUFFER + (64 << 10)
 DERP_PEER_GONE_BURST = 3                         # NotHere replies per client: 3, then 1/s
 DISCO_MAGIC = "TS💬".encode()
+# Pairs of clients whose packets DERP carries, for `meshbox paths`: the
+# table holds at most DERP_PAIR_LIMIT pairs (when full, the half that relayed
+# least goes), a pair idle for DERP_PAIR_FORGET seconds is forgotten, and
+# one that carried no data for DERP_PAIR_QUIET seconds counts as not relayed.
+DERP_PAIR_LIMIT = 256
+DERP_PAIR_FORGET = 3600.0
+DERP_PAIR_QUIET = 15.0
 
 FRAME_SERVER_KEY = 0x01        # magic + server public key
 FRAME_CLIENT_INFO = 0x02       # client public key + nonce + box(JSON)
@@ -5470,6 +5507,22 @@ class DerpConnection:
         return True
 
 
+class DerpPair:
+    """What DERP carried between two client keys (either way): data and disco."""
+    __slots__ = ("keys", "data_packets", "data_bytes", "disco_packets", "first", "last", "last_data",
+                 "relayed_since")
+
+    def __init__(self, keys, at):
+        self.keys = keys
+        self.data_packets = self.data_bytes = self.disco_packets = 0
+        self.first = self.last = at
+        self.last_data = self.relayed_since = None   # relayed_since: start of the current data run
+
+    def relayed(self, at):
+        """Whether data crossed DERP within the last DERP_PAIR_QUIET seconds."""
+        return self.last_data is not None and at - self.last_data < DERP_PAIR_QUIET
+
+
 class DerpServer:
     """The DERP relay: joined clients by key and the packets between them."""
 
@@ -5487,6 +5540,10 @@ class DerpServer:
         self.packets_relayed = 0
         self.bytes_relayed = 0
         self.packets_dropped = 0
+        self.pairs = {}       # (lower key, higher key) -> DerpPair
+        self.clock = time.monotonic()   # read once per socket read, not per packet
+        # name_of(key): how log lines name a client (default: its short key)
+        self.name_of = short_key
 
     @property
     def clients(self):
@@ -5607,10 +5664,10 @@ class DerpServer:
                         self._handle_frame(conn, frame_type, view[start:end])
                     offset = end
             finally:       # the packets before a bad frame still go out
-                for dst, (pieces, _) in outgoing.items():
-                    dst.writer.write(b"".join(pieces))
+                self._send_queued(conn, outgoing)
             pending = data[offset:]
             self._note_activity(conn)
+            self.clock = time.monotonic()
 
     def _handle_frame(self, conn, frame_type, body):
         """Any frame but SendPacket."""
@@ -5642,18 +5699,68 @@ class DerpServer:
                 src.send(peer_gone_frame(dst_key, PEER_GONE_NOT_HERE), DERP_DISCO_BUFFER)
             return
         dst = conns[-1]
-        queued, size = outgoing.get(dst) or ([], dst.transport.get_write_buffer_size())
-        if size > (DERP_DISCO_BUFFER if disco else DERP_SEND_BUFFER):
+        queued = outgoing.get(dst)
+        if queued is None:   # pieces of frames, buffered bytes with them, disco packets and bytes among them
+            queued = outgoing[dst] = [[], dst.transport.get_write_buffer_size(), 0, 0]
+        if queued[1] > (DERP_DISCO_BUFFER if disco else DERP_SEND_BUFFER):
             self.packets_dropped += 1
             return
         # RecvPacket has SendPacket's length: the source key takes the destination key's place.
-        queued += (RECV_PACKET_TYPE, data[start - 4:start], src.key, packet)
-        outgoing[dst] = (queued, size + DERP_FRAME_HEADER_LEN + DERP_KEY_LEN + len(packet))
+        queued[0] += (RECV_PACKET_TYPE, data[start - 4:start], src.key, packet)
+        queued[1] += DERP_FRAME_HEADER_LEN + DERP_KEY_LEN + len(packet)
+        if disco:
+            queued[2] += 1
+            queued[3] += len(packet)
         self.packets_relayed += 1
         self.bytes_relayed += len(packet)
         if src.key not in dst.senders:
             dst.senders.add(src.key)
             self._watchers.setdefault(src.key, set()).add(dst)
+
+    def _send_queued(self, src, outgoing):
+        """Write what _relay queued from src, one write per destination, and
+        count it: once per destination and socket read, not per packet."""
+        for dst, (pieces, _, disco, disco_bytes) in outgoing.items():
+            frames = b"".join(pieces)
+            dst.writer.write(frames)
+            packets = len(pieces) // 4
+            payload = len(frames) - packets * (DERP_FRAME_HEADER_LEN + DERP_KEY_LEN)
+            self._count_pair(src.key, dst.key, packets - disco, payload - disco_bytes, disco)
+
+    def _count_pair(self, src_key, dst_key, data_packets, data_bytes, disco_packets):
+        keys = (src_key, dst_key) if src_key < dst_key else (dst_key, src_key)
+        pair, at = self.pairs.get(keys), self.clock
+        if pair is None:
+            if len(self.pairs) >= DERP_PAIR_LIMIT:
+                self._shrink_pairs()
+            pair = self.pairs[keys] = DerpPair(keys, at)
+        pair.last = at
+        pair.disco_packets += disco_packets
+        if not data_packets:
+            return
+        if not pair.relayed(at):
+            pair.relayed_since = at
+            log.info("derp: %s <-> %s now relayed", self.name_of(keys[0]), self.name_of(keys[1]))
+        pair.data_packets += data_packets
+        pair.data_bytes += data_bytes
+        pair.last_data = at
+
+    def _shrink_pairs(self):
+        """Keep the half of the pairs that relayed most (a client cannot grow the table)."""
+        ranked = sorted(self.pairs.values(), key=lambda p: p.data_bytes, reverse=True)
+        self.pairs = {p.keys: p for p in ranked[:DERP_PAIR_LIMIT // 2]}
+
+    def sweep_pairs(self, at=None):
+        """Log the pairs that stopped being relayed; forget the long idle ones."""
+        at = time.monotonic() if at is None else at
+        for keys, pair in list(self.pairs.items()):
+            if pair.relayed_since is not None and not pair.relayed(at):
+                log.info("derp: %s <-> %s no longer relayed, after %.0f s (%d bytes relayed in all)",
+                         self.name_of(keys[0]), self.name_of(keys[1]), pair.last_data - pair.relayed_since,
+                         pair.data_bytes)
+                pair.relayed_since = None
+            if at - pair.last > DERP_PAIR_FORGET:
+                del self.pairs[keys]
 
     @staticmethod
     async def _keep_alive_loop(conn):
@@ -5717,6 +5824,7 @@ STUN_ATTR_FINGERPRINT = 0x8028
 STUN_FINGERPRINT_XOR = 0x5354554E
 STUN_FAMILY_IPV4 = 0x01
 STUN_FAMILY_IPV6 = 0x02
+MAX_STUN_ADDRESSES = 4
 
 
 def stun_attributes_valid(message):
@@ -7019,7 +7127,7 @@ class Config:
     listen: str = "127.0.0.1:8080"
     server_url: str = ""        # what clients use as --login-server; default http://LISTEN
     derp_listen: str = ""       # DERP over TLS; default LISTEN's host, port 8443; "off" disables
-    stun_listen: str = ""       # STUN; default LISTEN's host, port 3478; "off" disables
+    stun_listen: str = ""       # STUN, HOST:PORT[,HOST:PORT]; default LISTEN's host, ports 3478 and 3479; "off"
     derp_host: str = ""         # address clients dial for DERP and STUN; default SERVER_URL's host
     base_domain: str = "mesh.internal"
     prefix_v4: str = DEFAULT_PREFIX_V4
@@ -7069,10 +7177,15 @@ class Config:
             return None
         return parse_host_port(self.derp_listen or f"[{self.control_address()[0]}]:8443", 8443)
 
-    def stun_address(self):
+    def stun_addresses(self):
+        """Where STUN listens: a second address lets clients see a NAT whose mapping varies by destination."""
         if self.stun_listen == "off":
-            return None
-        return parse_host_port(self.stun_listen or f"[{self.control_address()[0]}]:3478", 3478)
+            return []
+        host = f"[{self.control_address()[0]}]"
+        listed = [a.strip() for a in (self.stun_listen or f"{host}:3478,{host}:3479").split(",") if a.strip()]
+        if not 1 <= len(listed) <= MAX_STUN_ADDRESSES:
+            raise ValueError(f"--stun-listen takes 1 to {MAX_STUN_ADDRESSES} addresses, got {self.stun_listen!r}")
+        return [parse_host_port(a, 3478) for a in listed]
 
     def public_url(self):
         if self.server_url:
@@ -7097,7 +7210,7 @@ class Config:
                 raise ValueError(f"prefix {prefix} must be IPv{version}")
         if ipaddress.ip_network(self.prefix_v6).prefixlen > 96 or ipaddress.ip_network(self.prefix_v4).prefixlen > 30:
             raise ValueError("address prefixes are too small")
-        self.control_address(), self.derp_address(), self.stun_address()
+        self.control_address(), self.derp_address(), self.stun_addresses()
         if not self.public_url().startswith(("http://", "https://")):
             raise ValueError(f"server URL must start with http:// or https://, got {self.server_url!r}")
         if self.public_host() in ("0.0.0.0", "::", ""):
@@ -7276,12 +7389,22 @@ class Server:
         admit = None if self.config.derp_serve_any else self.derp_refusal
         self.derp = DerpServer(self.store.secret("derp_private", new_private_key), admit) \
             if self.config.derp_address() else None
+        if self.derp:
+            self.derp.name_of = self.derp_client_name
+
+    def derp_node(self, key):
+        """The node whose key a DERP client has, or None."""
+        if self.derp_nodes is None:       # rebuilt after a change: DERP asks once per client
+            self.derp_nodes = {n.node_key: n for n in self.coordinator.nodes.values()}
+        return self.derp_nodes.get(key)
+
+    def derp_client_name(self, key):
+        node = self.derp_node(key)
+        return node.given_name if node else short_key(key)
 
     def derp_refusal(self, key):
         """Why a DERP client key is not served (None: it is a live node's, the box's included)."""
-        if self.derp_nodes is None:       # rebuilt after a change: DERP asks once per client
-            self.derp_nodes = {n.node_key: n for n in self.coordinator.nodes.values()}
-        node = self.derp_nodes.get(key)
+        node = self.derp_node(key)
         if node is None:
             return "this key is not a node of this tailnet (meshbox serves only its nodes; see derp_serve_any)"
         if is_expired(node, now()):
@@ -7320,7 +7443,7 @@ class Server:
                         config.oidc_issuer)
         self._open_state()
         loop = asyncio.get_running_loop()
-        derp_port = stun_port = 0
+        derp_port, stun_ports = 0, []
         cert_name = ""
         if config.derp_address():
             if ssl is None:
@@ -7330,13 +7453,14 @@ class Server:
             host, derp_port = config.derp_address()
             self.listeners.append(await asyncio.start_server(
                 lambda r, w: self.handle_http(r, w, tls=context), host, derp_port))
-        if config.stun_address():
-            host, stun_port = config.stun_address()
+        self.stun_transports = []
+        for host, stun_port in config.stun_addresses():
             transport, _ = await loop.create_datagram_endpoint(StunProtocol, local_addr=(host, stun_port))
-            self.stun_transport = transport
+            self.stun_transports.append(transport)
+            stun_ports.append(stun_port)
         settings = MapSettings(
             base_domain=config.base_domain,
-            derp_map=derp_map(config.public_host(), derp_port, stun_port, cert_name) if derp_port else {"Regions": {}},
+            derp_map=derp_map(config.public_host(), derp_port, stun_ports, cert_name) if derp_port else {"Regions": {}},
             dns_config=self.dns_config(dns_settings(self.store, config)),
             control_url=config.public_url(),
             node_caps={CAP_SSH: None, **({CAP_FILE_SHARING: None} if config.taildrop else {})},
@@ -7363,7 +7487,7 @@ class Server:
         release_free_memory()
         log.info("meshbox %s serving %s (control on %s:%d, DERP %s, STUN %s), state in %s",
                  VERSION, config.public_url(), host, port,
-                 f"TLS port {derp_port}" if derp_port else "off", f"port {stun_port}" if stun_port else "off",
+                 f"TLS port {derp_port}" if derp_port else "off", "ports " + ",".join(map(str, stun_ports)) if stun_ports else "off",
                  os.path.abspath(config.state_dir))
 
     def dns_config(self, dns):
@@ -7411,6 +7535,8 @@ class Server:
                 self.coordinator.expire_due(now(), parse_duration(self.config.ephemeral_timeout))
                 if self.config.policy_file:
                     self.reload_policy_file()
+                if self.derp:
+                    self.derp.sweep_pairs()
                 if time.monotonic() - last_flush >= FLUSH_INTERVAL:
                     self.coordinator.flush_live()
                     last_flush = time.monotonic()
@@ -7513,8 +7639,8 @@ class Server:
             writer.close()
         if self.connections:
             await asyncio.wait(list(self.connections), timeout=2)
-        if getattr(self, "stun_transport", None):
-            self.stun_transport.close()
+        for transport in getattr(self, "stun_transports", ()):
+            transport.close()
         try:
             self.coordinator.flush_live()
         except StoreError as e:
@@ -7742,7 +7868,7 @@ class Server:
             return
         parts = request.path[len("/api/v1/"):].strip("/").split("/")
         noun, verb = parts[0], (parts[1] if len(parts) > 1 else ("list" if request.method == "GET" else None))
-        if noun in ("status", "netmap", "logs"):
+        if noun in ("status", "netmap", "logs", "paths"):
             verb = None
         answer = await self.run_admin(noun, verb, params)
         writer.write(http_response(400 if "error" in answer else 200, json_bytes(answer), "application/json"))
@@ -7844,7 +7970,97 @@ class Server:
         metric("derp_packets_relayed_total", "counter", "Packets relayed by DERP.", [({}, derp.get("packets_relayed", 0))])
         metric("derp_bytes_relayed_total", "counter", "Bytes relayed by DERP.", [({}, derp.get("bytes_relayed", 0))])
         metric("derp_packets_dropped_total", "counter", "Packets DERP dropped.", [({}, derp.get("packets_dropped", 0))])
+        pairs = derp_pair_rows(self.derp, self.derp_node, time.monotonic())[:TOP_PAIRS_METRICS] if self.derp else []
+        metric("derp_pair_relayed_bytes", "gauge", f"Data bytes DERP relayed between two nodes (top {TOP_PAIRS_METRICS}).",
+               [({"a": p["nodes"][0], "b": p["nodes"][1]}, p["relayed_bytes"]) for p in pairs] or [({}, 0)])
+        kinds = collections.Counter(nat_class(n) for n in nodes if n.kind == NODE_CLIENT)
+        metric("nodes_by_nat", "gauge", "Nodes by the NAT their client reports.",
+               [({"kind": kind}, count) for kind, count in sorted(kinds.items())] or [({}, 0)])
         return "\n".join(lines) + "\n"
+
+
+# Diagnostics: what a node's NetInfo (its client's own netcheck) and
+# EndpointTypes say about its network, in words for the person at the router.
+
+ENDPOINT_SOURCES = {1: "local", 2: "stun", 3: "portmap", 4: "stun4localport", 5: "explicitconf"}
+PORT_MAPPINGS = (("UPnP", "UPnP"), ("PMP", "NAT-PMP"), ("PCP", "PCP"))
+MAX_DERP_LATENCIES = 16
+TOP_PAIRS_METRICS = 10
+
+
+def nat_class(node):
+    """One word for a node's network: udp-blocked, hard, port-mapped, easy or unknown."""
+    if netinfo_value(node.hostinfo, "WorkingUDP", bool) is False:
+        return "udp-blocked"
+    if netinfo_value(node.hostinfo, "MappingVariesByDestIP", bool):
+        return "hard"
+    if any(netinfo_value(node.hostinfo, field, bool) for field, _ in PORT_MAPPINGS):
+        return "port-mapped"
+    return "easy" if netinfo_value(node.hostinfo, "MappingVariesByDestIP", bool) is False else "unknown"
+
+
+def nat_words(node):
+    """What a node's NetInfo says about its NAT, as phrases."""
+    words = []
+    if netinfo_value(node.hostinfo, "WorkingUDP", bool) is False:
+        words.append("UDP blocked")
+    varies = netinfo_value(node.hostinfo, "MappingVariesByDestIP", bool)
+    if varies:
+        words.append("hard NAT: mapping varies by destination")
+    elif varies is False:
+        words.append("easy NAT (or none): one mapping for every destination")
+    if netinfo_value(node.hostinfo, "HairPinning", bool):
+        words.append("hairpinning")
+    words += [f"port mapping: {name}" for field, name in PORT_MAPPINGS if netinfo_value(node.hostinfo, field, bool)]
+    return words or ["not reported"]
+
+
+def network_fields(node):
+    """A node's network as its client reports it: NAT, endpoints and where
+    each came from, DERP home and latencies, client version and capability."""
+    types = node.endpoint_types if len(node.endpoint_types) == len(node.endpoints) else []
+    latency = netinfo_value(node.hostinfo, "DERPLatency", dict) or {}
+    version = node.hostinfo.get("IPNVersion") if isinstance(node.hostinfo, dict) else None
+    return {"nat": nat_words(node), "nat_kind": nat_class(node),
+            "endpoints_from": [{"endpoint": e, "from": ENDPOINT_SOURCES.get(t, "unknown") if types else "unknown"}
+                               for e, t in zip(node.endpoints, types or [0] * len(node.endpoints))],
+            "derp_home": home_derp(node),
+            "derp_latency_ms": {str(k)[:32]: round(v * 1000, 1) for k, v in list(latency.items())[:MAX_DERP_LATENCIES]
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            "client_version": version if isinstance(version, str) else "", "capability": node.cap}
+
+
+def why_relayed(a, b):
+    """Why two nodes' packets may not go direct, from both ends' NetInfo, in words."""
+    reasons = [f"{n.given_name}: UDP blocked, so only DERP over TCP reaches it"
+               for n in (a, b) if nat_class(n) == "udp-blocked"]
+    hard = [n for n in (a, b) if nat_class(n) == "hard"]
+    if len(hard) == 2:
+        reasons.append("both are behind hard NATs (mapping varies by destination): hole punching cannot meet; "
+                       "forward UDP 41641 to one of them, or enable UPnP/NAT-PMP on its router")
+    elif hard:
+        other = b if hard[0] is a else a
+        if nat_class(other) != "port-mapped":
+            reasons.append(f"{hard[0].given_name} is behind a hard NAT (mapping varies by destination) and "
+                           f"{other.given_name}'s router lets in only replies: forward UDP 41641 to "
+                           f"{other.given_name}, or enable UPnP/NAT-PMP on its router")
+    return reasons or ["nothing in their NetInfo: a firewall between them may drop UDP, "
+                       "or the direct path is still being tried"]
+
+
+def derp_pair_rows(derp, node_of, at):
+    """The pairs DERP carried packets for, most relayed first: nodes, bytes, and why relayed."""
+    rows = []
+    for pair in sorted(derp.pairs.values(), key=lambda p: p.data_bytes, reverse=True):
+        nodes = [node_of(key) for key in pair.keys]
+        relayed = pair.relayed(at)
+        rows.append({"nodes": [n.given_name if n else short_key(k) for n, k in zip(nodes, pair.keys)],
+                     "node_ids": [n.id if n else None for n in nodes], "relayed": relayed,
+                     "relayed_bytes": pair.data_bytes, "relayed_packets": pair.data_packets,
+                     "disco_packets": pair.disco_packets,
+                     "last_relayed_s_ago": round(at - pair.last_data, 1) if pair.last_data is not None else None,
+                     "why": why_relayed(*nodes) if relayed and all(nodes) else []})
+    return rows
 
 
 def register_page(request_id):
@@ -7889,7 +8105,7 @@ OAUTH_SECRET_PREFIX = "msoauth-"
 OAUTH_SCOPES = tuple(f"{area}{mode}" for area in ("all", "devices:core", "devices:routes", "auth_keys", "policy_file",
                                                   "dns", "users", "feature_settings") for mode in ("", ":read"))
 ADMIN_NOUNS = ("users", "preauthkeys", "nodes", "routes", "devices", "policy", "dns", "apikeys", "oauthclients",
-               "status", "netmap", "logs", "ssh")
+               "status", "netmap", "logs", "ssh", "paths")
 
 
 class Admin:
@@ -7973,14 +8189,16 @@ class Admin:
                  "ephemeral": n.ephemeral, "expiry": rfc3339(n.expiry), "created": rfc3339(n.created),
                  "expired": is_expired(n, at), "kind": n.kind, "approved_routes": n.approved_routes,
                  "advertised_routes": list(n.hostinfo.get("RoutableIPs") or []),
-                 "os": n.hostinfo.get("OS", ""), "wireguard": stats.get(n.node_key)} for n in self._nodes()]
+                 "os": n.hostinfo.get("OS", ""), "wireguard": stats.get(n.node_key), "network": network_fields(n)}
+                for n in self._nodes()]
 
     def nodes_show(self, id):
         node = self._node(id)
         row = next(r for r in self.nodes_list() if r["id"] == node.id)
+        live = self.server.coordinator.nodes.get(node.id) if self.server else None
         row.update(machine_key=key_text("mkey", node.machine_key), node_key=key_text("nodekey", node.node_key),
                    disco_key=key_text("discokey", node.disco_key) if node.disco_key else None,
-                   hostinfo=node.hostinfo)
+                   hostinfo=(live or node).hostinfo)
         return row
 
     def _update_node(self, node, message, **fields):
@@ -8286,6 +8504,12 @@ class Admin:
         node = coordinator.nodes.get(self._node(id).id)
         return map_response_for(node, coordinator.view_of(node), coordinator.nodes, coordinator.users,
                                 coordinator.settings, now())
+
+    def paths(self):
+        """The pairs of nodes whose packets meshbox's DERP carried lately, and why those still relayed are."""
+        if self.server is None or self.server.derp is None:
+            raise ValueError("paths needs the running server (meshbox serve) with DERP on")
+        return derp_pair_rows(self.server.derp, self.server.derp_node, time.monotonic())
 
     def logs(self, lines=100):
         if self.server is None:
@@ -9860,6 +10084,8 @@ def show_result(args, noun, verb, result):
         show_status(result)
     elif noun == "logs":
         print("\n".join(result))
+    elif noun == "paths":
+        show_paths(result)
     elif isinstance(result, dict) and set(result) == {"message"}:
         print(result["message"])
     else:
@@ -9874,7 +10100,20 @@ def show_status(result):
         r["state"] = "expired" if r["expired"] else ("online" if r["online"] else "offline")
         handshake = (r.get("wireguard") or {}).get("last_handshake")
         r["box_handshake"] = rfc3339(handshake) if handshake else None
-    print_table(rows, ["id", "name", "user", "ipv4", "state", "derp_home", "endpoints", "box_handshake", "last_seen"])
+        r["nat"] = r["network"]["nat_kind"]
+    print_table(rows, ["id", "name", "user", "ipv4", "state", "nat", "derp_home", "endpoints", "box_handshake",
+                       "last_seen"])
+
+
+def show_paths(rows):
+    if not rows:
+        print("DERP carried no packets lately: every pair that talked went direct, or none talked")
+    for r in rows:
+        state = "relayed" if r["relayed"] else "not relayed now (direct, or idle)"
+        print(f"{r['nodes'][0]} <-> {r['nodes'][1]}: {state}; {r['relayed_bytes']} data bytes relayed, "
+              f"{r['disco_packets']} disco packets")
+        for reason in r["why"]:
+            print(f"    why: {reason}")
 
 
 def verb_params(args, noun, verb):
@@ -9991,7 +10230,7 @@ def build_parser():
     serve.add_argument("--listen", help="control HTTP address (default 127.0.0.1:8080)")
     serve.add_argument("--server-url", dest="server_url", help="URL clients use as --login-server (default http://LISTEN)")
     serve.add_argument("--derp-listen", dest="derp_listen", help="DERP-over-TLS address (default LISTEN's host:8443, or off)")
-    serve.add_argument("--stun-listen", dest="stun_listen", help="STUN UDP address (default LISTEN's host:3478, or off)")
+    serve.add_argument("--stun-listen", dest="stun_listen", help="STUN UDP addresses, HOST:PORT[,HOST:PORT] (default LISTEN's host:3478,3479, or off)")
     serve.add_argument("--derp-host", dest="derp_host", help="host clients dial for DERP/STUN (default SERVER_URL's host)")
     serve.add_argument("--base-domain", dest="base_domain", help="MagicDNS domain (default mesh.internal)")
     serve.add_argument("--nameservers", help="DNS resolvers clients use for other names, e.g. 192.0.2.53")
@@ -10119,6 +10358,7 @@ def build_parser():
     with_output(sub.add_parser("status", help="the tailnet as the server sees it"))
     sub.add_parser("netmap", help="the exact MapResponse a node receives now").add_argument(
         "id", help="node ID or name")
+    with_output(sub.add_parser("paths", help="pairs of nodes relayed by meshbox's DERP, how much, and why"))
     sub.add_parser("logs", help="recent events of the running server").add_argument(
         "--lines", type=int, default=100, help="how many (default 100)")
     return parser

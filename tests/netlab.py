@@ -1,4 +1,5 @@
-"""Network namespaces for tests: a hub where meshbox runs, clients linked to it."""
+"""Network namespaces for tests: a hub where meshbox runs, clients linked to it;
+and a NAT lab: an "internet" with sites behind home-router NATs."""
 
 # Layout (all addresses TEST-NET-1, nothing routes outside the lab):
 #
@@ -12,6 +13,7 @@
 # no default route anywhere, so nothing in the lab can reach the outside.
 
 import atexit
+import ipaddress
 import os
 import re
 import selectors
@@ -296,7 +298,23 @@ def link(left, left_if, right, right_if):
 
 # ---- Topology ----
 
-class Lab:
+class Namespaces:
+    """A set of lab namespaces: close() kills what runs in them and deletes
+    them (in reverse order of namespaces()), then forget() drops them."""
+
+    def close(self):
+        for ns in reversed(self.namespaces()):
+            ns.close()
+        self.forget()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Lab(Namespaces):
     """A hub namespace and client namespaces each linked to it by a veth."""
 
     def __init__(self, clients=("a", "b"), direct=False):
@@ -344,18 +362,206 @@ class Lab:
     def namespaces(self):
         return ([self.hub] if self.hub else []) + list(self.clients.values())
 
-    def close(self):
-        """Kill every process in the lab's namespaces and delete them."""
-        for ns in reversed(self.namespaces()):
-            ns.close()
+    def forget(self):
         self.clients.clear()
         self.hub = None
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
+# ---- NAT lab ----
+# Layout (TEST-NET only; the "internet" has no default route, so nothing
+# leaves the lab):
+#
+#   device 192.0.2.18 --lan-- router 203.0.113.11 --wan-- internet 203.0.113.1
+#   device 192.0.2.34 --lan-- router 203.0.113.12 --wan--/   (meshbox listens here)
+#
+# Each site is a router namespace (a bridge "lan" for its devices, a veth
+# "wan" to the internet) with nftables rules of a home router: masquerade
+# out of wan, forward only what the LAN started (or a forwarded port), and
+# drop new packets from wan to the router itself: without that input rule a
+# peer's first probe takes the router's own mapping and hole punching fails.
+# Site i has the LAN 192.0.2.16i/28 (router .16i+1) unless given another.
+
+INTERNET_ADDR = "203.0.113.1"
+FIRST_WAN_HOST = 10             # sites' WAN addresses: 203.0.113.10 on
+FIRST_RENUMBERED_HOST = 100     # and after a renumbering: 203.0.113.100 on
+MAX_SITES = 14                  # /28 LANs of 192.0.2.0/24 after the first
+TAILSCALE_PORT = 41641
+NAT_KINDS = {
+    "easy": "endpoint-independent mapping (plain masquerade)",
+    "hard": "mapping varies by destination (masquerade random,fully-random)",
+    "udp-blocked": "only TCP leaves the site",
+    "forwarded": "easy, and UDP 41641 forwarded to each device (as UPnP or a port forward)",
+}
+
+
+def router_ruleset(kind, forwards=()):
+    """The nftables ruleset of a home router of `kind`; `forwards` are
+    (proto, WAN port, LAN address, LAN port) to DNAT inward."""
+    if kind not in NAT_KINDS:
+        raise ValueError(f"unknown NAT kind {kind!r}")
+    dnat = "".join(f"    iifname \"wan\" {proto} dport {port} dnat to {addr}:{lan_port}\n"
+                   for proto, port, addr, lan_port in forwards)
+    masquerade = "masquerade random,fully-random" if kind == "hard" else "masquerade"
+    udp_drop = "    iifname \"lan\" meta l4proto udp drop\n" if kind == "udp-blocked" else ""
+    return ("table ip nat {\n"
+            "  chain prerouting_wan {\n    type nat hook prerouting priority -100;\n" + dnat + "  }\n"
+            "  chain postrouting_wan {\n    type nat hook postrouting priority 100;\n"
+            f"    oifname \"wan\" {masquerade}\n  }}\n"
+            "}\n"
+            "table ip filter {\n"
+            "  chain forward_lan {\n    type filter hook forward priority 0; policy drop;\n" + udp_drop +
+            "    iifname \"lan\" accept\n    ct state established,related accept\n    ct status dnat accept\n  }\n"
+            "  chain input_wan {\n    type filter hook input priority 0; policy accept;\n"
+            "    iifname \"wan\" ct state new drop\n  }\n"
+            "}\n")
+
+
+class Site:
+    """A NAT router namespace of one kind and the device namespaces behind it."""
+
+    def __init__(self, lab, name, kind, wan_addr, lan_net):
+        self.lab, self.name, self.kind, self.wan_addr = lab, name, kind, wan_addr
+        self.lan_net = ipaddress.ip_network(lan_net)
+        hosts = self.lan_net.hosts()
+        self.lan_gateway = str(next(hosts))
+        self._free_hosts = [str(h) for h in hosts]
+        self.devices = {}
+        self.forwards = []
+        self.wan_if = f"w-{name}"[:15]          # its end in the internet namespace
+        self.router = Netns(f"{lab.tag}-r{name}"[:60])
+        lab.routers.append(self.router)
+        link(self.router, "wan", lab.internet, self.wan_if)
+        ip("-n", self.router.name, "link", "add", "lan", "type", "bridge")
+        ip("-n", self.router.name, "link", "set", "lan", "up")
+        ip("-n", self.router.name, "addr", "add", f"{self.lan_gateway}/{self.lan_net.prefixlen}", "dev", "lan")
+        ip("-n", lab.internet.name, "addr", "add", f"{INTERNET_ADDR}/32", "dev", self.wan_if)
+        self._route_wan(wan_addr)
+        self.router.sysctl("net.ipv4.ip_forward", "1")
+        self.apply_rules()
+
+    def _route_wan(self, addr):
+        r, net = self.router.name, self.lab.internet.name
+        ip("-n", r, "addr", "add", f"{addr}/32", "dev", "wan")
+        ip("-n", r, "route", "replace", f"{INTERNET_ADDR}/32", "dev", "wan", "src", addr)
+        ip("-n", r, "route", "replace", "default", "via", INTERNET_ADDR, "dev", "wan", "src", addr)
+        ip("-n", net, "route", "replace", f"{addr}/32", "dev", self.wan_if, "src", INTERNET_ADDR)
+
+    def apply_rules(self):
+        self.router.run(["nft", "flush", "ruleset"])
+        self.router.run(["nft", "-f", "-"], input=router_ruleset(self.kind, self.forwards))
+
+    def forward(self, proto, port, addr, lan_port=None):
+        """Forward WAN `proto` `port` to addr:lan_port on the LAN (DNAT)."""
+        self.forwards.append((proto, port, addr, lan_port or port))
+        self.apply_rules()
+
+    def add_device(self, name):
+        """A device namespace `name` on this site's LAN, its default route via the router."""
+        ns = Netns(f"{self.lab.tag}-{name}"[:60])
+        self.lab.devices[name] = ns
+        self.attach(name, ns)
+        return ns
+
+    def attach(self, name, ns, port=None):
+        """Give device `name` an address on this LAN; `port` is its veth end
+        already moved into this router (a roaming device), else one is made."""
+        if not self._free_hosts:
+            raise ValueError(f"site {self.name}'s LAN {self.lan_net} is full")
+        addr = self._free_hosts.pop(0)
+        if port is None:
+            port = f"l-{name}"[:15]
+            link(ns, "eth0", self.router, port)
+        else:
+            ip("-n", self.router.name, "link", "set", port, "up")
+        ip("-n", self.router.name, "link", "set", port, "master", "lan")
+        ip("-n", ns.name, "addr", "add", f"{addr}/{self.lan_net.prefixlen}", "dev", "eth0")
+        ip("-n", ns.name, "route", "replace", "default", "via", self.lan_gateway, "dev", "eth0")
+        self.devices[name] = addr
+        if self.kind == "forwarded":          # one WAN port per device, as a UPnP mapping would
+            self.forward("udp", TAILSCALE_PORT + len(self.devices) - 1, addr, TAILSCALE_PORT)
+        self.lab.site_of[name] = self
+        return addr
+
+    def hand_over(self, name, site):
+        """Move device `name`'s link to `site`'s router without taking it down
+        (as a phone roams from Wi-Fi to mobile data): the new address comes
+        before the old one goes, so the device is never without one."""
+        ns, port = self.lab.devices[name], f"l-{name}"[:15]
+        old = self.devices.pop(name)
+        ip("-n", self.router.name, "link", "set", port, "netns", site.router.name)
+        new = site.attach(name, ns, port)
+        ip("-n", ns.name, "addr", "del", f"{old}/{self.lan_net.prefixlen}", "dev", "eth0")
+        self._free_hosts.append(old)
+        self.forwards = [f for f in self.forwards if f[2] in self.devices.values()]
+        self.apply_rules()
+        return new
+
+    def renumber(self):
+        """Give the router a new WAN address (as an ISP does): the masquerade's
+        mappings die with the old one. Returns the new address."""
+        new = self.lab.next_renumbered()
+        old, r, net = self.wan_addr, self.router.name, self.lab.internet.name
+        ip("-n", r, "addr", "del", f"{old}/32", "dev", "wan")
+        ip("-n", net, "route", "del", f"{old}/32", "dev", self.wan_if)
+        self._route_wan(new)
+        self.wan_addr = new
+        return new
+
+
+class NatLab(Namespaces):
+    """An internet namespace (meshbox at INTERNET_ADDR) and NAT sites.
+
+    add_site(name, kind) builds a router; site.add_device(name) a device
+    behind it; move(device, site) takes a device to another site with its
+    processes running (Wi-Fi to mobile data); site.renumber() changes a
+    site's public address."""
+
+    def __init__(self):
+        global _lab_seq
+        cleanup_stale()
+        _lab_seq += 1
+        self.tag = f"{NS_PREFIX}{os.getpid()}-{_lab_seq}"
+        self.sites, self.devices, self.site_of, self.routers = {}, {}, {}, []
+        self._renumbered = FIRST_RENUMBERED_HOST
+        try:
+            self.internet = Netns(f"{self.tag}-net")
+            self.internet.sysctl("net.ipv4.ip_forward", "1")
+        except BaseException:
+            self.close()
+            raise
+
+    def add_site(self, name, kind, lan_net=None):
+        index = len(self.sites) + 1
+        if index > MAX_SITES:
+            raise ValueError(f"at most {MAX_SITES} sites in one lab")
+        site = Site(self, name, kind, f"203.0.113.{FIRST_WAN_HOST + index}",
+                    lan_net or f"192.0.2.{16 * index}/28")
+        self.sites[name] = site
+        return site
+
+    def next_renumbered(self):
+        if self._renumbered > 250:
+            raise ValueError("no WAN addresses left to renumber to")
+        self._renumbered += 1
+        return f"203.0.113.{self._renumbered}"
+
+    def __getitem__(self, name):
+        return self.devices[name]
+
+    def move(self, name, site):
+        """Take device `name` to `site`, its link staying up: a new LAN address
+        and a new NAT. Its new address."""
+        return self.site_of[name].hand_over(name, site)
+
+    def namespaces(self):
+        inet = getattr(self, "internet", None)
+        return ([inet] if inet else []) + self.routers + list(self.devices.values())
+
+    def forget(self):
+        self.devices.clear()
+        self.routers.clear()
+        self.sites.clear()
+        self.internet = None
 
 
 # ---- Teardown ----

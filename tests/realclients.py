@@ -362,11 +362,11 @@ def stock_binaries(timeout=STOCK_DOWNLOAD_TIMEOUT):
     return paths
 
 
-def route_default_via_hub(ns):
+def route_default_via_hub(ns, hub=netlab.HUB_ADDR):
     """A default route through the hub: tailscaled contacts control only once
     its namespace has one ("network down" otherwise). The hub routes nothing
     beyond the lab, so a packet for anywhere else dies there."""
-    netlab.ip("-n", ns.name, "route", "replace", "default", "via", netlab.HUB_ADDR, "dev", "eth0")
+    netlab.ip("-n", ns.name, "route", "replace", "default", "via", hub, "dev", "eth0")
 
 
 HOST_RESOLV_BACKUP = Path("/etc/resolv.pre-tailscale-backup.conf")
@@ -401,11 +401,14 @@ class StockClient:
 
     State, socket and log live under `workdir`. Several clients can share a
     namespace when each has its own `port`; `ca_file` is the PEM that control
-    and DERP over TLS are trusted with."""
+    and DERP over TLS are trusted with. `hub` is where the default route
+    goes (None: the namespace has its own, as a NAT lab device)."""
 
-    def __init__(self, ns, workdir, binaries, port=STOCK_PORT, ca_file=None, tun=None, daemon_args=()):
+    def __init__(self, ns, workdir, binaries, port=STOCK_PORT, ca_file=None, tun=None, daemon_args=(),
+                 hub=netlab.HUB_ADDR):
         self.ns = ns
         self.daemon_args = daemon_args
+        self.hub = hub
         self.workdir = Path(workdir)
         self.binaries = binaries
         self.port = port
@@ -421,7 +424,8 @@ class StockClient:
         if len(str(self.socket)) > MAX_SOCKET_PATH:
             raise ValueError(f"socket path {self.socket} is over {MAX_SOCKET_PATH} bytes: use a shorter workdir")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        route_default_via_hub(self.ns)
+        if self.hub:
+            route_default_via_hub(self.ns, self.hub)
         if self.tun:    # the device gets the node's IPv6 address too (netlab turns IPv6 off by default)
             self.ns.sysctl("net.ipv6.conf.default.disable_ipv6", "0")
         self.proc = self.ns.spawn([str(self.binaries["tailscaled"]), f"--tun={self.tun or 'userspace-networking'}",
@@ -482,6 +486,15 @@ class StockClient:
         done = self.cli("ping", f"--c={count}", f"--timeout={timeout}s", "--until-direct=false", peer,
                         timeout=count * timeout + 15, check=False)
         return [line for line in done.stdout.splitlines() if line.startswith("pong from")]
+
+    def peer_endpoints(self, hostname):
+        """The endpoints the client's own netmap holds for peer `hostname`
+        (`tailscale debug netmap`: what control sent it), or None without such a peer."""
+        netmap = json.loads(self.cli("debug", "netmap").stdout)
+        for peer in netmap.get("Peers") or []:
+            if (peer.get("Hostinfo") or {}).get("Hostname") == hostname or peer.get("ComputedName") == hostname:
+                return list(peer.get("Endpoints") or [])
+        return None
 
     def log_text(self):
         try:
@@ -584,6 +597,99 @@ class StockTailnet:
             self.server.stop()
             print(f"---- meshbox:\n{self.server.log_text()[-4000:]}")
         self.lab.close()
+
+
+# ---- Streams over the tailnet ----
+# A steady TCP stream from one stock client to another (`tailscale nc` into
+# the sender's tailscaled; the receiver's tailscaled, in userspace mode,
+# hands the connection to 127.0.0.1:PORT in its namespace).  The receiver
+# writes "monotonic-time total-bytes" ten times a second: tests read from it
+# whether bytes flowed and the longest stall.
+
+STREAM_PORT = 7000
+STREAM_CHUNK = 4096
+STREAM_INTERVAL = 0.02          # 4 KiB every 20 ms: about 200 KB/s
+
+_STREAM_RECEIVER = (
+    "import socket, sys, time\n"
+    "port, limit, path = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]\n"
+    "end = time.monotonic() + limit\n"
+    "server = socket.create_server(('127.0.0.1', port)); server.settimeout(limit)\n"
+    "print('ready', flush=True)\n"
+    "conn, _ = server.accept(); conn.settimeout(0.1)\n"
+    "total, written, out = 0, 0.0, open(path, 'a')\n"
+    "while time.monotonic() < end:\n"
+    "    try:\n"
+    "        data = conn.recv(65536)\n"
+    "        if not data: break\n"
+    "        total += len(data)\n"
+    "    except socket.timeout: pass\n"
+    "    t = time.monotonic()\n"
+    "    if t - written >= 0.1: out.write(f'{t:.3f} {total}\\n'); out.flush(); written = t\n")
+
+_STREAM_SENDER = (
+    "import subprocess, sys, time\n"
+    "duration, chunk, interval = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])\n"
+    "nc = subprocess.Popen(sys.argv[4:], stdin=subprocess.PIPE)\n"
+    "end, data = time.monotonic() + duration, b'x' * chunk\n"
+    "try:\n"
+    "    while time.monotonic() < end and nc.poll() is None:\n"
+    "        nc.stdin.write(data); nc.stdin.flush(); time.sleep(interval)\n"
+    "finally:\n"
+    "    nc.stdin.close(); nc.wait(10)\n")
+
+
+class Stream:
+    """`duration` seconds of steady bytes from stock client `sender` to
+    `receiver` (at tailnet address `address`); stop() ends both ends."""
+
+    def __init__(self, sender, receiver, address, duration, port=STREAM_PORT):
+        self.progress_path = receiver.workdir / f"stream-{port}.txt"
+        self.progress_path.write_text("")
+        self.receiver = receiver.ns.spawn([sys.executable, "-c", _STREAM_RECEIVER, str(port), str(duration + 30),
+                                           str(self.progress_path)], receiver.workdir / "stream-rx.log",
+                                          env=netlab.clean_env(), pipes=True)
+        if netlab.read_line(self.receiver.popen.stdout, 10).strip() != b"ready":
+            self.receiver.stop()
+            raise RuntimeError(f"stream receiver did not start: {self.receiver.log_text()[-1000:]}")
+        nc = [str(sender.binaries["tailscale"]), f"--socket={sender.socket}", "nc", address, str(port)]
+        self.sender = sender.ns.spawn([sys.executable, "-c", _STREAM_SENDER, str(duration), str(STREAM_CHUNK),
+                                       str(STREAM_INTERVAL), *nc], sender.workdir / "stream-tx.log",
+                                      env=client_env(sender.workdir))
+
+    def samples(self):
+        """[(monotonic time, total bytes received)] so far."""
+        rows = []
+        for line in self.progress_path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                rows.append((float(parts[0]), int(parts[1])))
+        return rows
+
+    def received(self):
+        samples = self.samples()
+        return samples[-1][1] if samples else 0
+
+    def wait_bytes(self, count, timeout):
+        """Whether `count` bytes arrived within `timeout` seconds."""
+        return netlab.wait_until(lambda: self.received() >= count, timeout)
+
+    def longest_stall(self, since=0.0):
+        """The longest time (s) after monotonic time `since` during which no byte arrived."""
+        samples = [s for s in self.samples() if s[0] >= since]
+        stall, last_change, last_total = 0.0, None, None
+        for t, total in samples:
+            if total != last_total:
+                if last_change is not None:
+                    stall = max(stall, t - last_change)
+                last_change, last_total = t, total
+        if samples and last_change is not None:
+            stall = max(stall, samples[-1][0] - last_change)
+        return stall
+
+    def stop(self):
+        self.sender.stop(grace=2)
+        self.receiver.stop(grace=2)
 
 
 # ---- arkitekt-mesh driver (runs inside the namespace) ----

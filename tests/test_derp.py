@@ -422,6 +422,41 @@ def test_disco_and_bulk_limits():
     run(main())
 
 
+def test_pairs_count_data_and_disco_and_stay_bounded(caplog):
+    """Per-pair counts for `meshbox paths`: data and disco apart, either
+    direction one pair, a log line when a pair starts and stops being
+    relayed; a client sending to ever more peers cannot grow the table."""
+    async def main():
+        derp = meshbox.DerpServer(meshbox.new_private_key())
+        a, b = fake_connection(derp), fake_connection(derp)
+
+        def relay(src, dst, packet):        # as the receive loop does with one read's frames
+            data, outgoing = frame(meshbox.FRAME_SEND_PACKET, dst.key + packet), {}
+            derp._relay(src, data, memoryview(data), 5, len(data), outgoing)
+            derp._send_queued(src, outgoing)
+            assert dst.writer.frames[-1] == frame(FRAME_RECV_PACKET, src.key + packet)
+
+        with caplog.at_level("INFO", logger="meshbox"):
+            relay(a, b, DISCO_LIKE)
+            pair, = derp.pairs.values()
+            assert (pair.data_bytes, pair.disco_packets, pair.relayed(derp.clock)) == (0, 1, False)
+            relay(a, b, b"x" * 100)
+            relay(b, a, b"y" * 50)
+            assert list(derp.pairs.values()) == [pair]
+            assert (pair.data_packets, pair.data_bytes, pair.relayed(derp.clock)) == (2, 150, True)
+            derp.sweep_pairs(derp.clock + meshbox.DERP_PAIR_QUIET + 1)
+            assert not pair.relayed(derp.clock + meshbox.DERP_PAIR_QUIET + 1)
+        logged = [r.getMessage() for r in caplog.records if "<->" in r.getMessage()]
+        assert len(logged) == 2 and logged[0].endswith("now relayed") and "no longer relayed" in logged[1], logged
+        for _ in range(meshbox.DERP_PAIR_LIMIT * 3):     # a hostile client: a new peer for every packet
+            relay(fake_connection(derp), b, b"z")
+        assert len(derp.pairs) <= meshbox.DERP_PAIR_LIMIT
+        assert pair.keys in derp.pairs                   # the pair that relayed most is kept
+        derp.sweep_pairs(derp.clock + meshbox.DERP_PAIR_FORGET + 1)
+        assert not derp.pairs                            # idle pairs are forgotten
+    run(main())
+
+
 # ---- TLS ----
 
 def test_tls_with_pinned_self_signed_certificate(tmp_path):
@@ -519,3 +554,56 @@ def test_tls_context_without_ssl_module(monkeypatch):
     monkeypatch.setattr(meshbox, "ssl", None)
     with pytest.raises(RuntimeError, match="ssl"):
         meshbox.tls_server_context("c", "k")
+
+
+# ---- what clients report about their NAT (meshbox paths, nodes show) ----
+
+def reporting_node(name, netinfo, endpoints=(), types=()):
+    """A node whose client reported Hostinfo.NetInfo `netinfo` (left out when None)."""
+    hostinfo = {"Hostname": name, "IPNVersion": "1.96.4-t8cf541dfd"}
+    if netinfo is not None:
+        hostinfo["NetInfo"] = netinfo
+    return meshbox.Node(id=1, machine_key=bytes(32), node_key=bytes(32), disco_key=b"", user_id=1, hostname=name,
+                        given_name=name, ipv4="100.64.0.1", ipv6="fd7a:115c:a1e0::1", tags=[], ephemeral=False,
+                        auth_key_id=None, expiry=None, created=0, last_seen=0, hostinfo=hostinfo,
+                        endpoints=list(endpoints), approved_routes=[], cap=133, endpoint_types=list(types))
+
+
+def test_nat_kind_in_words_from_netinfo_of_any_shape():
+    hard = reporting_node("hard", {"MappingVariesByDestIP": True, "WorkingUDP": True, "PreferredDERP": 900,
+                                   "DERPLatency": {"900-v4": 0.0123, "901-v4": "x"}},
+                          ["203.0.113.14:4130", "192.0.2.66:41641"], [2, 1])
+    easy = reporting_node("easy", {"MappingVariesByDestIP": "false", "HairPinning": "true"})   # opt.Bool strings
+    blocked = reporting_node("blocked", {"WorkingUDP": False})
+    upnp = reporting_node("upnp", {"MappingVariesByDestIP": True, "UPnP": True})
+    assert meshbox.nat_words(hard) == ["hard NAT: mapping varies by destination"]
+    assert meshbox.nat_words(easy) == ["easy NAT (or none): one mapping for every destination", "hairpinning"]
+    assert meshbox.nat_words(blocked) == ["UDP blocked"] and meshbox.nat_class(blocked) == "udp-blocked"
+    assert "port mapping: UPnP" in meshbox.nat_words(upnp)
+    for odd in (None, [1], "NetInfo", {"MappingVariesByDestIP": 7, "PreferredDERP": True, "DERPLatency": [1]}):
+        node = reporting_node("odd", odd)
+        assert (meshbox.nat_words(node), meshbox.nat_class(node), meshbox.home_derp(node)) == \
+            (["not reported"], "unknown", 0)
+        assert meshbox.network_fields(node)["derp_latency_ms"] == {}
+    fields = meshbox.network_fields(hard)
+    assert fields["endpoints_from"] == [{"endpoint": "203.0.113.14:4130", "from": "stun"},
+                                        {"endpoint": "192.0.2.66:41641", "from": "local"}]
+    assert (fields["derp_home"], fields["derp_latency_ms"], fields["capability"]) == (900, {"900-v4": 12.3}, 133)
+    assert fields["client_version"] == "1.96.4-t8cf541dfd"
+    assert "both are behind hard NATs" in meshbox.why_relayed(hard, reporting_node("h2", {"MappingVariesByDestIP": True}))[0]
+    assert "hard is behind a hard NAT" in meshbox.why_relayed(hard, easy)[0]
+    assert meshbox.why_relayed(hard, reporting_node("pm", {"PMP": True}))[0].startswith("nothing in their NetInfo")
+    assert meshbox.why_relayed(blocked, easy) == ["blocked: UDP blocked, so only DERP over TCP reaches it"]
+
+
+def test_second_stun_port_is_a_stun_only_region_never_home():
+    derp_map = meshbox.derp_map("203.0.113.1", 443, [3478, 3479], "")
+    main, stun = derp_map["Regions"]["900"], derp_map["Regions"]["901"]
+    assert main["Nodes"][0]["STUNPort"] == 3478 and not main["Nodes"][0].get("STUNOnly")
+    assert stun["Nodes"] == [dict(main["Nodes"][0], Name="901a", RegionID=901, STUNPort=3479, STUNOnly=True)]
+    assert derp_map["HomeParams"] == {"RegionScore": {"901": meshbox.STUN_ONLY_REGION_SCORE}}
+    assert set(meshbox.derp_map("203.0.113.1", 443, [3478], "")["Regions"]) == {"900"}
+    config = meshbox.Config(listen="203.0.113.1:8080")
+    assert config.stun_addresses() == [("203.0.113.1", 3478), ("203.0.113.1", 3479)]
+    with pytest.raises(ValueError, match="1 to 4 addresses"):
+        meshbox.Config(stun_listen=",".join(["127.0.0.1:1"] * 5)).stun_addresses()

