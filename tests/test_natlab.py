@@ -118,14 +118,6 @@ class NatTailnet:
 
 
 @pytest.fixture(scope="module")
-def stock_binaries():
-    try:
-        return realclients.stock_binaries()
-    except realclients.StockUnavailable as why:
-        pytest.skip(f"Tailscale's own client is unavailable: {why}")
-
-
-@pytest.fixture(scope="module")
 def net(tmp_path_factory, stock_binaries):
     with NatTailnet(tmp_path_factory.mktemp("nat"), stock_binaries) as built:
         yield built

@@ -204,15 +204,6 @@ FLEET = os.path.join(ROOT, "tests", "fleet.py")
 PEER_TIMEOUT = 30       # seconds for a change to reach a stock client's netmap
 
 
-@pytest.fixture(scope="session")
-def stock_binaries():
-    """tailscale and tailscaled 1.96.4, downloaded once and cached; skip when they cannot be had."""
-    try:
-        return realclients.stock_binaries()
-    except realclients.StockUnavailable as why:
-        pytest.skip(f"Tailscale's own client is unavailable: {why}")
-
-
 def join_latecomer(net, name):
     """A well-behaved simulated node (tests/fleet.py in the hub) that joins now:
     (its process, its tailnet IPv4 address); None as address when it could not join."""

@@ -22,7 +22,7 @@ import meshbox
 import netlab
 import realclients
 from test_coordinator import joined, new_key, running_server
-from test_realclients import CONTROL_URL, HUB, StockTailnet, meshbox_cli, stock_binaries  # noqa: F401 (a fixture)
+from realclients import CONTROL_URL, HUB, StockTailnet, meshbox_cli
 
 pytestmark = pytest.mark.skipif(netlab.have_netns() is not None, reason=str(netlab.have_netns()))
 

@@ -22,7 +22,6 @@ import pytest
 import netlab
 import realclients
 from realclients import CONTROL_URL, HUB, StockTailnet, meshbox_cli
-from test_realclients import stock_binaries  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(netlab.have_netns() is not None, reason=str(netlab.have_netns()))
 
