@@ -5034,7 +5034,7 @@ WRITE_TIMEOUT = 30           # seconds a peer may leave a full buffer unread bef
 HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 204: "No Content", 302: "Found", 400: "Bad Request",
                 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
                 411: "Length Required", 412: "Precondition Failed", 413: "Payload Too Large",
-                426: "Upgrade Required", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+                426: "Upgrade Required", 429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
                 501: "Not Implemented", 503: "Service Unavailable"}
 
 
@@ -7376,6 +7376,11 @@ class Server:
         self.derp_nodes = None      # node key -> node, for DERP admission; None after a change
         self.recent_logs = RecentLogs()
         self.admin_sessions = AdminSessions()
+        # API keys, OAuth secrets and sign-ins that fail are limited per
+        # address as refused registrations are (192-bit secrets cannot be
+        # guessed; this keeps a stranger from spending the box's CPU on tries).
+        self.failed_credentials = AttemptLimiter(REGISTER_ATTEMPT_BURST, REGISTER_ATTEMPT_INTERVAL,
+                                                 REGISTER_ATTEMPT_KEYS)
         self.oauth_tokens = OAuthTokens()
         self.stopping = asyncio.Event()
 
@@ -7720,11 +7725,11 @@ class Server:
         elif path == "/oidc/callback" and request.method == "GET" and self.oidc:
             await self.finish_oidc_login(request.query, writer, peer)
         elif path.startswith("/api/v1/"):
-            await self.handle_api(request, reader, writer)
+            await self.handle_api(request, reader, writer, peer)
         elif path.startswith(API_V2_PREFIX):
-            await self.handle_api_v2(request, reader, writer)
+            await self.handle_api_v2(request, reader, writer, peer)
         elif path == "/admin" or path.startswith("/admin/"):
-            await self.handle_admin_page(request, reader, writer)
+            await self.handle_admin_page(request, reader, writer, peer)
         elif path == "/metrics":
             writer.write(http_response(200, self.metrics_text(), "text/plain; version=0.0.4"))
         elif path == "/health":
@@ -7851,11 +7856,29 @@ class Server:
         finally:
             writer.close()
 
-    async def handle_api(self, request, reader, writer):
+    def credentials_locked_out(self, peer):
+        """Why an address whose credentials kept being refused is turned away (429), or ""."""
+        wait = self.failed_credentials.wait(address_block(peer.rpartition(":")[0]), now())
+        return f"too many refused API keys or sign-ins from this address, try again in {math.ceil(wait)} s" \
+            if wait else ""
+
+    def credentials_refused(self, peer):
+        """Count a refused API key, token or sign-in against its address; log the one that locks it out."""
+        self.metrics["api_refused"] += 1
+        block = address_block(peer.rpartition(":")[0])
+        if self.failed_credentials.failed(block, now()):
+            log.warning("too many refused API keys or sign-ins from address %s: refused for %d s",
+                        block, math.ceil(self.failed_credentials.wait(block, now())))
+
+    async def handle_api(self, request, reader, writer, peer):
         """/api/v1/NOUN[/VERB]: the CLI's verbs for remote callers with an API key."""
+        locked_out = self.credentials_locked_out(peer)
+        if locked_out:
+            writer.write(http_response(429, json_bytes({"error": locked_out}), "application/json"))
+            return
         token = request.headers.get("authorization", "")
         if not token.startswith("Bearer ") or not api_key_valid(self.store, token[7:].strip()):
-            self.metrics["api_refused"] += 1
+            self.credentials_refused(peer)
             writer.write(http_response(401, json_bytes({"error": "missing or invalid API key"}), "application/json"))
             return
         body = await read_request_body(request, reader)
@@ -7893,19 +7916,23 @@ class Server:
                                           request.headers.get(CSRF_HEADER, ""))
         return everything if valid else None
 
-    async def handle_api_v2(self, request, reader, writer):
+    async def handle_api_v2(self, request, reader, writer, peer):
         """Tailscale's API v2 (see ApiV2): errors answer as Tailscale's do, {"message": ...}."""
         headers = [("Cache-Control", "no-store")]
         try:
+            locked_out = self.credentials_locked_out(peer)
+            if locked_out:
+                raise ApiError(429, locked_out)
             body = await read_request_body(request, reader)
             if request.path.rstrip("/") == API_V2_PREFIX + "oauth/token" and request.method == "POST":
                 status, token = self.oauth_tokens.answer(self.store, request, body)
-                self.metrics["api_refused"] += status == 401
+                if status == 401:
+                    self.credentials_refused(peer)
                 writer.write(http_response(status, json_bytes(token), "application/json", headers))
                 return
             scopes = self.api_caller_scopes(request)
             if scopes is None:
-                self.metrics["api_refused"] += 1
+                self.credentials_refused(peer)
                 raise ApiError(401, "API token invalid")
             status, content_type, answer, extra = await ApiV2(self).answer(
                 request.method, request.path, ApiRequest(request.method, request.query, request.headers, body), scopes)
@@ -7914,13 +7941,19 @@ class Server:
             status, content_type, answer = e.status, "application/json", json_bytes({"message": str(e)})
         writer.write(http_response(status, answer, content_type, headers))
 
-    async def handle_admin_page(self, request, reader, writer):
+    async def handle_admin_page(self, request, reader, writer, peer):
         """The admin page, its script and style, and its sign-in (a cookie session for an API key)."""
         path, method = request.path.rstrip("/") or "/admin", request.method
         secure = writer.get_extra_info("sslcontext") is not None or self.config.public_url().startswith("https://")
         if path == "/admin/session":
             body = await read_request_body(request, reader)
-            status, answer, headers = self.admin_sessions.answer(self.store, request, body, secure)
+            locked_out = self.credentials_locked_out(peer) if method == "POST" else ""
+            if locked_out:
+                status, answer, headers = 429, {"message": locked_out}, []
+            else:
+                status, answer, headers = self.admin_sessions.answer(self.store, request, body, secure)
+            if method == "POST" and status == 401:
+                self.credentials_refused(peer)
             writer.write(http_response(status, json_bytes(answer), "application/json",
                                        headers + [("Cache-Control", "no-store")]))
         elif (method, path) == ("GET", "/admin"):

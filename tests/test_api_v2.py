@@ -7,7 +7,9 @@ meshbox's own certificate, so no request can leave the machine."""
 import asyncio
 import base64
 import contextlib
+import http.client
 import json
+import logging
 import os
 import socket
 import ssl
@@ -289,6 +291,37 @@ def test_credentials_as_tailscale_clients_send_them(tmp_path):
             async with session.get(url, headers=headers) as answer:
                 assert answer.status == 401
     run(main())
+
+
+def test_refused_credentials_lock_out_their_address_only(tmp_path, caplog):
+    def get(port, path, headers, source="127.0.0.1", method="GET", body=None):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            answer = connection.getresponse()
+            return answer.status, json.loads(answer.read() or b"{}")
+        finally:
+            connection.close()
+
+    async def main():
+        async with api_client(tmp_path) as (server, port, api, session, key):
+            good, wrong = {"Authorization": f"Bearer {key}"}, {"Authorization": "Bearer msapi-" + "0" * 48}
+            devices = "/api/v2/tailnet/-/devices"
+            for attempt in range(meshbox.REGISTER_ATTEMPT_BURST):     # the three doors share one count
+                path, headers, method, body = [(devices, wrong, "GET", None), ("/api/v1/users/list", wrong, "POST", b"{}"),
+                                               ("/admin/session", {"Content-Type": "application/json"}, "POST",
+                                                b'{"key": "msapi-wrong"}')][attempt % 3]
+                status, _ = await asyncio.to_thread(get, port, path, headers, method=method, body=body)
+                assert status == 401
+            status, answer = await asyncio.to_thread(get, port, devices, good)
+            assert status == 429 and "too many refused API keys" in answer["message"]
+            status, answer = await asyncio.to_thread(get, port, "/api/v1/users/list", good, method="POST", body=b"{}")
+            assert status == 429 and "try again in" in answer["error"]
+            status, answer = await asyncio.to_thread(get, port, devices, good, source="127.0.0.2")
+            assert status == 200 and answer == {"devices": []}
+    with caplog.at_level(logging.WARNING, logger="meshbox"):
+        run(main())
+    assert caplog.text.count("too many refused API keys or sign-ins from address 127.0.0.1") == 1
 
 
 def test_the_cli_remote_keeps_working_beside_v2(tmp_path):
