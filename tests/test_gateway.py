@@ -94,8 +94,9 @@ def start_gateway(lab, state, *extra):
                           "--listen", f"{HUB}:8080", "--derp-listen", f"{HUB}:443", "--gateway",
                           "--wg-backend", BACKEND, "--advertise-routes", LAN_PREFIX,
                           "--public-endpoint", f"{HUB}:41641", *extra], state.parent / "meshbox.log")
-    proc.wait_for_log(r"serving http://", 30)
-    proc.wait_for_log(r"gateway up", 5)
+    # Generous: under the VM's emulated CPU one Python start takes about 9 s.
+    proc.wait_for_log(r"serving http://", 90)
+    proc.wait_for_log(r"gateway up", 15)
     return proc
 
 
