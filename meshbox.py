@@ -547,7 +547,7 @@ checked_endpoints = strict_list(checked_endpoint, MAX_ENDPOINTS)     # []netip.A
 _SERVICE = GoStruct({"Proto": go_string, "Port": lambda v: go_int(v, 0, 65535), "Description": go_string},
                     strict=True)
 _NETINFO = GoStruct({
-    **{name: go_bool for name in ("MappingVariesByDestIP", "WorkingIPv6", "OSHasIPv6", "WorkingUDP",
+    **{name: go_bool for name in ("MappingVariesByDestIP", "HairPinning", "WorkingIPv6", "OSHasIPv6", "WorkingUDP",
                                   "WorkingICMPv4", "HavePortMap", "UPnP", "PMP", "PCP")},
     "PreferredDERP": go_int, "LinkType": go_string, "FirewallMode": go_string,
     "DERPLatency": GoMap(go_float)})

@@ -559,10 +559,11 @@ def test_tls_context_without_ssl_module(monkeypatch):
 # ---- what clients report about their NAT (meshbox paths, nodes show) ----
 
 def reporting_node(name, netinfo, endpoints=(), types=()):
-    """A node whose client reported Hostinfo.NetInfo `netinfo` (left out when None)."""
+    """A node whose client reported Hostinfo.NetInfo `netinfo` (left out when None), as meshbox keeps it."""
     hostinfo = {"Hostname": name, "IPNVersion": "1.96.4-t8cf541dfd"}
     if netinfo is not None:
         hostinfo["NetInfo"] = netinfo
+    hostinfo = meshbox.checked_hostinfo(hostinfo)
     return meshbox.Node(id=1, machine_key=bytes(32), node_key=bytes(32), disco_key=b"", user_id=1, hostname=name,
                         given_name=name, ipv4="100.64.0.1", ipv6="fd7a:115c:a1e0::1", tags=[], ephemeral=False,
                         auth_key_id=None, expiry=None, created=0, last_seen=0, hostinfo=hostinfo,
@@ -573,14 +574,15 @@ def test_nat_kind_in_words_from_netinfo_of_any_shape():
     hard = reporting_node("hard", {"MappingVariesByDestIP": True, "WorkingUDP": True, "PreferredDERP": 900,
                                    "DERPLatency": {"900-v4": 0.0123, "901-v4": "x"}},
                           ["203.0.113.14:4130", "192.0.2.66:41641"], [2, 1])
-    easy = reporting_node("easy", {"MappingVariesByDestIP": "false", "HairPinning": "true"})   # opt.Bool strings
+    easy = reporting_node("easy", {"MappingVariesByDestIP": False, "HairPinning": True})
     blocked = reporting_node("blocked", {"WorkingUDP": False})
     upnp = reporting_node("upnp", {"MappingVariesByDestIP": True, "UPnP": True})
     assert meshbox.nat_words(hard) == ["hard NAT: mapping varies by destination"]
     assert meshbox.nat_words(easy) == ["easy NAT (or none): one mapping for every destination", "hairpinning"]
     assert meshbox.nat_words(blocked) == ["UDP blocked"] and meshbox.nat_class(blocked) == "udp-blocked"
     assert "port mapping: UPnP" in meshbox.nat_words(upnp)
-    for odd in (None, [1], "NetInfo", {"MappingVariesByDestIP": 7, "PreferredDERP": True, "DERPLatency": [1]}):
+    for odd in (None, [1], "NetInfo", {"MappingVariesByDestIP": 7, "PreferredDERP": True, "DERPLatency": [1]},
+                {"MappingVariesByDestIP": "false", "HairPinning": "true"}):     # Go's opt.Bool JSON is true or false
         node = reporting_node("odd", odd)
         assert (meshbox.nat_words(node), meshbox.nat_class(node), meshbox.home_derp(node)) == \
             (["not reported"], "unknown", 0)
