@@ -3859,23 +3859,15 @@ def sanitize_hostname(hostname):
     return label or "node"
 
 
-def netinfo_value(hostinfo, name, kind):
-    """Field `name` of the NetInfo in a Hostinfo, when it has the JSON type
-    `kind`, else None: clients may send anything, or nothing (and stored
-    Hostinfo predates the checks).  Tailscale's opt.Bool fields arrive as
-    true/false, or as the strings "true"/"false"."""
-    netinfo = hostinfo.get("NetInfo") if isinstance(hostinfo, dict) else None
-    value = netinfo.get(name) if isinstance(netinfo, dict) else None
-    if kind is bool and value in ("true", "false"):
-        return value == "true"
-    if kind is int and isinstance(value, bool):
-        return None
-    return value if isinstance(value, kind) else None
+def netinfo(hostinfo):
+    """The NetInfo of a Hostinfo that checked_hostinfo passed (every Hostinfo
+    meshbox holds, stored ones included): each field has its Go type or is absent."""
+    return hostinfo.get("NetInfo") or {}
 
 
 def home_derp_region(hostinfo):
     """The DERP region a Hostinfo reports as home, 0 when none."""
-    return max(netinfo_value(hostinfo, "PreferredDERP", int) or 0, 0)
+    return max(netinfo(hostinfo).get("PreferredDERP") or 0, 0)
 
 
 def home_derp(node):
@@ -8023,28 +8015,29 @@ TOP_PAIRS_METRICS = 10
 
 def nat_class(node):
     """One word for a node's network: udp-blocked, hard, port-mapped, easy or unknown."""
-    if netinfo_value(node.hostinfo, "WorkingUDP", bool) is False:
+    info = netinfo(node.hostinfo)
+    if info.get("WorkingUDP") is False:
         return "udp-blocked"
-    if netinfo_value(node.hostinfo, "MappingVariesByDestIP", bool):
+    if info.get("MappingVariesByDestIP"):
         return "hard"
-    if any(netinfo_value(node.hostinfo, field, bool) for field, _ in PORT_MAPPINGS):
+    if any(info.get(field) for field, _ in PORT_MAPPINGS):
         return "port-mapped"
-    return "easy" if netinfo_value(node.hostinfo, "MappingVariesByDestIP", bool) is False else "unknown"
+    return "easy" if info.get("MappingVariesByDestIP") is False else "unknown"
 
 
 def nat_words(node):
     """What a node's NetInfo says about its NAT, as phrases."""
-    words = []
-    if netinfo_value(node.hostinfo, "WorkingUDP", bool) is False:
+    info, words = netinfo(node.hostinfo), []
+    if info.get("WorkingUDP") is False:
         words.append("UDP blocked")
-    varies = netinfo_value(node.hostinfo, "MappingVariesByDestIP", bool)
+    varies = info.get("MappingVariesByDestIP")
     if varies:
         words.append("hard NAT: mapping varies by destination")
     elif varies is False:
         words.append("easy NAT (or none): one mapping for every destination")
-    if netinfo_value(node.hostinfo, "HairPinning", bool):
+    if info.get("HairPinning"):
         words.append("hairpinning")
-    words += [f"port mapping: {name}" for field, name in PORT_MAPPINGS if netinfo_value(node.hostinfo, field, bool)]
+    words += [f"port mapping: {name}" for field, name in PORT_MAPPINGS if info.get(field)]
     return words or ["not reported"]
 
 
@@ -8052,15 +8045,13 @@ def network_fields(node):
     """A node's network as its client reports it: NAT, endpoints and where
     each came from, DERP home and latencies, client version and capability."""
     types = node.endpoint_types if len(node.endpoint_types) == len(node.endpoints) else []
-    latency = netinfo_value(node.hostinfo, "DERPLatency", dict) or {}
-    version = node.hostinfo.get("IPNVersion") if isinstance(node.hostinfo, dict) else None
+    latency = netinfo(node.hostinfo).get("DERPLatency") or {}
     return {"nat": nat_words(node), "nat_kind": nat_class(node),
             "endpoints_from": [{"endpoint": e, "from": ENDPOINT_SOURCES.get(t, "unknown") if types else "unknown"}
                                for e, t in zip(node.endpoints, types or [0] * len(node.endpoints))],
             "derp_home": home_derp(node),
-            "derp_latency_ms": {str(k)[:32]: round(v * 1000, 1) for k, v in list(latency.items())[:MAX_DERP_LATENCIES]
-                                if isinstance(v, (int, float)) and not isinstance(v, bool)},
-            "client_version": version if isinstance(version, str) else "", "capability": node.cap}
+            "derp_latency_ms": {k[:32]: round(v * 1000, 1) for k, v in list(latency.items())[:MAX_DERP_LATENCIES]},
+            "client_version": node.hostinfo.get("IPNVersion") or "", "capability": node.cap}
 
 
 def why_relayed(a, b):
@@ -8815,31 +8806,18 @@ class ApiRequest:
             raise ApiError(400, "the body is not UTF-8 text") from None
 
 
-NETINFO_FLAGS = {"true": True, "false": False, True: True, False: False}
-
-
-def _netinfo_flag(value):
-    """tailcfg.NetInfo's opt.Bool ("true", "false", "") as True, False or None."""
-    return NETINFO_FLAGS.get(value) if isinstance(value, (str, bool)) else None
-
-
 def client_connectivity(row, hostinfo):
     """The device's clientConnectivity from what its client last reported (NetInfo)."""
-    netinfo = hostinfo.get("NetInfo") if isinstance(hostinfo.get("NetInfo"), dict) else {}
-    latency, measured = {}, netinfo.get("DERPLatency")
-    for region, seconds in (measured.items() if isinstance(measured, dict) else ()):
-        if isinstance(seconds, (int, float)):
-            latency[str(region)] = {"latencyMs": seconds * 1000,
-                                    "preferred": str(region).startswith(f"{netinfo.get('PreferredDERP')}-")}
+    info = netinfo(hostinfo)
+    latency = {region: {"latencyMs": seconds * 1000, "preferred": region.startswith(f"{info.get('PreferredDERP')}-")}
+               for region, seconds in (info.get("DERPLatency") or {}).items()}
     network = row.get("network") or {}       # the NAT diagnostics' view, where nodes list has it
     return {"endpoints": list(row["endpoints"] or []), "derp": "meshbox" if row["derp_home"] else "",
             "nat": network.get("nat_kind") or "",
-            "mappingVariesByDestIP": _netinfo_flag(netinfo.get("MappingVariesByDestIP")), "latency": latency,
-            "clientSupports": {"hairPinning": _netinfo_flag(netinfo.get("HairPinning")),
-                               "ipv6": _netinfo_flag(netinfo.get("WorkingIPv6")),
-                               "pcp": _netinfo_flag(netinfo.get("PCP")), "pmp": _netinfo_flag(netinfo.get("PMP")),
-                               "udp": _netinfo_flag(netinfo.get("WorkingUDP")),
-                               "upnp": _netinfo_flag(netinfo.get("UPnP"))}}
+            "mappingVariesByDestIP": info.get("MappingVariesByDestIP"), "latency": latency,
+            "clientSupports": {"hairPinning": info.get("HairPinning"), "ipv6": info.get("WorkingIPv6"),
+                               "pcp": info.get("PCP"), "pmp": info.get("PMP"), "udp": info.get("WorkingUDP"),
+                               "upnp": info.get("UPnP")}}
 
 
 def device_json(row, node, base_domain, fields):
