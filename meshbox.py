@@ -7914,7 +7914,7 @@ class Server:
         try:
             locked_out = self.credentials_locked_out(peer)
             if locked_out:
-                raise ApiError(429, locked_out)
+                raise HttpError(429, locked_out)
             body = await read_request_body(request, reader)
             if request.path.rstrip("/") == API_V2_PREFIX + "oauth/token" and request.method == "POST":
                 status, token = self.oauth_tokens.answer(self.store, request, body)
@@ -7925,11 +7925,11 @@ class Server:
             scopes = self.api_caller_scopes(request)
             if scopes is None:
                 self.credentials_refused(peer)
-                raise ApiError(401, "API token invalid")
+                raise HttpError(401, "API token invalid")
             status, content_type, answer, extra = await ApiV2(self).answer(
                 request.method, request.path, ApiRequest(request.method, request.query, request.headers, body), scopes)
             headers += extra
-        except (ApiError, HttpError) as e:
+        except HttpError as e:
             status, content_type, answer = e.status, "application/json", json_bytes({"message": str(e)})
         writer.write(http_response(status, answer, content_type, headers))
 
@@ -8763,14 +8763,6 @@ DEFAULT_POLICY = """// No policy is set: every node may reach every other.
 """
 
 
-class ApiError(Exception):
-    """An API answer other than success: its status and Tailscale's {"message": ...}."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-
-
 @dataclasses.dataclass
 class ApiRequest:
     method: str
@@ -8780,13 +8772,13 @@ class ApiRequest:
     scopes: frozenset = frozenset()     # what the caller may do (see ApiV2.answer)
 
     def json(self):
-        """The body as a JSON object (or list); ApiError 400 when it is not one."""
+        """The body as a JSON object (or list); HttpError 400 when it is not one."""
         try:
             value = parse_json(self.body or b"{}")
         except ValueError as e:
-            raise ApiError(400, f"malformed JSON body: {e}") from None
+            raise HttpError(400, f"malformed JSON body: {e}") from None
         if not isinstance(value, (dict, list)):
-            raise ApiError(400, "the body must be a JSON object")
+            raise HttpError(400, "the body must be a JSON object")
         return value
 
     def field(self, name, kind, default=None):
@@ -8794,16 +8786,16 @@ class ApiRequest:
         body = self.json()
         value = body.get(name, default) if isinstance(body, dict) else default
         if value is None and default is None:
-            raise ApiError(400, f"the body needs {name!r}")
+            raise HttpError(400, f"the body needs {name!r}")
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ApiError(400, f"{name!r} has the wrong type")
+            raise HttpError(400, f"{name!r} has the wrong type")
         return value
 
     def text(self):
         try:
             return self.body.decode()
         except UnicodeDecodeError:
-            raise ApiError(400, "the body is not UTF-8 text") from None
+            raise HttpError(400, "the body is not UTF-8 text") from None
 
 
 def client_connectivity(row, hostinfo):
@@ -8844,7 +8836,7 @@ def device_json(row, node, base_domain, fields):
 def device_fields(query):
     fields = query.get("fields", "default") or "default"
     if fields not in ("default", "all"):
-        raise ApiError(400, f"fields is default or all, not {fields[:32]!r}")
+        raise HttpError(400, f"fields is default or all, not {fields[:32]!r}")
     return fields
 
 
@@ -8869,7 +8861,7 @@ def policy_etag(text):
 def checked_strings(value, what, limit=MAX_API_ITEMS):
     if not isinstance(value, list) or len(value) > limit or not all(isinstance(v, str) and len(v) <= 255
                                                                     for v in value):
-        raise ApiError(400, f"{what} must be a list of at most {limit} strings")
+        raise HttpError(400, f"{what} must be a list of at most {limit} strings")
     return value
 
 
@@ -9001,20 +8993,20 @@ class ApiV2:
             if route_method != method:
                 continue
             if not {"all", scope} & scopes and not (method == "GET" and {"all:read", f"{scope}:read"} & scopes):
-                raise ApiError(403, f"this token lacks the scope {scope}{':read' if method == 'GET' else ''}")
+                raise HttpError(403, f"this token lacks the scope {scope}{':read' if method == 'GET' else ''}")
             request.scopes = scopes
             args = [_percent_decode(a) for a in match.groups()]
             if pattern.pattern.startswith("^tailnet/"):
                 tailnet = args.pop(0)
                 if tailnet not in ("-", self.config.base_domain):
-                    raise ApiError(404, f"tailnet {tailnet[:64]!r} not found (this one is '-')")
+                    raise HttpError(404, f"tailnet {tailnet[:64]!r} not found (this one is '-')")
             result = await getattr(self, handler)(request, *args)
             if isinstance(result, tuple):
                 return result
             return 200, "application/json", json_bytes(result), []
         if allowed:
-            raise ApiError(405, f"method {method} not allowed on {path[:128]}")
-        raise ApiError(404, f"{path[:128]} is not part of meshbox's API v2 (see its README for the endpoints)")
+            raise HttpError(405, f"method {method} not allowed on {path[:128]}")
+        raise HttpError(404, f"{path[:128]} is not part of meshbox's API v2 (see its README for the endpoints)")
 
     def read(self, noun, verb, **params):
         """A verb that only reads, without the reload from the store that follows a change."""
@@ -9022,12 +9014,12 @@ class ApiV2:
         try:
             return getattr(admin, f"{noun}_{verb}" if verb else noun)(**params)
         except (ValueError, StoreError) as e:
-            raise ApiError(400, str(e)) from None
+            raise HttpError(400, str(e)) from None
 
     async def verb(self, noun, verb, **params):
         answer = await self.server.run_admin(noun, verb, params)
         if "error" in answer:
-            raise ApiError(400, answer["error"])
+            raise HttpError(400, answer["error"])
         return answer["result"]
 
     # devices
@@ -9036,14 +9028,14 @@ class ApiV2:
         digits = ident[1:] if ident[:1] == "n" else ident
         node = self.server.coordinator.nodes.get(int(digits)) if digits.isdigit() and len(digits) < 19 else None
         if node is None:
-            raise ApiError(404, f"device {ident[:64]!r} not found")
+            raise HttpError(404, f"device {ident[:64]!r} not found")
         return node
 
     async def device(self, node, fields):
         rows = self.read("nodes", "list")
         row = next((r for r in rows if r["id"] == node.id), None)
         if row is None:
-            raise ApiError(404, f"device {node.id} not found")
+            raise HttpError(404, f"device {node.id} not found")
         return device_json(row, node, self.config.base_domain, fields)
 
     async def list_devices(self, request):
@@ -9062,7 +9054,7 @@ class ApiV2:
     async def authorize_device(self, request, ident):
         self.node(ident)
         if not request.field("authorized", bool):
-            raise ApiError(400, "meshbox has no deauthorized devices: expire the device's key or delete it")
+            raise HttpError(400, "meshbox has no deauthorized devices: expire the device's key or delete it")
         return {}          # a registered node is authorized; pending logins are approved at .../logins
 
     async def expire_device(self, request, ident):
@@ -9074,7 +9066,7 @@ class ApiV2:
         if request.field("keyExpiryDisabled", bool):
             await self.verb("nodes", "expiry", switch="disable", id=str(node.id))
         elif node.expiry is None:
-            raise ApiError(400, "meshbox cannot turn key expiry back on: the key expires again at the next login")
+            raise HttpError(400, "meshbox cannot turn key expiry back on: the key expires again at the next login")
         return {}
 
     async def rename_device(self, request, ident):
@@ -9101,11 +9093,11 @@ class ApiV2:
             try:
                 wanted.append(str(ipaddress.ip_network(text, strict=True)))
             except ValueError as e:
-                raise ApiError(400, f"bad route {text[:64]!r}: {e}") from None
+                raise HttpError(400, f"bad route {text[:64]!r}: {e}") from None
         advertised = node.hostinfo.get("RoutableIPs") or []
         missing = [r for r in wanted if r not in advertised and r not in node.approved_routes]
         if missing:     # checked before any change, so a refusal changes nothing
-            raise ApiError(400, f"device {node.given_name} does not advertise {', '.join(missing)} "
+            raise HttpError(400, f"device {node.given_name} does not advertise {', '.join(missing)} "
                                 "(meshbox enables only advertised routes)")
         for prefix in [r for r in node.approved_routes if r not in wanted]:
             await self.verb("routes", "unapprove", node=str(node.id), prefix=prefix)
@@ -9118,13 +9110,13 @@ class ApiV2:
         for row in self.read("preauthkeys", "list"):
             if f"k{row['id']}" == ident:
                 return row
-        raise ApiError(404, f"key {ident[:64]!r} not found")
+        raise HttpError(404, f"key {ident[:64]!r} not found")
 
     def client_row(self, ident):
         for row in self.read("oauthclients", "list"):
             if row["client_id"] == ident:
                 return row
-        raise ApiError(404, f"key {ident[:64]!r} not found")
+        raise HttpError(404, f"key {ident[:64]!r} not found")
 
     async def list_keys(self, request):
         return {"keys": [key_json(row) for row in self.read("preauthkeys", "list")]
@@ -9139,7 +9131,7 @@ class ApiV2:
         """keyType "client": an OAuth client, which only a caller who may do everything may make (a client
         with more scopes than its maker's would widen them)."""
         if "all" not in request.scopes:
-            raise ApiError(403, "making an OAuth client needs the scope all")
+            raise HttpError(403, "making an OAuth client needs the scope all")
         scopes = checked_strings(body.get("scopes") or [], "scopes", len(OAUTH_SCOPES))
         created = await self.verb("oauthclients", "create", scopes=" ".join(scopes))
         return dict(client_key_json(self.client_row(created["client_id"])), key=created["client_secret"])
@@ -9147,30 +9139,30 @@ class ApiV2:
     async def create_key(self, request):
         body = request.json()
         if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
+            raise HttpError(400, "the body must be a JSON object")
         if body.get("keyType") == "client":
             return await self.create_oauth_client(body, request)
         if body.get("keyType", "auth") != "auth":
-            raise ApiError(400, "meshbox makes auth keys and OAuth clients (API keys: meshbox apikeys create)")
+            raise HttpError(400, "meshbox makes auth keys and OAuth clients (API keys: meshbox apikeys create)")
         create = ((body.get("capabilities") or {}).get("devices") or {}).get("create") or {}
         if not isinstance(create, dict):
-            raise ApiError(400, "capabilities.devices.create must be an object")
+            raise HttpError(400, "capabilities.devices.create must be an object")
         flags = {name: create.get(name, False) for name in ("reusable", "ephemeral", "preauthorized")}
         if not all(isinstance(v, bool) for v in flags.values()):
-            raise ApiError(400, "reusable, ephemeral and preauthorized are true or false")
+            raise HttpError(400, "reusable, ephemeral and preauthorized are true or false")
         tags = checked_strings(create.get("tags") or [], "tags")
         seconds = body.get("expirySeconds") or MAX_KEY_SECONDS
         if not isinstance(seconds, int) or isinstance(seconds, bool) or not 0 < seconds <= MAX_KEY_SECONDS:
-            raise ApiError(400, f"expirySeconds must be 1 to {MAX_KEY_SECONDS} (90 days)")
+            raise HttpError(400, f"expirySeconds must be 1 to {MAX_KEY_SECONDS} (90 days)")
         user = body.get("user")      # meshbox's: an API key belongs to no user
         if user is None:
             users = self.read("users", "list")
             if len(users) != 1:
-                raise ApiError(400, 'say which user owns the devices: add "user": NAME to the body '
+                raise HttpError(400, 'say which user owns the devices: add "user": NAME to the body '
                                     f"(the tailnet has {len(users)} users)")
             user = users[0]["name"]
         if not isinstance(user, str):
-            raise ApiError(400, "'user' has the wrong type")
+            raise HttpError(400, "'user' has the wrong type")
         created = await self.verb("preauthkeys", "create", user=user, reusable=flags["reusable"],
                                   ephemeral=flags["ephemeral"], expiration=f"{seconds}s", tags=",".join(tags))
         row = self.server.store.preauth_key(created["key"])
@@ -9195,7 +9187,7 @@ class ApiV2:
         try:
             value = parse_hujson(text)
         except PolicyError as e:
-            raise ApiError(500, f"the stored policy does not parse: {e}") from None
+            raise HttpError(500, f"the stored policy does not parse: {e}") from None
         return 200, "application/json", json_bytes(value), headers
 
     async def get_policy(self, request):
@@ -9203,11 +9195,11 @@ class ApiV2:
 
     async def set_policy(self, request):
         if self.config.policy_file:
-            raise ApiError(403, f"the policy comes from the file {self.config.policy_file} (policy_file): "
+            raise HttpError(403, f"the policy comes from the file {self.config.policy_file} (policy_file): "
                                 "edit it there")
         match = request.headers.get("if-match")
         if match and match != "ts-default" and match != policy_etag(await self.policy_text()):
-            raise ApiError(412, "precondition failed, invalid old hash: the policy changed since you read it")
+            raise HttpError(412, "precondition failed, invalid old hash: the policy changed since you read it")
         text = request.text()
         await self.verb("policy", "set", policy=text)
         return self.policy_answer(request, text)
@@ -9223,7 +9215,7 @@ class ApiV2:
             try:
                 current = parse_hujson(await self.policy_text())
             except PolicyError as e:
-                raise ApiError(500, f"the stored policy does not parse: {e}") from None
+                raise HttpError(500, f"the stored policy does not parse: {e}") from None
             text = json.dumps(dict(current, tests=tests))
         answer = await self.server.run_admin("policy", "check", {"policy": text})
         if "error" in answer:
@@ -9264,7 +9256,7 @@ class ApiV2:
     def split_body(self, request):
         body = request.json()
         if not isinstance(body, dict):
-            raise ApiError(400, "the body maps domains to lists of resolvers")
+            raise HttpError(400, "the body maps domains to lists of resolvers")
         return body
 
     async def replace_split_dns(self, request):
@@ -9292,16 +9284,16 @@ class ApiV2:
     async def set_dns_configuration(self, request):
         body = request.json()
         if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
+            raise HttpError(400, "the body must be a JSON object")
 
         def addresses(resolvers, what):
             if not isinstance(resolvers, list) or not all(isinstance(r, dict) for r in resolvers):
-                raise ApiError(400, f"{what} must be a list of {{\"address\": ...}} objects")
+                raise HttpError(400, f"{what} must be a list of {{\"address\": ...}} objects")
             return [r.get("address") for r in resolvers]
 
         split = body.get("splitDNS") or {}
         if not isinstance(split, dict):
-            raise ApiError(400, "splitDNS maps domains to lists of resolvers")
+            raise HttpError(400, "splitDNS maps domains to lists of resolvers")
         preferences = body.get("preferences") or {}
         magic = preferences.get("magicDNS", True) if isinstance(preferences, dict) else None
         dns = await self.set_dns(nameservers=addresses(body.get("nameservers") or [], "nameservers"),
@@ -9327,7 +9319,7 @@ class ApiV2:
     async def user_row(self, ident):
         row = next((u for u in await self.user_rows() if u["id"] == ident), None)
         if row is None:
-            raise ApiError(404, f"user {ident[:64]!r} not found")
+            raise HttpError(404, f"user {ident[:64]!r} not found")
         return row
 
     async def list_users(self, request):
@@ -9359,10 +9351,10 @@ class ApiV2:
     async def update_settings(self, request):
         body, current = request.json(), self.settings()
         if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
+            raise HttpError(400, "the body must be a JSON object")
         changed = sorted(k for k, v in body.items() if current.get(k, object()) != v)
         if changed:
-            raise ApiError(400, f"meshbox takes {', '.join(changed)[:200]} from its configuration "
+            raise HttpError(400, f"meshbox takes {', '.join(changed)[:200]} from its configuration "
                                 "(node_expiry, oidc_*, policy_file): change it there")
         return {}
 
@@ -9389,7 +9381,7 @@ class ApiV2:
     async def recent_logs(self, request):
         lines = request.query.get("lines", "200")
         if not lines.isdigit() or not 0 < int(lines) <= 1000:
-            raise ApiError(400, "lines is 1 to 1000")
+            raise HttpError(400, "lines is 1 to 1000")
         return {"logs": self.read("logs", None, lines=int(lines))}
 
     async def qr_code(self, request):
@@ -9399,7 +9391,7 @@ class ApiV2:
         try:
             return 200, "image/svg+xml", qr_svg(text).encode(), []
         except ValueError as e:
-            raise ApiError(400, str(e)) from None
+            raise HttpError(400, str(e)) from None
 
 
 # ---- Admin page ----
