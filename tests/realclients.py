@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import importlib.util
 import io
+import itertools
 import json
 import os
 import shutil
@@ -477,6 +478,12 @@ class StockClient:
         """The Peer entries of status(), in no particular order."""
         return list((self.status().get("Peer") or {}).values())
 
+    def wait_peer(self, hostname, timeout=30):
+        """The Peer entry named `hostname` once the client's netmap has it
+        (a join reaches the others' netmaps a moment later), else None."""
+        return netlab.wait_until(lambda: next((p for p in self.peers() if p["HostName"] == hostname), None),
+                                 timeout)
+
     def ping(self, peer, count=1, timeout=2):
         """`tailscale ping` `peer` (name or address) up to `count` times, by
         DERP or directly: the "pong from ..." lines, empty when none came.
@@ -573,6 +580,10 @@ class StockTailnet:
                     list(pool.map(lambda name: self.clients[name].up(CONTROL_URL, self.key, f"stock-{name}",
                                                                      *self.up_flags.get(name, ())),
                                   self.join))
+                if not self.policy:     # all see all: wait for every netmap to have every joined peer
+                    for name, other in itertools.permutations(self.join, 2):
+                        if not self.clients[name].wait_peer(f"stock-{other}"):
+                            raise TimeoutError(f"stock-{name}'s netmap never got stock-{other}")
         except BaseException:
             self.__exit__()
             raise

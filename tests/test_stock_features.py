@@ -88,7 +88,9 @@ def net(tmp_path_factory, stock_binaries):
 
 
 def peer_named(client, hostname):
-    return next(p for p in client.peers() if p["HostName"] == hostname)
+    peer = client.wait_peer(hostname, PEER_TIMEOUT)
+    assert peer, f"{hostname} never reached the netmap"
+    return peer
 
 
 def dns_answers(client, name, kind="A"):
