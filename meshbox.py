@@ -7636,6 +7636,12 @@ class Server:
             writer.close()
         if self.connections:
             await asyncio.wait(list(self.connections), timeout=2)
+        # What is left waits on a TLS peer that never answered our close: end it here.
+        remaining = list(self.connections)
+        for task in remaining:
+            task.cancel()
+        if remaining:
+            await asyncio.wait(remaining, timeout=1)
         for transport in getattr(self, "stun_transports", ()):
             transport.close()
         try:
@@ -7680,6 +7686,8 @@ class Server:
             pass
         except Exception:
             log.exception("error serving %s", peer)
+        except asyncio.CancelledError:
+            pass    # stop() ended it: a connection task that ends cancelled is an error in 3.11's stream callback
         finally:
             self.connections.pop(asyncio.current_task(), None)
             ticket.release()
@@ -7843,8 +7851,8 @@ class Server:
                 answer = await self.run_admin(str(request.get("noun")), request.get("verb"), request.get("params"))
             writer.write(json_bytes(answer) + b"\n")
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
-            pass
+        except (asyncio.TimeoutError, ConnectionError, asyncio.CancelledError):
+            pass    # a cancel is the server stopping (see handle_http)
         finally:
             writer.close()
 
