@@ -373,6 +373,8 @@ HOSTINFO_MAX_SERVICES = 128
 HOSTINFO_MAX_HOST_KEYS = 16           # sshHostKeys
 SSH_HOST_KEY_MAX_TEXT = 1024          # an RSA-4096 host key is about 730 characters
 MAX_ENDPOINTS = 64
+HOSTINFO_LOG_BURST = 3                # bad Hostinfos logged for one sender in a row...
+HOSTINFO_LOG_INTERVAL = 60            # ...then one per this many seconds (a node may send hundreds a second)
 
 
 def json_type(value):
@@ -574,14 +576,29 @@ HOSTINFO_SHAPE = GoStruct({
     "NetInfo": _NETINFO, "Location": _LOCATION, "TPM": _TPM})
 
 
-def checked_hostinfo(value, whose="a node"):
+def log_hostinfo_problems(whose, problems, quota):
+    """Log what was dropped from a Hostinfo of `whose`; with a quota (an
+    AttemptLimiter keyed by whose), only HOSTINFO_LOG_BURST Hostinfos in a
+    row and then one per HOSTINFO_LOG_INTERVAL, saying when it stops."""
+    at = now()
+    if not problems or quota is not None and quota.wait(whose, at):
+        return
+    for path, why in problems:
+        log.warning("Hostinfo from %s%s: %s", whose, path and ", " + path, why)
+    if quota is not None and quota.failed(whose, at):
+        log.warning("Hostinfo from %s: its next problems are not logged for %d s", whose,
+                    math.ceil(quota.wait(whose, at)))
+
+
+def checked_hostinfo(value, whose="a node", quota=None):
     """A node's Hostinfo in tailcfg's shape, or None if it is not an object:
     each field of the wrong Go type or size dropped with a log line naming
-    it, unknown fields dropped, and over HOSTINFO_MAX_BYTES as a whole the
-    lists go first, then all but the identity fields."""
+    it (see log_hostinfo_problems for `quota`), unknown fields dropped, and
+    over HOSTINFO_MAX_BYTES as a whole the lists go first, then all but the
+    identity fields."""
     if not isinstance(value, dict):
         if value is not None:
-            log.warning("Hostinfo from %s dropped: %s, not an object", whose, json_type(value))
+            log_hostinfo_problems(whose, [("", f"dropped: {json_type(value)}, not an object")], quota)
         return None
     problems = []
     out = HOSTINFO_SHAPE.check(value, problems, "")
@@ -596,8 +613,7 @@ def checked_hostinfo(value, whose="a node"):
                     out[name] = identity[name]
         problems.append(("Hostinfo", f"{size} bytes, more than {HOSTINFO_MAX_BYTES}: only "
                          f"{', '.join(sorted(out)) or 'nothing'} kept"))
-    for path, why in problems:
-        log.warning("Hostinfo from %s, %s: %s", whose, path, why)
+    log_hostinfo_problems(whose, problems, quota)
     return out
 
 
@@ -4150,7 +4166,7 @@ MAP_REQUEST_FIELDS = {
 }
 
 
-def checked_map_request(req, whose):
+def checked_map_request(req, whose, hostinfo_log_quota=None):
     """The MapRequest fields meshbox reads, checked: MapRefused(400) naming
     the first of the wrong Go type; Hostinfo through checked_hostinfo (its
     bad parts dropped, not refused)."""
@@ -4170,7 +4186,7 @@ def checked_map_request(req, whose):
             except ValueError as e:
                 raise MapRefused(400, f"MapRequest.{name}: {e}") from None
     if req.get("Hostinfo") is not None:
-        out["Hostinfo"] = checked_hostinfo(req["Hostinfo"], whose)
+        out["Hostinfo"] = checked_hostinfo(req["Hostinfo"], whose, hostinfo_log_quota)
         if out["Hostinfo"] is None:
             raise MapRefused(400, f"MapRequest.Hostinfo: {json_type(req['Hostinfo'])}, not an object")
     return out
@@ -4326,6 +4342,7 @@ class Coordinator:
         self.ssh_approved = {}           # (src node id, dst node id) -> when an admin last approved a check
         self.failed_registrations = AttemptLimiter(REGISTER_ATTEMPT_BURST, REGISTER_ATTEMPT_INTERVAL,
                                                    REGISTER_ATTEMPT_KEYS)
+        self.hostinfo_log_quota = AttemptLimiter(HOSTINFO_LOG_BURST, HOSTINFO_LOG_INTERVAL, REGISTER_ATTEMPT_KEYS)
         self.prefix_v4, self.prefix_v6 = prefix_v4, prefix_v6
         self.users = {u.id: u for u in store.users()}
         self.nodes = NodeTable(store.nodes())
@@ -4648,7 +4665,8 @@ class Coordinator:
             expiry = parse_go_time(req.get("Expiry"))
         except (ValueError, TypeError) as e:
             raise RegistrationRefused("malformed", f"malformed register request: {e}") from None
-        hostinfo = checked_hostinfo(req.get("Hostinfo"), "registering machine " + key_text("mkey", machine_key)[:16]) or {}
+        hostinfo = checked_hostinfo(req.get("Hostinfo"), "registering machine " + key_text("mkey", machine_key)[:16],
+                                    self.hostinfo_log_quota) or {}
         node = self.node_by_machine(machine_key)
         holder = self.node_by_node_key(node_key)
         if holder and holder.machine_key != machine_key:
@@ -4884,7 +4902,7 @@ class Coordinator:
         node = self.node_by_machine(machine_key)
         if node is None:
             raise MapRefused(401, "machine not registered")
-        req = checked_map_request(req, f"node {node.id} {node.given_name}")
+        req = checked_map_request(req, f"node {node.id} {node.given_name}", self.hostinfo_log_quota)
         if "NodeKey" not in req:
             raise MapRefused(400, "MapRequest.NodeKey: missing")
         if req["NodeKey"] != node.node_key:

@@ -190,6 +190,33 @@ def test_a_bad_part_is_dropped_with_a_log_line_naming_it(caplog, shape, field):
         assert out["RoutableIPs"] == ["10.1.0.0/16"]
 
 
+def test_a_node_repeating_bad_hostinfo_cannot_flood_the_log(tmp_path, caplog, monkeypatch):
+    """A node that sends a bad Hostinfo in every map request (hundreds a
+    second) has its problems logged for a few requests, then one line saying
+    the rest are not, until the quota refills; another node's are still logged."""
+    clock = [1000.0]
+    monkeypatch.setattr(meshbox, "now", lambda: clock[0])
+    net = Tailnet(tmp_path)
+    bad, bad_key = net.join(1, GOOD)
+    other, other_key = net.join(2, GOOD)
+    bad_hostinfo = {**GOOD, "OSVersion": ["x"], "ShieldsUp": "yes"}      # two problems each time
+
+    def lines_after(machine, node_key, hostinfo, times):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="meshbox"):
+            for _ in range(times):
+                net.coordinator.node_for_map(machine, {"NodeKey": node_key, "Hostinfo": hostinfo})
+        return [r.getMessage() for r in caplog.records]
+
+    burst = meshbox.HOSTINFO_LOG_BURST
+    first = lines_after(bad, bad_key, bad_hostinfo, 200)
+    assert len(first) == 2 * burst + 1 and all("node 1 laptop" in line for line in first), first
+    assert "not logged for" in first[-1]
+    assert any("node 2 " in line and ", ShieldsUp:" in line for line in lines_after(other, other_key, bad_hostinfo, 1))
+    clock[0] += meshbox.HOSTINFO_LOG_INTERVAL
+    assert len(lines_after(bad, bad_key, bad_hostinfo, 200)) in (2, 3)     # one more Hostinfo's worth
+
+
 def test_unknown_fields_are_dropped_quietly(caplog):
     with caplog.at_level(logging.WARNING, logger="meshbox"):
         out = meshbox.checked_hostinfo({**GOOD, "FutureField": {"x": 1}, "hostname": "other"})
