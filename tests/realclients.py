@@ -478,11 +478,12 @@ class StockClient:
         """The Peer entries of status(), in no particular order."""
         return list((self.status().get("Peer") or {}).values())
 
-    def wait_peer(self, hostname, timeout=30):
+    def wait_peer(self, hostname, timeout=30, online=False):
         """The Peer entry named `hostname` once the client's netmap has it
-        (a join reaches the others' netmaps a moment later), else None."""
-        return netlab.wait_until(lambda: next((p for p in self.peers() if p["HostName"] == hostname), None),
-                                 timeout)
+        (and shows it online, if asked), else None: a join reaches the
+        others' netmaps a moment later, and its map session's start later still."""
+        return netlab.wait_until(lambda: next((p for p in self.peers() if p["HostName"] == hostname
+                                               and (p.get("Online") or not online)), None), timeout)
 
     def ping(self, peer, count=1, timeout=2):
         """`tailscale ping` `peer` (name or address) up to `count` times, by
@@ -580,10 +581,10 @@ class StockTailnet:
                     list(pool.map(lambda name: self.clients[name].up(CONTROL_URL, self.key, f"stock-{name}",
                                                                      *self.up_flags.get(name, ())),
                                   self.join))
-                if not self.policy:     # all see all: wait for every netmap to have every joined peer
+                if not self.policy:     # all see all: wait for every netmap to have every joined peer online
                     for name, other in itertools.permutations(self.join, 2):
-                        if not self.clients[name].wait_peer(f"stock-{other}"):
-                            raise TimeoutError(f"stock-{name}'s netmap never got stock-{other}")
+                        if not self.clients[name].wait_peer(f"stock-{other}", online=True):
+                            raise TimeoutError(f"stock-{name}'s netmap never got stock-{other} online")
         except BaseException:
             self.__exit__()
             raise

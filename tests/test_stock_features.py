@@ -87,9 +87,9 @@ def net(tmp_path_factory, stock_binaries):
             dns.stop()
 
 
-def peer_named(client, hostname):
-    peer = client.wait_peer(hostname, PEER_TIMEOUT)
-    assert peer, f"{hostname} never reached the netmap"
+def online_peer(client, hostname):
+    peer = client.wait_peer(hostname, PEER_TIMEOUT, online=True)
+    assert peer, f"{hostname} never reached the netmap online"
     return peer
 
 
@@ -104,7 +104,7 @@ def dns_answers(client, name, kind="A"):
 def test_status_shows_users_os_online_and_tags(net):
     a = net.clients["a"]
     status = a.status()
-    b, c = peer_named(a, "stock-b"), peer_named(a, "stock-c")
+    b, c = online_peer(a, "stock-b"), online_peer(a, "stock-c")
     users = {str(uid): u["LoginName"] for uid, u in status["User"].items()}
     assert users[str(b["UserID"])] == "alice" and b["OS"] == "linux" and b["Online"] and not b.get("Tags")
     assert c["Tags"] == ["tag:server"] and c["Online"]
