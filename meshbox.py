@@ -1887,18 +1887,18 @@ class IPSet:
         out = []
         for family, lo, hi in self.ranges:
             pieces = [(lo, hi)]
-            for f2, l2, h2 in other.ranges:
-                if f2 != family:
+            for cut_family, cut_lo, cut_hi in other.ranges:
+                if cut_family != family:
                     continue
                 cut = []
                 for a, b in pieces:
-                    if h2 < a or l2 > b:
+                    if cut_hi < a or cut_lo > b:
                         cut.append((a, b))
                         continue
-                    if a < l2:
-                        cut.append((a, l2 - 1))
-                    if h2 < b:
-                        cut.append((h2 + 1, b))
+                    if a < cut_lo:
+                        cut.append((a, cut_lo - 1))
+                    if cut_hi < b:
+                        cut.append((cut_hi + 1, b))
                 pieces = cut
             out.extend((family, a, b) for a, b in pieces)
         return IPSet(out)
