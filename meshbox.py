@@ -4136,6 +4136,8 @@ KEEPALIVE_INTERVAL = 50      # seconds; clients give up after 120 s of silence
 FLUSH_INTERVAL = 60          # seconds between writes of live fields (flash)
 RELOAD_INTERVAL = 0.5        # seconds between checks for CLI edits
 UPDATE_BATCH_DELAY = 0.05    # let a burst of changes go out as one message
+NODE_CHANGE_BURST = 10       # a node's own changes (endpoints, disco key, Hostinfo) peers hear of at once in a row...
+NODE_CHANGE_INTERVAL = 1.0   # ...then its latest state once per this many seconds (a flapping node keeps no peer busy)
 RECOMPILE_DELAY = 0.05       # under a policy, a burst of joins shares one compile...
 RECOMPILE_SHARE = 0.5        # ...and compiling takes at most this share of a burst's time
 
@@ -4343,6 +4345,8 @@ class Coordinator:
         self.failed_registrations = AttemptLimiter(REGISTER_ATTEMPT_BURST, REGISTER_ATTEMPT_INTERVAL,
                                                    REGISTER_ATTEMPT_KEYS)
         self.hostinfo_log_quota = AttemptLimiter(HOSTINFO_LOG_BURST, HOSTINFO_LOG_INTERVAL, REGISTER_ATTEMPT_KEYS)
+        self.node_changes = AttemptLimiter(NODE_CHANGE_BURST, NODE_CHANGE_INTERVAL, REGISTER_ATTEMPT_KEYS)
+        self.held_changes = {}       # node id -> whether its routes changed, for a node over its change rate
         self.prefix_v4, self.prefix_v6 = prefix_v4, prefix_v6
         self.users = {u.id: u for u in store.users()}
         self.nodes = NodeTable(store.nodes())
@@ -4934,11 +4938,43 @@ class Coordinator:
         if stored or changed:
             self.dirty_live.add(node.id)
         if changed:
-            if routes_changed:
-                self.topology_changed(changed=[node.id])
-            else:
-                self.notify(changed=[node.id])
+            self.node_changed_itself(node.id, routes_changed)
         return node
+
+    def node_changed_itself(self, node_id, routes_changed):
+        """Tell the peers of what a node reported about itself: at once for
+        NODE_CHANGE_BURST changes in a row, then its latest state at most once
+        per NODE_CHANGE_INTERVAL, so that a node flapping its endpoints (or a
+        hostile one) cannot keep every peer's map busy."""
+        if node_id in self.held_changes:
+            self.held_changes[node_id] |= routes_changed
+            return
+        wait = self.node_changes.wait(node_id, now())
+        if wait:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:         # no event loop (the CLI, tests): now
+                pass
+            else:
+                self.held_changes[node_id] = routes_changed
+                loop.call_later(wait, self._release_held_change, node_id)
+                return
+        if self.node_changes.failed(node_id, now()):      # the burst is spent: said once
+            log.info("node %d %s reports changes faster than its peers are told: they get its latest state "
+                     "once per %g s", node_id, self.nodes[node_id].given_name, NODE_CHANGE_INTERVAL)
+        self._tell_node_changed(node_id, routes_changed)
+
+    def _release_held_change(self, node_id):
+        routes_changed = self.held_changes.pop(node_id)
+        if node_id in self.nodes:
+            self.node_changes.failed(node_id, now())
+            self._tell_node_changed(node_id, routes_changed)
+
+    def _tell_node_changed(self, node_id, routes_changed):
+        if routes_changed:
+            self.topology_changed(changed=[node_id])
+        else:
+            self.notify(changed=[node_id])
 
     # meshbox's own node
     def gateway_node(self):

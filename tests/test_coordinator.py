@@ -1,6 +1,7 @@
 """The coordinator over real ts2021 connections (tests/tsclient.py), in-process."""
 
 import asyncio
+import time
 import base64
 import contextlib
 import json
@@ -580,6 +581,51 @@ def test_a_burst_of_joins_under_a_policy_shares_compiles(tmp_path, monkeypatch):
                 seen |= {p["Name"].split(".")[0] for p in message["PeersChanged"]}
             for c in [first_client] + [c for c, _ in burst]:
                 await c.close()
+    asyncio.run(main())
+
+
+def test_a_node_flapping_its_endpoints_reaches_peers_at_most_once_a_second(tmp_path):
+    """A node that reports new endpoints many times a second: its peers hear
+    of the first NODE_CHANGE_BURST at once, then its latest state once per
+    NODE_CHANGE_INTERVAL, never a stale one; another node's change is not held."""
+    async def main():
+        async with running_server(tmp_path) as (server, port):
+            key = new_key(server)
+            flapper, first = await joined(port, key, "flapper")
+            steady, _ = await joined(port, key, "steady")
+            watcher, _ = await joined(port, key, "watcher")
+            flapper_id = first["Node"]["ID"]
+            seen = []                       # (arrival, endpoints) of the flapper, as the watcher hears them
+
+            async def watch(seconds):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(seconds):
+                        while True:
+                            arrival, message = await watcher.next_map_entry(timeout=seconds)
+                            for peer in message.get("PeersChanged", ()):
+                                if peer["ID"] == flapper_id:
+                                    seen.append((arrival, peer["Endpoints"]))
+                                elif peer["Endpoints"] == ["203.0.113.7:41641"]:
+                                    seen.append((arrival, "steady"))
+
+            watching = asyncio.ensure_future(watch(3.5))
+            started = time.monotonic()
+            sent = 0
+            while time.monotonic() - started < 2:
+                sent += 1
+                await flapper.update_endpoints([f"198.51.100.{sent % 250 + 1}:{1000 + sent}"])
+                await asyncio.sleep(0.01)
+            last = [f"198.51.100.{sent % 250 + 1}:{1000 + sent}"]
+            told = time.monotonic()
+            await steady.update_endpoints(["203.0.113.7:41641"])
+            await watching
+            flaps = [(t, e) for t, e in seen if e != "steady"]
+            assert sent > 4 * meshbox.NODE_CHANGE_BURST
+            # Unheld, 50 ms batches would carry about 40 in 2 s; the burst itself may share a batch or two.
+            assert 2 <= len(flaps) <= meshbox.NODE_CHANGE_BURST + 4, (sent, flaps)
+            assert flaps[-1][1] == last                                  # the latest state, in the end
+            assert [t for t, e in seen if e == "steady"][0] - told < 0.5     # not held with the flapper's
+            await flapper.close(), await steady.close(), await watcher.close()
     asyncio.run(main())
 
 

@@ -300,7 +300,8 @@ def test_thousand_nodes_connect_within_60s(tmp_path):
 
 
 UPDATES = 120
-MOVERS = 5
+MOVERS = 5              # nodes that move in each round...
+MOVER_POOL = UPDATES * MOVERS // meshbox.NODE_CHANGE_BURST     # ...taken in turn, so none moves past its burst
 
 
 def test_stalled_client_holds_up_nobody_and_stays_bounded(tmp_path):
@@ -310,8 +311,8 @@ def test_stalled_client_holds_up_nobody_and_stays_bounded(tmp_path):
 
     async def main():
         server.start()
-        clients, _ = await tsclient.join_fleet("127.0.0.1", server.port, key, 14, timeout=30)
-        stalled, movers, watchers = clients[0], clients[1:1 + MOVERS], clients[1 + MOVERS:]
+        clients, _ = await tsclient.join_fleet("127.0.0.1", server.port, key, 1 + MOVER_POOL + 8, timeout=30)
+        stalled, movers, watchers = clients[0], clients[1:1 + MOVER_POOL], clients[1 + MOVER_POOL:]
         # The stalled client grants the server a huge HTTP/2 window, then stops reading.
         stalled.h2.increment_flow_control_window(2**31 - 1 - 65535)
         stalled.h2.increment_flow_control_window(2**31 - 1 - 65535, stalled.map_stream.stream_id)
@@ -326,12 +327,13 @@ def test_stalled_client_holds_up_nobody_and_stays_bounded(tmp_path):
                      for _ in movers]
         latencies = []
         for i in range(UPDATES):
-            for m, mover in enumerate(movers):
-                mover.hostinfo_extra = {"sshHostKeys": [f"{i} {k}" for k in host_keys[m]]}
+            for j in range(MOVERS):
+                m = (i * MOVERS + j) % MOVER_POOL
+                movers[m].hostinfo_extra = {"sshHostKeys": [f"{i} {k}" for k in host_keys[m]]}
                 new = [f"198.51.100.{m + 1}:{1000 + i}"]
-                if m == 0:
+                if j == 0:
                     t0 = time.monotonic()
-                await mover.update_endpoints(new)
+                await movers[m].update_endpoints(new)
             arrivals = await asyncio.gather(*(w.map_message_where(
                 lambda msg: any(p["Endpoints"] == new for p in msg.get("PeersChanged", ())), 5) for w in watchers))
             latencies.append(max(a for a, _ in arrivals) - t0)
