@@ -380,10 +380,13 @@ def test_stop_with_a_silent_tls_peer_is_quiet(tmp_path):
     server.start()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server.derp_port), timeout=5)) as silent:
-        silent.sendall(b"GET /derp HTTP/1.1\r\nHost: x\r\n")     # half a head, then nothing read or sent
-        time.sleep(0.3)     # the head is read up to its end
-        server.stop(grace=10)
-        assert server.proc.returncode == 0, server.log_text()[-3000:]
+    try:
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server.derp_port), timeout=5)) as silent:
+            silent.sendall(b"GET /derp HTTP/1.1\r\nHost: x\r\n")     # half a head, then nothing read or sent
+            time.sleep(0.3)     # the head is read up to its end
+            server.stop(grace=10)
+            assert server.proc.returncode == 0, server.log_text()[-3000:]
+    finally:
+        server.kill()
     log = server.log_text()
     assert "meshbox stopped" in log and "Traceback" not in log and "ERROR" not in log, log[-3000:]
