@@ -327,9 +327,10 @@ def address_block(host):
 
 
 class AttemptLimiter:
-    """Failed attempts per key (a source address, a machine key): a burst of
-    `burst` failures, then one more per `interval` seconds (a token bucket
-    kept as one number per key: when its failures are forgotten).  The table
+    """Failed attempts per key (a source address, a machine key; also a
+    node's logged Hostinfos and told changes): a burst of `burst` failures,
+    then one more per `interval` seconds (a token bucket kept as one number
+    per key: when its failures are forgotten).  The table
     holds at most `capacity` keys; past that the key that failed longest ago
     goes, so no number of keys grows it without bound."""
 
@@ -4959,22 +4960,24 @@ class Coordinator:
                 self.held_changes[node_id] = routes_changed
                 loop.call_later(wait, self._release_held_change, node_id)
                 return
-        if self.node_changes.failed(node_id, now()):      # the burst is spent: said once
+        if self._tell_node_changed(node_id, routes_changed):      # the burst is spent: said once
             log.info("node %d %s reports changes faster than its peers are told: they get its latest state "
                      "once per %g s", node_id, self.nodes[node_id].given_name, NODE_CHANGE_INTERVAL)
-        self._tell_node_changed(node_id, routes_changed)
 
     def _release_held_change(self, node_id):
         routes_changed = self.held_changes.pop(node_id)
         if node_id in self.nodes:
-            self.node_changes.failed(node_id, now())
             self._tell_node_changed(node_id, routes_changed)
 
     def _tell_node_changed(self, node_id, routes_changed):
+        """Fan out a node's own change, counted against its rate: True when
+        this one spends its burst."""
+        spent = self.node_changes.failed(node_id, now())
         if routes_changed:
             self.topology_changed(changed=[node_id])
         else:
             self.notify(changed=[node_id])
+        return spent
 
     # meshbox's own node
     def gateway_node(self):
@@ -7689,13 +7692,12 @@ class Server:
         for writer in list(self.connections.values()):
             writer.close()
         if self.connections:
-            await asyncio.wait(list(self.connections), timeout=2)
-        # What is left waits on a TLS peer that never answered our close: end it here.
-        remaining = list(self.connections)
-        for task in remaining:
-            task.cancel()
-        if remaining:
-            await asyncio.wait(remaining, timeout=1)
+            _, pending = await asyncio.wait(list(self.connections), timeout=2)
+            # What is left waits on a TLS peer that never answered our close: end it here.
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1)
         for transport in getattr(self, "stun_transports", ()):
             transport.close()
         try:

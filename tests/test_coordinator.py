@@ -1,7 +1,6 @@
 """The coordinator over real ts2021 connections (tests/tsclient.py), in-process."""
 
 import asyncio
-import time
 import base64
 import contextlib
 import json
@@ -9,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
