@@ -1,4 +1,4 @@
-"""meshbox as a separate process, for fault tests and benchmarks.
+"""Shared by the tests: meshbox as a separate process, its CLI, ports, keys.
 
 The server runs ``meshbox.py serve`` on loopback in its own process, so the
 simulated nodes (tests/tsclient.py) and the server do not share a CPU-bound
@@ -33,6 +33,16 @@ def accepts(port, host="127.0.0.1"):
             return True
     except OSError:
         return False
+
+
+def cli(*args, state=None, check=False, env=None, timeout=60):
+    """``meshbox.py [--state STATE] ARGS`` in a subprocess: the CompletedProcess
+    (text output); with check, fail the test unless it exits 0."""
+    command = [sys.executable, MESHBOX, *(["--state", str(state)] if state is not None else []), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    if check:
+        assert result.returncode == 0, f"meshbox {' '.join(map(str, args))} exited {result.returncode}: {result.stderr}"
+    return result
 
 
 def auth_key(state_dir, user="alice", reusable=True, ephemeral=False, tags=()):
