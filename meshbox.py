@@ -3709,7 +3709,7 @@ def auto_approved_routes(policy, topology, node_name):
 
 # -- Policy tests (tests and sshTests) --
 
-DEFAULT_TEST_PROTOCOLS = (6, 17, 1, 58)
+TAILSCALE_DEFAULT_PROTOCOLS = (6, 17, 1, 58)     # TCP, UDP, ICMP, ICMPv6 when IPProto is empty
 
 
 def _tailnet_domain(topology, tailnet):
@@ -3766,7 +3766,7 @@ def _policy_test_failures(policy, compiler):
         if not sources:
             failures.append("%s: source resolved to no IP addresses" % label)
             continue
-        protocols = protocol_numbers(test["proto"]) or DEFAULT_TEST_PROTOCOLS
+        protocols = protocol_numbers(test["proto"]) or TAILSCALE_DEFAULT_PROTOCOLS
         for dst, want in [(d, True) for d in test["accept"]] + [(d, False) for d in test["deny"]]:
             alias, ports = parse_destination(dst)
             dst_set = compiler.resolver.resolve(alias)
@@ -4239,7 +4239,6 @@ REGISTER_ATTEMPT_BURST = 10      # failed registrations a source or machine may 
 REGISTER_ATTEMPT_INTERVAL = 6    # ...then one per this many seconds
 REGISTER_ATTEMPT_KEYS = 1024     # sources and machines whose failures are remembered (~200 bytes each)
 DEFAULT_NODE_EXPIRY = 180 * 86400
-EPHEMERAL_TIMEOUT = 30 * 60
 
 
 @dataclasses.dataclass(slots=True)
@@ -4631,9 +4630,9 @@ class Coordinator:
             raise RegistrationRefused("spent_key", "auth key already used: it is a single-use key")
         return row
 
-    def _unique_given_name(self, hostname, exclude_id=None):
+    def _unique_given_name(self, hostname):
         base = sanitize_hostname(hostname)
-        taken = {n.given_name for n in self.nodes.values() if n.id != exclude_id}
+        taken = {n.given_name for n in self.nodes.values()}
         name, i = base, 1
         while name in taken:
             name = f"{base[:58]}-{i}"
@@ -6265,8 +6264,6 @@ class ControlConnection:
 # computed from its compiled policy view.  The Gateway section applies it.
 
 NFT_TABLE = "meshbox"
-TAILSCALE_DEFAULT_PROTOCOLS = (6, 17, 1, 58)     # TCP, UDP, ICMP, ICMPv6 when IPProto is empty
-EXIT_ROUTES = ("0.0.0.0/0", "::/0")
 PERSISTENT_KEEPALIVE = 25
 
 
