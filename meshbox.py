@@ -135,6 +135,20 @@ VERSION = "0.1.0"
 
 # ---- Helpers ----
 
+class MeshboxError(Exception):
+    """The root of meshbox's own errors: input, peers or the machine were
+    wrong, and the message says how.  The CLI and the APIs show these to the
+    user; any other exception is a bug and keeps its traceback."""
+
+
+class InvalidInput(MeshboxError, ValueError):
+    """An argument, name, key, duration or document that cannot be used."""
+
+
+class Unavailable(MeshboxError, RuntimeError):
+    """Something this machine lacks (a Python module, a crypto backend)."""
+
+
 def now():
     """Seconds since the epoch, as a float (one clock for the whole file)."""
     return time.time()
@@ -201,13 +215,15 @@ MAX_JSON_DEPTH = 64     # Tailscale's messages and policies nest a handful of le
 
 
 def parse_json(data):
-    """json.loads for input others control: nesting deeper than MAX_JSON_DEPTH
-    (which would exhaust the recursion of the parser or of whatever walks the
-    value later) is a ValueError like any other malformed JSON."""
+    """json.loads for input others control: malformed JSON, and nesting deeper
+    than MAX_JSON_DEPTH (which would exhaust the recursion of the parser or of
+    whatever walks the value later), are InvalidInput."""
     try:
         value = json.loads(data)
     except RecursionError:
-        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+        raise InvalidInput(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:           # JSONDecodeError, or bytes that are not UTF-8
+        raise InvalidInput(str(e)) from None
     opening = (b"[", b"{") if isinstance(data, (bytes, bytearray)) else ("[", "{")
     if data.count(opening[0]) + data.count(opening[1]) <= MAX_JSON_DEPTH:
         return value           # too few brackets to nest that deep: no walk needed
@@ -217,7 +233,7 @@ def parse_json(data):
                       if isinstance(v, (list, dict))]
         level += 1
     if containers:
-        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        raise InvalidInput(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return value
 
 
@@ -242,15 +258,15 @@ def key_text(prefix, raw):
 
 
 def key_bytes(text, prefix):
-    """Parse ``prefix:<64 hex>`` into 32 raw bytes, or raise ValueError."""
+    """Parse ``prefix:<64 hex>`` into 32 raw bytes, or raise InvalidInput."""
     if not isinstance(text, str) or not text.startswith(prefix + ":"):
-        raise ValueError(f"expected a {prefix}: key, got {str(text)[:80]!r}")
+        raise InvalidInput(f"expected a {prefix}: key, got {str(text)[:80]!r}")
     try:
         raw = bytes.fromhex(text[len(prefix) + 1:])
     except ValueError:
-        raise ValueError(f"{prefix}: key is not hex: {text[:80]!r}") from None
+        raise InvalidInput(f"{prefix}: key is not hex: {text[:80]!r}") from None
     if len(raw) != 32:
-        raise ValueError(f"{prefix}: key must be 32 bytes, got {len(raw)}")
+        raise InvalidInput(f"{prefix}: key must be 32 bytes, got {len(raw)}")
     return raw
 
 
@@ -268,9 +284,9 @@ def parse_duration(text):
             total += int(number) * _DURATION_UNITS[ch]
             number = ""
         else:
-            raise ValueError(f"bad duration {text!r}: use e.g. 90d, 12h, 30m")
+            raise InvalidInput(f"bad duration {text!r}: use e.g. 90d, 12h, 30m")
     if number or not text:
-        raise ValueError(f"bad duration {text!r}: a unit (s, m, h, d, w) is required")
+        raise InvalidInput(f"bad duration {text!r}: a unit (s, m, h, d, w) is required")
     return total
 
 
@@ -284,7 +300,7 @@ def parse_host_port(text, default_port):
     else:
         host, port = text, ""
     if port and not port.isdigit():
-        raise ValueError(f"bad port in {text!r}")
+        raise InvalidInput(f"bad port in {text!r}")
     return host or "127.0.0.1", int(port) if port else default_port
 
 
@@ -391,36 +407,36 @@ def json_type(value):
 
 def go_string(value, limit=HOSTINFO_MAX_TEXT):
     if not isinstance(value, str):
-        raise ValueError(f"{json_type(value)}, not a string")
+        raise InvalidInput(f"{json_type(value)}, not a string")
     if len(value) > limit:
-        raise ValueError(f"{len(value)} characters, more than {limit}")
+        raise InvalidInput(f"{len(value)} characters, more than {limit}")
     return value
 
 
 def go_bool(value):
     """A Go bool, or an opt.Bool (whose JSON is true or false; null is "unset")."""
     if not isinstance(value, bool):
-        raise ValueError(f"{json_type(value)}, not true or false")
+        raise InvalidInput(f"{json_type(value)}, not true or false")
     return value
 
 
 def go_int(value, low=-GO_INT_MAX - 1, high=GO_INT_MAX):
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{json_type(value)}, not an integer")
+        raise InvalidInput(f"{json_type(value)}, not an integer")
     if not low <= value <= high:
-        raise ValueError(f"{str(value)[:24]} is outside {low}..{high}")
+        raise InvalidInput(f"{str(value)[:24]} is outside {low}..{high}")
     return value
 
 
 def go_float(value):
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ValueError(f"{json_type(value)}, not a number")
+        raise InvalidInput(f"{json_type(value)}, not a number")
     try:
         number = float(value)       # an integer past float64's range overflows here
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise ValueError("not a finite float64")
+        raise InvalidInput("not a finite float64")
     return number
 
 
@@ -433,7 +449,7 @@ class GoList:
 
     def check(self, value, problems, path):
         if not isinstance(value, list):
-            raise ValueError(f"{json_type(value)}, not an array")
+            raise InvalidInput(f"{json_type(value)}, not an array")
         if len(value) > self.limit:
             problems.append((path, f"{len(value)} items, only the first {self.limit} kept"))
         out, dropped = [], []
@@ -455,9 +471,9 @@ class GoMap:
 
     def check(self, value, problems, path):
         if not isinstance(value, dict):
-            raise ValueError(f"{json_type(value)}, not an object")
+            raise InvalidInput(f"{json_type(value)}, not an object")
         if len(value) > self.limit:
-            raise ValueError(f"{len(value)} entries, more than {self.limit}")
+            raise InvalidInput(f"{len(value)} entries, more than {self.limit}")
         out, dropped = {}, []
         for key, item in value.items():
             try:
@@ -480,7 +496,7 @@ class GoStruct:
 
     def check(self, value, problems, path):
         if not isinstance(value, dict):
-            raise ValueError(f"{json_type(value)}, not an object")
+            raise InvalidInput(f"{json_type(value)}, not an object")
         out = {}
         for name, check in self.fields.items():
             if value.get(name) is None:
@@ -489,7 +505,7 @@ class GoStruct:
                 out[name] = go_checked(check, value[name], problems, f"{path}.{name}" if path else name)
             except ValueError as e:
                 if self.strict:
-                    raise ValueError(f"{name}: {e}") from None
+                    raise InvalidInput(f"{name}: {e}") from None
                 problems.append((f"{path}.{name}" if path else name, f"dropped: {e}"))
         return out
 
@@ -506,9 +522,9 @@ def canonical_prefix(text):
     try:
         prefix = str(ipaddress.ip_network(text))
     except ValueError:
-        raise ValueError(f"{text[:60]!r} is not an IP prefix with its host bits zero") from None
+        raise InvalidInput(f"{text[:60]!r} is not an IP prefix with its host bits zero") from None
     if prefix != text:
-        raise ValueError(f"{text[:60]!r} is not in canonical form ({prefix})")
+        raise InvalidInput(f"{text[:60]!r} is not in canonical form ({prefix})")
     return prefix
 
 
@@ -522,7 +538,7 @@ def checked_endpoint(text):
             raise ValueError
         address = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
     except ValueError:
-        raise ValueError(f"{text[:64]!r} is not an ip:port") from None
+        raise InvalidInput(f"{text[:64]!r} is not an ip:port") from None
     return f"[{address}]:{int(port)}" if address.version == 6 else f"{address}:{int(port)}"
 
 
@@ -531,15 +547,15 @@ def strict_list(check, limit):
     `check`: ValueError naming the first bad one."""
     def checked(value):
         if not isinstance(value, list):
-            raise ValueError(f"{json_type(value)}, not an array")
+            raise InvalidInput(f"{json_type(value)}, not an array")
         if len(value) > limit:
-            raise ValueError(f"{len(value)} items, more than {limit}")
+            raise InvalidInput(f"{len(value)} items, more than {limit}")
         out = []
         for i, item in enumerate(value):
             try:
                 out.append(check(item))
             except ValueError as e:
-                raise ValueError(f"item {i}: {e}") from None
+                raise InvalidInput(f"item {i}: {e}") from None
         return out
     return checked
 
@@ -652,7 +668,7 @@ def peer_hostinfo(hostinfo):
 #                                            (a checkout after build/native)
 # Absent or unloadable, load_native_crypto() returns None and pynacl serves.
 
-class CryptoError(Exception):
+class CryptoError(MeshboxError):
     """A MAC did not verify or a key was unusable."""
 
 
@@ -719,7 +735,7 @@ def _fixed(value, size, what):
     """value as bytes of exactly size bytes, or ValueError."""
     value = bytes(value)
     if len(value) != size:
-        raise ValueError(f"{what} must be {size} bytes, got {len(value)}")
+        raise InvalidInput(f"{what} must be {size} bytes, got {len(value)}")
     return value
 
 
@@ -783,7 +799,7 @@ class NativeCrypto:
         if self._lib.mb_aead_seal(out, _fixed(key, 32, "key"),
                                   _fixed(nonce, 12, "nonce"), ad, len(ad),
                                   plaintext, len(plaintext)) != 0:
-            raise ValueError("ChaCha20-Poly1305 message too long")
+            raise InvalidInput("ChaCha20-Poly1305 message too long")
         return out.raw
 
     def aead_open(self, key, nonce, ciphertext, ad=b""):
@@ -800,7 +816,7 @@ class NativeCrypto:
         """BLAKE2s (keyed when key is given), as hashlib.blake2s computes it."""
         data, key = bytes(data), bytes(key)
         if not 1 <= digest_size <= 32 or len(key) > 32:
-            raise ValueError("BLAKE2s: digest_size 1..32, key at most 32 bytes")
+            raise InvalidInput("BLAKE2s: digest_size 1..32, key at most 32 bytes")
         out = ctypes.create_string_buffer(digest_size)
         self._lib.mb_blake2s(out, digest_size, key, len(key), data, len(data))
         return out.raw
@@ -832,7 +848,7 @@ def load_native_crypto(path=None):
 
 def _require_sodium():
     if _sodium is None:
-        raise RuntimeError("pynacl is required: pip install pynacl")
+        raise Unavailable("pynacl is required: pip install pynacl")
     return _sodium
 
 
@@ -1099,7 +1115,7 @@ MAX_RECORD_LEN = 4096
 MAX_RECORD_PLAINTEXT = MAX_RECORD_LEN - HEADER_LEN - 16
 
 
-class NoiseError(Exception):
+class NoiseError(MeshboxError):
     """A handshake or transport record was malformed or did not verify."""
 
 
@@ -1456,7 +1472,7 @@ NODE_GATEWAY = "gateway"     # meshbox's own kernel-WireGuard node
 GATEWAY_USER = "meshbox"     # owner of the gateway node and its devices
 
 
-class StoreError(Exception):
+class StoreError(MeshboxError):
     """The state database could not be read or written (disk full, read-only...)."""
 
 
@@ -1592,12 +1608,12 @@ class Store:
     # users
     def create_user(self, name):
         if not name or len(name) > 63 or any(c.isspace() for c in name):
-            raise ValueError(f"bad user name {name!r}: use 1-63 characters, no spaces")
+            raise InvalidInput(f"bad user name {name!r}: use 1-63 characters, no spaces")
         try:
             with self.transaction():
                 cur = self.db.execute("INSERT INTO users(name, created) VALUES(?, ?)", (name, now()))
         except sqlite3.IntegrityError:
-            raise ValueError(f"user {name!r} already exists") from None
+            raise InvalidInput(f"user {name!r} already exists") from None
         return User(cur.lastrowid, name, now())
 
     def users(self):
@@ -1606,13 +1622,13 @@ class Store:
     def user_named(self, name):
         row = self.db.execute("SELECT * FROM users WHERE name=?", (name,)).fetchone()
         if not row:
-            raise ValueError(f"no user named {name!r} (create it with: users create {name})")
+            raise InvalidInput(f"no user named {name!r} (create it with: users create {name})")
         return User(row["id"], row["name"], row["created"])
 
     def delete_user(self, name):
         user = self.user_named(name)
         if self.db.execute("SELECT 1 FROM nodes WHERE user_id=?", (user.id,)).fetchone():
-            raise ValueError(f"user {name!r} still owns nodes; delete them first")
+            raise InvalidInput(f"user {name!r} still owns nodes; delete them first")
         with self.transaction():
             self.db.execute("DELETE FROM preauth_keys WHERE user_id=?", (user.id,))
             self.db.execute("DELETE FROM users WHERE id=?", (user.id,))
@@ -1647,7 +1663,7 @@ class Store:
             rows = self.db.execute("SELECT * FROM preauth_keys WHERE prefix=?", (prefix,)).fetchall()
             row = rows[0] if len(rows) == 1 else None
         if not row:
-            raise ValueError("no such pre-auth key")
+            raise InvalidInput("no such pre-auth key")
         with self.transaction():
             self.db.execute("UPDATE preauth_keys SET revoked=1 WHERE id=?", (row["id"],))
 
@@ -1768,7 +1784,7 @@ def allocate_addresses(prefix_v4, prefix_v6, taken, start=1):
             return ipv4, ipv6, offset
     if start > 1:                # freed addresses below start: look there too
         return allocate_addresses(prefix_v4, prefix_v6, taken)
-    raise ValueError(f"address pool {prefix_v4} is exhausted")
+    raise InvalidInput(f"address pool {prefix_v4} is exhausted")
 
 
 # ---- Policy ----
@@ -1784,7 +1800,7 @@ def allocate_addresses(prefix_v4, prefix_v6, taken, start=1):
 # auto_approved_routes says which advertised routes autoApprovers approve.
 
 
-class PolicyError(ValueError):
+class PolicyError(InvalidInput):
     """A policy that Tailscale would refuse; the message says what and where."""
 
 
@@ -1808,7 +1824,7 @@ def _addr_text(family, value):
 def _parse_addr(text):
     """'100.64.0.1' -> (family, int); raises ValueError."""
     if "%" in text:
-        raise ValueError(text)
+        raise InvalidInput(text)
     addr = ipaddress.ip_address(text)
     return addr.version, int(addr)
 
@@ -1822,7 +1838,7 @@ def _parse_prefix(text):
     family, value = _parse_addr(addr_text)
     width = 32 if family == 4 else 128
     if not bits_text.isdigit() or int(bits_text) > width or bits_text != str(int(bits_text)):
-        raise ValueError(text)
+        raise InvalidInput(text)
     bits = int(bits_text)
     host = (1 << (width - bits)) - 1
     return family, value & ~host, (value & ~host) | host, bits
@@ -1836,7 +1852,7 @@ def _parse_range(text):
         first, last = text.split("-", 1)
         (f1, lo), (f2, hi) = _parse_addr(first), _parse_addr(last)
         if f1 != f2 or lo > hi:
-            raise ValueError(text)
+            raise InvalidInput(text)
         return [(f1, lo, hi)]
     family, lo, hi, _ = _parse_prefix(text)
     return [(family, lo, hi)]
@@ -4143,7 +4159,7 @@ RECOMPILE_DELAY = 0.05       # under a policy, a burst of joins shares one compi
 RECOMPILE_SHARE = 0.5        # ...and compiling takes at most this share of a burst's time
 
 
-class RegistrationRefused(Exception):
+class RegistrationRefused(MeshboxError):
     """A registration that must fail with a message the client shows."""
 
     def __init__(self, reason, message):
@@ -4151,7 +4167,7 @@ class RegistrationRefused(Exception):
         self.reason = reason
 
 
-class MapRefused(Exception):
+class MapRefused(MeshboxError):
     """A map request that cannot be served; status is the HTTP code to answer."""
 
     def __init__(self, status, message):
@@ -4267,7 +4283,7 @@ def parse_go_time(text):
     if not text:
         return None
     if not isinstance(text, str):
-        raise ValueError(f"bad time {str(text)[:40]!r}")
+        raise InvalidInput(f"bad time {str(text)[:40]!r}")
     if text.startswith("0001-01-01"):
         return None
     text = text.rstrip("Z").split("+")[0]
@@ -4275,7 +4291,7 @@ def parse_go_time(text):
     try:
         ts = time.mktime(time.strptime(base, "%Y-%m-%dT%H:%M:%S")) - time.timezone
     except ValueError:
-        raise ValueError(f"bad time {text!r}") from None
+        raise InvalidInput(f"bad time {text!r}") from None
     return ts + (float("0." + frac) if frac.isdigit() else 0)
 
 
@@ -4782,7 +4798,7 @@ class Coordinator:
         """Admit the machine behind a login request for a user; wakes its client."""
         request = self.auth_requests.get(request_id)
         if request is None or request.done.flag:
-            raise ValueError(f"no login request {request_id!r} is waiting (it may have expired)")
+            raise InvalidInput(f"no login request {request_id!r} is waiting (it may have expired)")
         try:
             tags = self._checked_requested_tags(request.requested_tags, user_id)
             node = self.admit(request.machine_key, request.node_key, {"Hostname": request.hostname}, user_id, tags,
@@ -4845,7 +4861,7 @@ class Coordinator:
         """An admin's verdict on a held SSH session; wakes the request that holds it."""
         check = self.ssh_checks.pop(check_id, None)
         if check is None:
-            raise ValueError(f"no SSH check {check_id!r} is waiting (it may have expired)")
+            raise InvalidInput(f"no SSH check {check_id!r} is waiting (it may have expired)")
         check.approved = approve
         if approve:
             self.ssh_approved[(check.src_id, check.dst_id)] = now()
@@ -5086,7 +5102,7 @@ HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 204: "No Content", 302: "
                 501: "Not Implemented", 503: "Service Unavailable"}
 
 
-class HttpError(Exception):
+class HttpError(MeshboxError):
     """A request that gets an HTTP error status and a one-line reason."""
 
     def __init__(self, status, message):
@@ -5364,7 +5380,7 @@ def certificate_pin(der_bytes):
 def tls_server_context(cert_path, key_path):
     """A TLS 1.2+ server context serving the certificate and key files."""
     if ssl is None:
-        raise RuntimeError("DERP over TLS needs Python's ssl module "
+        raise Unavailable("DERP over TLS needs Python's ssl module "
                            "(OpenWrt: opkg install python3-openssl)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -5428,7 +5444,7 @@ PEER_GONE_NOT_HERE = 0x01      # the server never had the peer
 MESH_FRAMES = (FRAME_FORWARD_PACKET, FRAME_WATCH_CONNS, FRAME_CLOSE_PEER)
 
 
-class DerpError(Exception):
+class DerpError(MeshboxError):
     """A DERP peer broke the protocol."""
 
 
@@ -6097,7 +6113,7 @@ class ControlConnection:
             try:
                 request = parse_json(body) if body else {}
                 if not isinstance(request, dict):
-                    raise ValueError("expected a JSON object")
+                    raise InvalidInput("expected a JSON object")
             except ValueError as e:
                 raise HttpError(400, f"malformed JSON body: {e}") from None
             if path.startswith("/machine/ssh/action/") and method == "GET":
@@ -6275,11 +6291,11 @@ def check_routes(routes, prefix_v4, prefix_v6):
         try:
             net = ipaddress.ip_network(text.strip(), strict=True)
         except ValueError as e:
-            raise ValueError(f"bad route {text!r}: {e}") from None
+            raise InvalidInput(f"bad route {text!r}: {e}") from None
         if net.prefixlen == 0:
-            raise ValueError(f"route {net} is the whole internet: use --advertise-exit-node instead")
+            raise InvalidInput(f"route {net} is the whole internet: use --advertise-exit-node instead")
         if any(net.version == t.version and net.overlaps(t) for t in tailnet):
-            raise ValueError(f"route {net} overlaps the tailnet's own addresses")
+            raise InvalidInput(f"route {net} overlaps the tailnet's own addresses")
         out.append(str(net))
     return out
 
@@ -6399,7 +6415,7 @@ UAPI_DIR = "/var/run/wireguard"
 USERSPACE_WIREGUARD = ("wireguard-go", "boringtun-cli", "boringtun")
 
 
-class GatewayError(Exception):
+class GatewayError(MeshboxError):
     """The gateway cannot be set up; the message says what to install or fix."""
 
 
@@ -6867,7 +6883,7 @@ OIDC_METADATA_TTL = 3600       # seconds the discovery document is kept
 _URL_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
-class OidcError(Exception):
+class OidcError(MeshboxError):
     """A sign-in that failed; the message says why, for the person signing in."""
 
 
@@ -6916,7 +6932,7 @@ def dechunk(body):
         if size == 0:
             return bytes(out)
         if len(body) < size + 2:
-            raise ValueError("truncated chunk")
+            raise InvalidInput("truncated chunk")
         out += body[:size]
         body = body[size + 2:]
 
@@ -6927,7 +6943,7 @@ def parse_http_answer(data):
     lines = head.decode("latin-1").split("\r\n")
     status = lines[0].split(" ")
     if not sep or len(status) < 2 or not status[1].isdigit():
-        raise ValueError("not an HTTP response")
+        raise InvalidInput("not an HTTP response")
     headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = dechunk(body)
@@ -6986,7 +7002,7 @@ def id_token_claims(token):
     parts = token.split(".") if isinstance(token, str) else ()
     try:
         if len(parts) != 3:
-            raise ValueError("not three parts")
+            raise InvalidInput("not three parts")
         claims = parse_json(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except (ValueError, binascii.Error):
         raise OidcError("the identity provider sent an ID token that is not a JWT") from None
@@ -7059,7 +7075,7 @@ class OidcLogin:
 
     def __init__(self, config):
         if ssl is None:
-            raise ValueError("OIDC needs TLS but this Python has no ssl module (OpenWrt: opkg install python3-openssl)")
+            raise InvalidInput("OIDC needs TLS but this Python has no ssl module (OpenWrt: opkg install python3-openssl)")
         self.issuer = config.oidc_issuer
         self.client_id = config.oidc_client_id
         self.client_secret = config.oidc_client_secret
@@ -7069,7 +7085,7 @@ class OidcLogin:
         try:
             self.context = ssl.create_default_context(cafile=config.oidc_ca_file or None)
         except OSError as e:
-            raise ValueError(f"cannot load oidc_ca_file {config.oidc_ca_file}: {e}") from None
+            raise InvalidInput(f"cannot load oidc_ca_file {config.oidc_ca_file}: {e}") from None
         self.metadata, self.metadata_at = None, 0
         self.pending = {}   # state -> (login request id, nonce, PKCE verifier, created)
 
@@ -7230,7 +7246,7 @@ class Config:
         host = f"[{self.control_address()[0]}]"
         listed = [a.strip() for a in (self.stun_listen or f"{host}:3478,{host}:3479").split(",") if a.strip()]
         if not 1 <= len(listed) <= MAX_STUN_ADDRESSES:
-            raise ValueError(f"--stun-listen takes 1 to {MAX_STUN_ADDRESSES} addresses, got {self.stun_listen!r}")
+            raise InvalidInput(f"--stun-listen takes 1 to {MAX_STUN_ADDRESSES} addresses, got {self.stun_listen!r}")
         return [parse_host_port(a, 3478) for a in listed]
 
     def public_url(self):
@@ -7251,16 +7267,16 @@ class Config:
             try:
                 net = ipaddress.ip_network(prefix)
             except ValueError:
-                raise ValueError(f"bad address prefix {prefix!r}") from None
+                raise InvalidInput(f"bad address prefix {prefix!r}") from None
             if net.version != version:
-                raise ValueError(f"prefix {prefix} must be IPv{version}")
+                raise InvalidInput(f"prefix {prefix} must be IPv{version}")
         if ipaddress.ip_network(self.prefix_v6).prefixlen > 96 or ipaddress.ip_network(self.prefix_v4).prefixlen > 30:
-            raise ValueError("address prefixes are too small")
+            raise InvalidInput("address prefixes are too small")
         self.control_address(), self.derp_address(), self.stun_addresses()
         if not self.public_url().startswith(("http://", "https://")):
-            raise ValueError(f"server URL must start with http:// or https://, got {self.server_url!r}")
+            raise InvalidInput(f"server URL must start with http:// or https://, got {self.server_url!r}")
         if self.public_host() in ("0.0.0.0", "::", ""):
-            raise ValueError("listening on a wildcard address: set --server-url to the address clients use")
+            raise InvalidInput("listening on a wildcard address: set --server-url to the address clients use")
         for name in ("node_expiry", "ephemeral_timeout"):
             value = getattr(self, name)
             if str(value) != "0":
@@ -7269,18 +7285,18 @@ class Config:
             self.gateway_routes()
             for endpoint in self.public_endpoint:
                 if endpoint_pair(endpoint) is None:
-                    raise ValueError(f"bad public endpoint {endpoint!r}: use IP:PORT")
+                    raise InvalidInput(f"bad public endpoint {endpoint!r}: use IP:PORT")
             if self.wg_backend not in ("auto", "kernel", "userspace"):
-                raise ValueError(f"bad WireGuard backend {self.wg_backend!r}: use auto, kernel or userspace")
+                raise InvalidInput(f"bad WireGuard backend {self.wg_backend!r}: use auto, kernel or userspace")
             if self.netlink_tools not in ("auto", "pyroute2", "commands"):
-                raise ValueError(f"bad netlink_tools {self.netlink_tools!r}: use auto, pyroute2 or commands")
+                raise InvalidInput(f"bad netlink_tools {self.netlink_tools!r}: use auto, pyroute2 or commands")
             if not 0 < int(self.wg_port) < 65536:
-                raise ValueError(f"bad WireGuard port {self.wg_port}")
+                raise InvalidInput(f"bad WireGuard port {self.wg_port}")
         if self.oidc_issuer:
             if not self.oidc_issuer.startswith("https://"):
-                raise ValueError(f"OIDC issuer must be an https:// URL, got {self.oidc_issuer!r}")
+                raise InvalidInput(f"OIDC issuer must be an https:// URL, got {self.oidc_issuer!r}")
             if not self.oidc_client_id:
-                raise ValueError("OIDC needs oidc_client_id: register meshbox as a client at the provider, with "
+                raise InvalidInput("OIDC needs oidc_client_id: register meshbox as a client at the provider, with "
                                  f"the redirect URI {self.public_url()}/oidc/callback")
 
     def gateway_routes(self):
@@ -7321,7 +7337,7 @@ def dns_settings(store, config):
 
 def bounded_list(value, what):
     if not isinstance(value, list) or len(value) > MAX_DNS_ENTRIES:
-        raise ValueError(f"{what} must be a list of at most {MAX_DNS_ENTRIES} entries")
+        raise InvalidInput(f"{what} must be a list of at most {MAX_DNS_ENTRIES} entries")
     return value
 
 
@@ -7332,13 +7348,13 @@ def checked_nameservers(value, what):
         try:
             out.append(str(ipaddress.ip_address(item if isinstance(item, str) else "")))
         except ValueError:
-            raise ValueError(f"bad resolver address {str(item)[:64]!r} in {what}: use an IP address") from None
+            raise InvalidInput(f"bad resolver address {str(item)[:64]!r} in {what}: use an IP address") from None
     return out
 
 
 def checked_domain(value):
     if not isinstance(value, str) or not DNS_NAME.match(value):
-        raise ValueError(f"bad domain {str(value)[:64]!r}: use a DNS name such as corp.example")
+        raise InvalidInput(f"bad domain {str(value)[:64]!r}: use a DNS name such as corp.example")
     return value.rstrip(".").lower()
 
 
@@ -7485,7 +7501,7 @@ class Server:
             int(config.max_connections_per_source))
         self.oidc = OidcLogin(config) if config.oidc_issuer else None
         if crypto_backend_problem():
-            raise RuntimeError(crypto_backend_problem())
+            raise Unavailable(crypto_backend_problem())
         self.recent_logs.setFormatter(log_formatter(config))
         log.addHandler(self.recent_logs)
         if self.oidc and not any(self.oidc.allowed):
@@ -7498,7 +7514,7 @@ class Server:
         cert_name = ""
         if config.derp_address():
             if ssl is None:
-                raise RuntimeError("DERP needs TLS but this Python has no ssl module "
+                raise Unavailable("DERP needs TLS but this Python has no ssl module "
                                    "(OpenWrt: opkg install python3-openssl), or use --derp-listen off")
             context, cert_name = self._derp_certificate()
             host, derp_port = config.derp_address()
@@ -7882,7 +7898,7 @@ class Server:
             self.wireguard_stats = await self.in_gateway_thread(self.gateway.wg.peer_stats)
         try:
             return {"result": Admin(self.store, self.config, self).call(noun, verb, params or {})}
-        except (ValueError, StoreError, PolicyError) as e:
+        except MeshboxError as e:
             return {"error": str(e)}
 
     async def handle_admin(self, reader, writer):
@@ -7894,10 +7910,10 @@ class Server:
                 line = None
             try:
                 if line is None:
-                    raise ValueError(f"larger than {MAX_REQUEST_BODY >> 20} MiB")
+                    raise InvalidInput(f"larger than {MAX_REQUEST_BODY >> 20} MiB")
                 request = parse_json(line or b"{}")
                 if not isinstance(request, dict):
-                    raise ValueError("not a JSON object")
+                    raise InvalidInput("not a JSON object")
             except ValueError as e:
                 answer = {"error": f"malformed admin request: {e}"}
             else:
@@ -7938,7 +7954,7 @@ class Server:
         try:
             params = parse_json(body) if body else {}
             if not isinstance(params, dict):
-                raise ValueError("the body must be a JSON object")
+                raise InvalidInput("the body must be a JSON object")
         except ValueError as e:
             writer.write(http_response(400, json_bytes({"error": f"malformed JSON body: {e}"}), "application/json"))
             return
@@ -8193,6 +8209,20 @@ ADMIN_NOUNS = ("users", "preauthkeys", "nodes", "routes", "devices", "policy", "
                "status", "netmap", "logs", "ssh", "paths")
 
 
+def checked_params(method, params, command):
+    """params, if method takes them as keywords: a caller's misspelt or missing
+    argument is their error, while a TypeError inside the verb stays a bug."""
+    code = method.__code__
+    names = code.co_varnames[1:code.co_argcount]          # after self
+    required = names[:len(names) - len(method.__defaults__ or ())]
+    unknown = sorted(set(params) - set(names))
+    missing = [n for n in required if n not in params]
+    if unknown or missing:
+        raise InvalidInput(f"bad arguments for {command}: " + "; ".join(
+            ([f"unknown {', '.join(unknown)}"] if unknown else []) + ([f"missing {', '.join(missing)}"] if missing else [])))
+    return params
+
+
 class Admin:
     """The verbs of the CLI and the API over one store (and, in serve, the live server)."""
 
@@ -8203,11 +8233,8 @@ class Admin:
         """Run `noun verb` with keyword params; ValueError for anything unknown or wrong."""
         method = getattr(self, f"{noun}_{verb}" if verb else noun, None)
         if noun not in ADMIN_NOUNS or method is None:
-            raise ValueError(f"unknown command {noun} {verb or ''}".strip())
-        try:
-            result = method(**params)
-        except TypeError as e:
-            raise ValueError(f"bad arguments for {noun} {verb or ''}: {e}") from None
+            raise InvalidInput(f"unknown command {noun} {verb or ''}".strip())
+        result = method(**checked_params(method, params, f"{noun} {verb or ''}".strip()))
         if self.server is not None:           # own writes do not bump data_version
             self.server.coordinator.reload_if_changed(force=True)
         return result
@@ -8225,7 +8252,7 @@ class Admin:
         for n in self._nodes():
             if str(n.id) == str(ident) or n.given_name == ident:
                 return n
-        raise ValueError(f"no node {ident!r} (see: nodes list)")
+        raise InvalidInput(f"no node {ident!r} (see: nodes list)")
 
     # users
     def users_list(self):
@@ -8253,7 +8280,7 @@ class Admin:
         tag_list = [t.strip() for t in (tags or "").split(",") if t.strip()]
         for tag in tag_list:
             if not TAG_NAME.match(tag):
-                raise ValueError(f"bad tag {tag!r}: tags look like tag:name")
+                raise InvalidInput(f"bad tag {tag!r}: tags look like tag:name")
         expires = now() + parse_duration(expiration)
         secret = self.store.create_preauth_key(owner.id, reusable, ephemeral, expires, tag_list)
         return {"key": secret, "user": owner.name, "reusable": reusable, "ephemeral": ephemeral,
@@ -8304,7 +8331,7 @@ class Admin:
     def nodes_expiry(self, switch, id):
         node = self._node(id)
         if switch != "disable":
-            raise ValueError("use: nodes expiry disable ID")
+            raise InvalidInput("use: nodes expiry disable ID")
         return self._update_node(node, f"node {node.id} {node.given_name}'s key no longer expires", expiry=None)
 
     def nodes_tag(self, id, tags):
@@ -8312,7 +8339,7 @@ class Admin:
         tag_list = [t.strip() for t in tags.split(",") if t.strip()]
         for tag in tag_list:
             if not TAG_NAME.match(tag):
-                raise ValueError(f"bad tag {tag!r}: tags look like tag:name")
+                raise InvalidInput(f"bad tag {tag!r}: tags look like tag:name")
         return self._update_node(node, f"node {node.id} {node.given_name} tags: {', '.join(tag_list) or 'none'}",
                                  tags=tag_list)
 
@@ -8320,9 +8347,9 @@ class Admin:
         node = self._node(id)
         clean = sanitize_hostname(name)
         if clean != name:
-            raise ValueError(f"bad name {name!r}: use a DNS label such as {clean!r}")
+            raise InvalidInput(f"bad name {name!r}: use a DNS label such as {clean!r}")
         if any(n.given_name == name and n.id != node.id for n in self._nodes()):
-            raise ValueError(f"name {name!r} is taken by another node")
+            raise InvalidInput(f"name {name!r} is taken by another node")
         return self._update_node(node, f"renamed node {node.id} to {name}", given_name=name)
 
     def nodes_pending(self):
@@ -8335,16 +8362,16 @@ class Admin:
     def nodes_register(self, user, key):
         owner = self.store.user_named(user)
         if self.server is None:          # login requests wait in the server's memory
-            raise ValueError(f"no login request {key!r} is waiting: meshbox serve is not running")
+            raise InvalidInput(f"no login request {key!r} is waiting: meshbox serve is not running")
         result = self.server.coordinator.approve(key, owner.id)
         if "Error" in result:
-            raise ValueError(result["Error"])
+            raise InvalidInput(result["Error"])
         return {"message": f"approved: the device joins as {owner.name}"}
 
     # SSH check mode
     def _ssh_decide(self, check_id, approve):
         if self.server is None:          # held sessions wait in the server's memory
-            raise ValueError(f"no SSH check {check_id!r} is waiting: meshbox serve is not running")
+            raise InvalidInput(f"no SSH check {check_id!r} is waiting: meshbox serve is not running")
         check = self.server.coordinator.decide_ssh_check(check_id, approve)
         nodes = self.server.coordinator.nodes
         return {"message": f"{'approved' if approve else 'denied'}: SSH from {nodes[check.src_id].given_name} to "
@@ -8389,16 +8416,16 @@ class Admin:
         try:
             prefix = str(ipaddress.ip_network(prefix, strict=True))
         except ValueError as e:
-            raise ValueError(f"bad prefix {prefix!r}: {e}") from None
+            raise InvalidInput(f"bad prefix {prefix!r}: {e}") from None
         if node.kind == NODE_GATEWAY:
-            raise ValueError("the gateway's routes come from its configuration (--advertise-routes)")
+            raise InvalidInput("the gateway's routes come from its configuration (--advertise-routes)")
         approved = [r for r in node.approved_routes if r != prefix]
         if approve:
             if prefix not in (node.hostinfo.get("RoutableIPs") or []):
-                raise ValueError(f"node {node.given_name} does not advertise {prefix}")
+                raise InvalidInput(f"node {node.given_name} does not advertise {prefix}")
             approved.append(prefix)
         elif prefix not in node.approved_routes:
-            raise ValueError(f"{prefix} is not approved for {node.given_name}")
+            raise InvalidInput(f"{prefix} is not approved for {node.given_name}")
         return self._update_node(node, f"{'approved' if approve else 'unapproved'} {prefix} for {node.given_name}",
                                  approved_routes=approved)
 
@@ -8417,12 +8444,12 @@ class Admin:
     def devices_add(self, name, user=GATEWAY_USER, full_tunnel=False):
         box = next((n for n in self.store.nodes() if n.kind == NODE_GATEWAY), None)
         if box is None:
-            raise ValueError("no gateway yet: run 'meshbox serve --gateway ...' once first")
+            raise InvalidInput("no gateway yet: run 'meshbox serve --gateway ...' once first")
         if not box.endpoints:
-            raise ValueError("the gateway has no endpoint devices can reach: set --public-endpoint IP:PORT")
+            raise InvalidInput("the gateway has no endpoint devices can reach: set --public-endpoint IP:PORT")
         clean = sanitize_hostname(name)
         if clean != name:
-            raise ValueError(f"bad device name {name!r}: use a DNS label such as {clean!r}")
+            raise InvalidInput(f"bad device name {name!r}: use a DNS label such as {clean!r}")
         try:
             owner = self.store.user_named(user)
         except ValueError:
@@ -8433,7 +8460,7 @@ class Admin:
         tailnet = [self.config.prefix_v4, self.config.prefix_v6]
         with self.store.transaction():
             if self.store.db.execute("SELECT 1 FROM devices WHERE name=?", (name,)).fetchone():
-                raise ValueError(f"a device named {name!r} exists")
+                raise InvalidInput(f"a device named {name!r} exists")
             ipv4, ipv6 = self.store.allocate_addresses(*tailnet)
             self.store.db.execute("INSERT INTO devices(name, user_id, public_key, ipv4, ipv6, full_tunnel, created)"
                                   " VALUES(?,?,?,?,?,?,?)",
@@ -8451,7 +8478,7 @@ class Admin:
     def devices_remove(self, name):
         with self.store.transaction():
             if not self.store.delete_device(name):
-                raise ValueError(f"no device named {name!r}")
+                raise InvalidInput(f"no device named {name!r}")
         return {"message": f"removed device {name}"}
 
     # policy
@@ -8472,7 +8499,7 @@ class Admin:
             parsed = parse_policy(policy)
             check_policy_tests(parsed, topology)
         except PolicyError as e:
-            raise ValueError(f"policy refused: {e}") from None
+            raise InvalidInput(f"policy refused: {e}") from None
         return parsed
 
     def policy_get(self):
@@ -8511,12 +8538,12 @@ class Admin:
             settings["search_domains"] = [checked_domain(d) for d in bounded_list(search_domains, "search domains")]
         if split_dns is not None:
             if not isinstance(split_dns, dict) or len(split_dns) > MAX_DNS_ENTRIES:
-                raise ValueError(f"split DNS must map at most {MAX_DNS_ENTRIES} domains to lists of resolvers")
+                raise InvalidInput(f"split DNS must map at most {MAX_DNS_ENTRIES} domains to lists of resolvers")
             settings["split_dns"] = {checked_domain(d): checked_nameservers(ns, f"resolvers of {d}")
                                      for d, ns in split_dns.items()}
         if magic_dns is not None:
             if not isinstance(magic_dns, bool):
-                raise ValueError("magic_dns is true or false")
+                raise InvalidInput("magic_dns is true or false")
             settings["magic_dns"] = magic_dns
         self.store.set_setting("dns", json.dumps(settings))
         if self.server is not None:
@@ -8544,7 +8571,7 @@ class Admin:
             cur = self.store.db.execute("UPDATE api_keys SET revoked=1 WHERE prefix=? OR hash=?",
                                         (prefix.rstrip("…"), hash_secret(prefix)))
         if cur.rowcount != 1:
-            raise ValueError(f"no single API key matches {prefix!r}")
+            raise InvalidInput(f"no single API key matches {prefix!r}")
         return {"message": "API key expired"}
 
     # OAuth clients: API v2's client credentials, each with its scopes
@@ -8559,7 +8586,7 @@ class Admin:
         scope_list = sorted(set(scopes.replace(",", " ").split()))
         unknown = [s for s in scope_list if s not in OAUTH_SCOPES]
         if unknown or not scope_list:
-            raise ValueError(f"unknown scope {' '.join(unknown)[:64]!r}: use {', '.join(OAUTH_SCOPES)}")
+            raise InvalidInput(f"unknown scope {' '.join(unknown)[:64]!r}: use {', '.join(OAUTH_SCOPES)}")
         client_id, secret = "msoc" + secrets.token_hex(8), OAUTH_SECRET_PREFIX + secrets.token_hex(24)
         expires = now() + parse_duration(expiration)
         with self.store.transaction():
@@ -8572,7 +8599,7 @@ class Admin:
         with self.store.transaction():
             cur = self.store.db.execute("UPDATE oauth_clients SET revoked=1 WHERE client_id=?", (client_id,))
         if cur.rowcount != 1:
-            raise ValueError(f"no OAuth client {client_id!r}")
+            raise InvalidInput(f"no OAuth client {client_id!r}")
         return {"message": f"OAuth client {client_id} revoked; its access tokens stop working"}
 
     # the running server's view
@@ -8584,7 +8611,7 @@ class Admin:
 
     def netmap(self, id):
         if self.server is None:
-            raise ValueError("netmap needs the running server (meshbox serve)")
+            raise InvalidInput("netmap needs the running server (meshbox serve)")
         coordinator = self.server.coordinator
         node = coordinator.nodes.get(self._node(id).id)
         return map_response_for(node, coordinator.view_of(node), coordinator.nodes, coordinator.users,
@@ -8593,13 +8620,15 @@ class Admin:
     def paths(self):
         """The pairs of nodes whose packets meshbox's DERP carried lately, and why those still relayed are."""
         if self.server is None or self.server.derp is None:
-            raise ValueError("paths needs the running server (meshbox serve) with DERP on")
+            raise InvalidInput("paths needs the running server (meshbox serve) with DERP on")
         return derp_pair_rows(self.server.derp, self.server.derp_node, time.monotonic())
 
     def logs(self, lines=100):
         if self.server is None:
-            raise ValueError("logs needs the running server (meshbox serve)")
-        return list(self.server.recent_logs.lines)[-int(lines):]
+            raise InvalidInput("logs needs the running server (meshbox serve)")
+        if isinstance(lines, bool) or not isinstance(lines, int) or not 0 < lines <= 1000:
+            raise InvalidInput(f"bad line count {str(lines)[:32]!r}: give 1 to 1000")
+        return list(self.server.recent_logs.lines)[-lines:]
 
 
 def api_key_valid(store, secret):
@@ -8676,7 +8705,7 @@ def _qr_codewords(data):
         if 4 + count_bits + 8 * len(data) <= capacity * 8:
             break
     else:
-        raise ValueError(f"too long for a QR code: {len(data)} bytes (at most 666)")
+        raise InvalidInput(f"too long for a QR code: {len(data)} bytes (at most 666)")
     bits = "0100" + format(len(data), f"0{count_bits}b") + "".join(format(b, "08b") for b in data)
     bits += "0" * min(4, capacity * 8 - len(bits))
     bits += "0" * (-len(bits) % 8)
@@ -9074,7 +9103,7 @@ class ApiV2:
         admin = Admin(self.server.store, self.config, self.server)
         try:
             return getattr(admin, f"{noun}_{verb}" if verb else noun)(**params)
-        except (ValueError, StoreError) as e:
+        except MeshboxError as e:
             raise HttpError(400, str(e)) from None
 
     async def verb(self, noun, verb, **params):
@@ -10029,7 +10058,7 @@ def admin_socket_call(state_dir, noun, verb, params):
         return None
     request = json_bytes({"noun": noun, "verb": verb, "params": params})
     if len(request) > MAX_REQUEST_BODY:
-        raise ValueError(f"this request is larger than the {MAX_REQUEST_BODY >> 20} MiB the server accepts "
+        raise InvalidInput(f"this request is larger than the {MAX_REQUEST_BODY >> 20} MiB the server accepts "
                          f"({len(request) >> 10} KiB): shorten the policy, e.g. with groups and hosts")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -10041,7 +10070,7 @@ def admin_socket_call(state_dir, noun, verb, params):
     except OSError:
         return None
     if not data:
-        raise ValueError(f"the running server closed {path} without an answer: see its log")
+        raise InvalidInput(f"the running server closed {path} without an answer: see its log")
     return json.loads(data)
 
 
@@ -10069,9 +10098,9 @@ def api_call(url, api_key, noun, verb, params):
         status = int(head.split(b" ")[1])
         answer = parse_json(payload)
     except (IndexError, ValueError):
-        raise ValueError(f"unexpected answer from {url}: {head[:80]!r}") from None
+        raise InvalidInput(f"unexpected answer from {url}: {head[:80]!r}") from None
     if status == 401:
-        raise ValueError("the server refused the API key (401)")
+        raise InvalidInput("the server refused the API key (401)")
     return answer
 
 
@@ -10080,7 +10109,7 @@ def check_remote_url(url, config, insecure):
     loopback (an SSH tunnel) and the tailnet (WireGuard) are private already."""
     scheme, _, rest = url.partition("://")
     if scheme not in ("http", "https"):
-        raise ValueError(f"--remote must be an http:// or https:// URL, got {url!r}")
+        raise InvalidInput(f"--remote must be an http:// or https:// URL, got {url!r}")
     if scheme == "https" or insecure:
         return
     host = parse_host_port(rest.partition("/")[0], 80)[0]
@@ -10091,7 +10120,7 @@ def check_remote_url(url, config, insecure):
     except ValueError:
         private = host == "localhost"
     if not private:
-        raise ValueError(f"--remote {url} would send the API key in clear text: use an https:// URL (a TLS proxy "
+        raise InvalidInput(f"--remote {url} would send the API key in clear text: use an https:// URL (a TLS proxy "
                          "in front of meshbox), the server's tailnet address, an SSH tunnel to its 127.0.0.1, "
                          "or add --insecure-remote on a network you trust")
 
@@ -10100,7 +10129,7 @@ def run_verb(args, config, noun, verb, params):
     """Run a verb remotely, in the running server, or on the state folder."""
     if args.remote:
         if not args.api_key:
-            raise ValueError("--remote needs --api-key (create one on the server: meshbox apikeys create)")
+            raise InvalidInput("--remote needs --api-key (create one on the server: meshbox apikeys create)")
         check_remote_url(args.remote, config, args.insecure_remote)
         answer = api_call(args.remote, args.api_key, noun, verb, params)
     else:
@@ -10108,7 +10137,7 @@ def run_verb(args, config, noun, verb, params):
         if answer is None:
             return Admin(open_state(config.state_dir), config).call(noun, verb, params)
     if "error" in answer:
-        raise ValueError(answer["error"])
+        raise InvalidInput(answer["error"])
     return answer["result"]
 
 
@@ -10191,7 +10220,7 @@ def verb_params(args, noun, verb):
         try:
             params["topology"] = json.loads(read_text_file(args.topology, "topology"))
         except ValueError as e:
-            raise ValueError(f"topology {args.topology} is not JSON: {e}") from None
+            raise InvalidInput(f"topology {args.topology} is not JSON: {e}") from None
     return params
 
 
@@ -10200,7 +10229,7 @@ def read_text_file(path, what):
         with open(path, encoding="utf-8") as f:
             return f.read()
     except OSError as e:
-        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+        raise InvalidInput(f"cannot read {what} {path}: {e.strerror}") from None
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -10441,7 +10470,7 @@ def main(argv=None):
             return cmd_gateway_down(config)
         noun, verb = args.command, getattr(args, "verb", None)
         show_result(args, noun, verb, run_verb(args, config, noun, verb, verb_params(args, noun, verb)))
-    except (ValueError, StoreError, RuntimeError, OSError, GatewayError, PolicyError) as e:
+    except (MeshboxError, OSError) as e:
         print(f"meshbox: {e}", file=sys.stderr)
         return 1
     return 0
