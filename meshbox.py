@@ -1472,6 +1472,10 @@ NODE_GATEWAY = "gateway"     # meshbox's own kernel-WireGuard node
 GATEWAY_USER = "meshbox"     # owner of the gateway node and its devices
 
 
+# A node's fields that an administrative edit (or another process) may change.
+NODE_EDITABLE_FIELDS = ("node_key", "user_id", "given_name", "tags", "expiry", "approved_routes", "ipv4", "ipv6")
+
+
 class StoreError(MeshboxError):
     """The state database could not be read or written (disk full, read-only...)."""
 
@@ -1542,14 +1546,19 @@ class Node:
             approved_routes=json.loads(row["approved_routes"]), cap=row["cap"], kind=row["kind"])
 
     def durable_fields(self):
-        """The fields a CLI edit can change (compared on reload)."""
-        return (self.node_key, self.user_id, self.given_name, self.tags, self.expiry,
-                self.approved_routes, self.ipv4, self.ipv6)
+        """The fields an administrative edit can change (compared on reload)."""
+        return tuple(getattr(self, name) for name in NODE_EDITABLE_FIELDS)
 
 
 def hash_secret(secret):
     """Keys are stored hashed; the prefix alone is kept for display."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def key_in_force(row, at):
+    """Whether a stored key or client (its row) is neither revoked nor past
+    its expiration; a pre-auth key may also be spent (see its own check)."""
+    return not row["revoked"] and not (row["expiration"] and row["expiration"] <= at)
 
 
 class Store:
@@ -1625,6 +1634,11 @@ class Store:
             raise InvalidInput(f"no user named {name!r} (create it with: users create {name})")
         return User(row["id"], row["name"], row["created"])
 
+    def user_named_or_created(self, name):
+        """The user of that name, created first if there is none (a first sign-in, the gateway's owner)."""
+        row = self.db.execute("SELECT * FROM users WHERE name=?", (name,)).fetchone()
+        return User(row["id"], row["name"], row["created"]) if row else self.create_user(name)
+
     def delete_user(self, name):
         user = self.user_named(name)
         if self.db.execute("SELECT 1 FROM nodes WHERE user_id=?", (user.id,)).fetchone():
@@ -1667,6 +1681,12 @@ class Store:
         with self.transaction():
             self.db.execute("UPDATE preauth_keys SET revoked=1 WHERE id=?", (row["id"],))
 
+    def spend_preauth_key(self, key_id):
+        """Count one use of a key (inside the registration's transaction);
+        False if a single-use key was spent meanwhile."""
+        return self.db.execute("UPDATE preauth_keys SET used=used+1 WHERE id=? AND (reusable OR used=0)",
+                               (key_id,)).rowcount == 1
+
     # nodes
     def nodes(self):
         return [Node.from_row(r) for r in self.db.execute("SELECT * FROM nodes ORDER BY id")]
@@ -1699,11 +1719,57 @@ class Store:
         return [dict(r) for r in self.db.execute(
             "SELECT d.*, u.name AS user FROM devices d JOIN users u ON u.id=d.user_id ORDER BY d.id")]
 
+    def insert_device(self, name, user_id, public_key, full_tunnel, prefix_v4, prefix_v6):
+        """A new plain WireGuard device with the next free addresses: (ipv4, ipv6)."""
+        with self.transaction():
+            if self.db.execute("SELECT 1 FROM devices WHERE name=?", (name,)).fetchone():
+                raise InvalidInput(f"a device named {name!r} exists")
+            ipv4, ipv6 = self.allocate_addresses(prefix_v4, prefix_v6)
+            self.db.execute("INSERT INTO devices(name, user_id, public_key, ipv4, ipv6, full_tunnel, created)"
+                            " VALUES(?,?,?,?,?,?,?)", (name, user_id, public_key, ipv4, ipv6, int(full_tunnel), now()))
+        return ipv4, ipv6
+
     def delete_device(self, name):
         """Remove a plain WireGuard device; False if there is none by that name."""
         deleted = self.db.execute("DELETE FROM devices WHERE name=?", (name,)).rowcount == 1
         self.free_from = 1
         return deleted
+
+    # API keys and OAuth clients (API v2's client credentials)
+    def api_keys(self):
+        return [dict(r) for r in self.db.execute("SELECT * FROM api_keys ORDER BY id")]
+
+    def api_key(self, key_hash):
+        row = self.db.execute("SELECT * FROM api_keys WHERE hash=?", (key_hash,)).fetchone()
+        return dict(row) if row else None
+
+    def create_api_key(self, secret, expiration):
+        with self.transaction():
+            self.db.execute("INSERT INTO api_keys(prefix, hash, created, expiration) VALUES(?,?,?,?)",
+                            (secret[:14], hash_secret(secret), now(), expiration))
+
+    def revoke_api_key(self, prefix_or_secret):
+        """Revoke the one key with this displayed prefix or this secret; False if not exactly one."""
+        with self.transaction():
+            return self.db.execute("UPDATE api_keys SET revoked=1 WHERE prefix=? OR hash=?",
+                                   (prefix_or_secret.rstrip("…"), hash_secret(prefix_or_secret))).rowcount == 1
+
+    def oauth_clients(self):
+        return [dict(r, scopes=json.loads(r["scopes"]))
+                for r in self.db.execute("SELECT * FROM oauth_clients ORDER BY id")]
+
+    def oauth_client(self, client_id):
+        row = self.db.execute("SELECT * FROM oauth_clients WHERE client_id=?", (client_id,)).fetchone()
+        return dict(row, scopes=json.loads(row["scopes"])) if row else None
+
+    def create_oauth_client(self, client_id, secret, scopes, expiration):
+        with self.transaction():
+            self.db.execute("INSERT INTO oauth_clients(client_id, hash, scopes, created, expiration)"
+                            " VALUES(?,?,?,?,?)", (client_id, hash_secret(secret), json.dumps(scopes), now(), expiration))
+
+    def revoke_oauth_client(self, client_id):
+        with self.transaction():
+            return self.db.execute("UPDATE oauth_clients SET revoked=1 WHERE client_id=?", (client_id,)).rowcount == 1
 
     def address_taken(self, ipv4, ipv6):
         """Whether a node or device holds either address (index lookups)."""
@@ -4322,6 +4388,56 @@ class SSHCheck:
     approved: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class NodeEdit:
+    """New values of some of a node's NODE_EDITABLE_FIELDS."""
+    node_id: int
+    fields: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeRemoval:
+    node_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class UserAddition:
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class UserRemoval:
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceAddition:
+    """A plain WireGuard device behind the gateway; apply() returns its (ipv4, ipv6)."""
+    name: str
+    user_id: int
+    public_key: bytes
+    full_tunnel: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceRemoval:
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyChange:
+    """A policy that parsed and passed its tests (text and policy None: allow all)."""
+    text: str
+    policy: object
+
+
+@dataclasses.dataclass(frozen=True)
+class DnsChange:
+    """The admin's DNS settings as stored, and the DNSConfig every node gets from them."""
+    settings: dict
+    dns_config: dict
+
+
 class NodeTable(dict):
     """Nodes by id, and by machine key (a machine's identity: it never
     changes), so that each request finds its node without a scan."""
@@ -4604,6 +4720,21 @@ class Coordinator:
         self.recompile()
         log.info("policy %s", "applied" if policy else "cleared: every node may reach every other")
 
+    def primary_routes(self):
+        """Node id -> the subnets its peers are sent as its primary routes."""
+        if self.policy is None:
+            views = [{"peers": self.allow_all}]
+        else:
+            if self.pending_compile is not None:     # a burst of joins is waiting: compile it now
+                self.recompile()
+            views = self.views.values()
+        primary = {}
+        for view in views:
+            for peer_id, seen in view["peers"].items():
+                if seen and seen.get("PrimaryRoutes"):
+                    primary.setdefault(int(peer_id), set()).update(seen["PrimaryRoutes"])
+        return primary
+
     def topology(self):
         """The tailnet as the policy compiler takes it."""
         return policy_topology(self.nodes.values(), self.users)
@@ -4715,9 +4846,7 @@ class Coordinator:
 
         def consume_key():
             # In the registration's transaction: a single-use key is spent exactly once.
-            cur = self.store.db.execute("UPDATE preauth_keys SET used=used+1 WHERE id=? AND (reusable OR used=0)",
-                                        (key_row["id"],))
-            if cur.rowcount != 1:
+            if not self.store.spend_preauth_key(key_row["id"]):
                 raise RegistrationRefused("spent_key", "auth key already used: it is a single-use key")
 
         node = self.admit(machine_key, node_key, hostinfo, key_row["user_id"], tags, bool(key_row["ephemeral"]),
@@ -4812,10 +4941,9 @@ class Coordinator:
 
     def user_signing_in(self, name):
         """The user an identity provider vouched for, created at its first sign-in."""
-        try:
-            user = self.store.user_named(name)
-        except ValueError:
-            user = self.store.create_user(name)
+        known = set(self.users)
+        user = self.store.user_named_or_created(name)
+        if user.id not in known:
             log.info("created user %s at its first sign-in", name)
         self.users[user.id] = user
         return user
@@ -5029,7 +5157,58 @@ class Coordinator:
         self.topology_changed(changed=[node.id])
         return node
 
-    # administrative changes (CLI and API)
+    # administrative changes (CLI and API): each edit is one change object,
+    # and apply() is the one way it reaches the tailnet: stored first (one
+    # transaction), then this coordinator's memory, then the fan-out.
+    def apply(self, change):
+        return getattr(self, "_apply_" + type(change).__name__)(change)
+
+    def _apply_NodeEdit(self, change):
+        node = self.nodes[change.node_id]
+        with self.store.transaction():
+            self.store.update_node(node.id, **change.fields)
+        for name, value in change.fields.items():
+            setattr(node, name, value)
+        self.topology_changed(changed=[node.id])
+
+    def _apply_NodeRemoval(self, change):
+        self.delete_node(change.node_id)
+
+    def _apply_UserAddition(self, change):
+        user = self.store.create_user(change.name)
+        self.users[user.id] = user
+        return user
+
+    def _apply_UserRemoval(self, change):
+        user = self.store.user_named(change.name)
+        if any(n.user_id == user.id for n in self.nodes.values()):
+            raise InvalidInput(f"user {change.name!r} still owns nodes; delete them first")
+        self.store.delete_user(change.name)
+        self.users.pop(user.id, None)
+
+    def _apply_DeviceAddition(self, change):
+        addresses = self.store.insert_device(change.name, change.user_id, change.public_key, change.full_tunnel,
+                                             self.prefix_v4, self.prefix_v6)
+        if self.on_change is not None:       # the gateway adds its peer
+            self.on_change()
+        return addresses
+
+    def _apply_DeviceRemoval(self, change):
+        with self.store.transaction():
+            if not self.store.delete_device(change.name):
+                raise InvalidInput(f"no device named {change.name!r}")
+        if self.on_change is not None:
+            self.on_change()
+
+    def _apply_PolicyChange(self, change):
+        self.store.set_setting("policy", change.text)
+        self.apply_policy(change.text, change.policy)
+
+    def _apply_DnsChange(self, change):
+        self.store.set_setting("dns", json.dumps(change.settings))
+        self.settings.dns_config = change.dns_config
+        self.notify(full=True)
+
     def delete_node(self, node_id):
         with self.store.transaction():
             self.store.delete_node(node_id)
@@ -5039,11 +5218,10 @@ class Coordinator:
             log.info("deleted node %d %s", node.id, node.given_name)
         self.topology_changed(removed=[node_id])
 
-    def reload_if_changed(self, force=False):
-        """Pick up edits another process (the CLI) committed to the store,
-        or (force) edits this process made outside the coordinator."""
+    def reload_if_changed(self):
+        """Pick up edits another process (the offline CLI) committed to the store."""
         version = self.store.data_version()
-        if version == self.data_version and not force:
+        if version == self.data_version:
             return
         self.data_version = version
         self.users = {u.id: u for u in self.store.users()}
@@ -5056,7 +5234,7 @@ class Coordinator:
                 self.nodes[node_id] = new
                 changed.append(node_id)
             elif old.durable_fields() != new.durable_fields():
-                for field in ("node_key", "user_id", "given_name", "tags", "expiry", "approved_routes"):
+                for field in NODE_EDITABLE_FIELDS:
                     setattr(old, field, getattr(new, field))
                 changed.append(node_id)
         for node_id in removed:
@@ -7335,6 +7513,12 @@ def dns_settings(store, config):
             "split_dns": dict(config.split_dns), "magic_dns": bool(config.magic_dns)}
 
 
+def tailnet_dns_config(config, dns):
+    """The DNSConfig every node gets, from the admin's DNS settings and the configuration."""
+    return dns_config(config.base_domain, dns["nameservers"], dns["split_dns"], dns["search_domains"],
+                      config.extra_records, dns["magic_dns"])
+
+
 def bounded_list(value, what):
     if not isinstance(value, list) or len(value) > MAX_DNS_ENTRIES:
         raise InvalidInput(f"{what} must be a list of at most {MAX_DNS_ENTRIES} entries")
@@ -7528,7 +7712,7 @@ class Server:
         settings = MapSettings(
             base_domain=config.base_domain,
             derp_map=derp_map(config.public_host(), derp_port, stun_ports, cert_name) if derp_port else {"Regions": {}},
-            dns_config=self.dns_config(dns_settings(self.store, config)),
+            dns_config=tailnet_dns_config(config, dns_settings(self.store, config)),
             control_url=config.public_url(),
             node_caps={CAP_SSH: None, **({CAP_FILE_SHARING: None} if config.taildrop else {})},
             cert_domains=bool(config.dns_hook))
@@ -7557,14 +7741,6 @@ class Server:
                  f"TLS port {derp_port}" if derp_port else "off", "ports " + ",".join(map(str, stun_ports)) if stun_ports else "off",
                  os.path.abspath(config.state_dir))
 
-    def dns_config(self, dns):
-        return dns_config(self.config.base_domain, dns["nameservers"], dns["split_dns"], dns["search_domains"],
-                          self.config.extra_records, dns["magic_dns"])
-
-    def apply_dns(self, dns):
-        """New DNS settings: every node gets a full map with them."""
-        self.coordinator.settings.dns_config = self.dns_config(dns)
-        self.coordinator.notify(full=True)
 
     def store_healthy(self):
         try:
@@ -8228,16 +8404,28 @@ class Admin:
 
     def __init__(self, store, config, server=None):
         self.store, self.config, self.server = store, config, server
+        self._offline_tailnet = None
+
+    @property
+    def tailnet(self):
+        """The Coordinator every change goes through: the running server's, or
+        (the offline CLI) one over the store, without sessions."""
+        if self.server is not None:
+            return self.server.coordinator
+        if self._offline_tailnet is None:
+            tailnet = Coordinator(self.store, MapSettings(self.config.base_domain, {"Regions": {}}, {}),
+                                  self.config.prefix_v4, self.config.prefix_v6)
+            if self.config.policy_file:            # as serve would: the file's policy is in force
+                tailnet.set_policy(read_text_file(self.config.policy_file, "policy file"))
+            self._offline_tailnet = tailnet
+        return self._offline_tailnet
 
     def call(self, noun, verb, params):
         """Run `noun verb` with keyword params; ValueError for anything unknown or wrong."""
         method = getattr(self, f"{noun}_{verb}" if verb else noun, None)
         if noun not in ADMIN_NOUNS or method is None:
             raise InvalidInput(f"unknown command {noun} {verb or ''}".strip())
-        result = method(**checked_params(method, params, f"{noun} {verb or ''}".strip()))
-        if self.server is not None:           # own writes do not bump data_version
-            self.server.coordinator.reload_if_changed(force=True)
-        return result
+        return method(**checked_params(method, params, f"{noun} {verb or ''}".strip()))
 
     def _nodes(self):
         """The nodes as the running server holds them, with the fields it
@@ -8245,8 +8433,8 @@ class Admin:
         advertises, disco key, endpoints) current; else as stored."""
         if self.server is None:
             return self.store.nodes()
-        self.server.coordinator.reload_if_changed()     # edits another process just committed
-        return sorted(self.server.coordinator.nodes.values(), key=lambda n: n.id)
+        self.tailnet.reload_if_changed()     # edits another process just committed
+        return sorted(self.tailnet.nodes.values(), key=lambda n: n.id)
 
     def _node(self, ident):
         for n in self._nodes():
@@ -8259,11 +8447,11 @@ class Admin:
         return [{"id": u.id, "name": u.name, "created": rfc3339(u.created)} for u in self.store.users()]
 
     def users_create(self, name):
-        user = self.store.create_user(name)
+        user = self.tailnet.apply(UserAddition(name))
         return {"id": user.id, "name": user.name, "message": f"created user {user.name} (id {user.id})"}
 
     def users_delete(self, name):
-        self.store.delete_user(name)
+        self.tailnet.apply(UserRemoval(name))
         return {"message": f"deleted user {name}"}
 
     # pre-auth keys
@@ -8272,8 +8460,7 @@ class Admin:
         return [{"id": k["id"], "key": k["prefix"] + "…", "user": k["user"], "reusable": bool(k["reusable"]),
                  "ephemeral": bool(k["ephemeral"]), "used": k["used"], "tags": json.loads(k["tags"]),
                  "created": rfc3339(k["created"]), "expiration": rfc3339(k["expiration"]),
-                 "valid": not k["revoked"] and not (k["expiration"] and k["expiration"] <= at)
-                 and bool(k["reusable"] or not k["used"])} for k in self.store.preauth_keys()]
+                 "valid": key_in_force(k, at) and bool(k["reusable"] or not k["used"])} for k in self.store.preauth_keys()]
 
     def preauthkeys_create(self, user, reusable=False, ephemeral=False, expiration="1h", tags=""):
         owner = self.store.user_named(user)
@@ -8314,14 +8501,12 @@ class Admin:
         return row
 
     def _update_node(self, node, message, **fields):
-        with self.store.transaction():
-            self.store.update_node(node.id, **fields)
+        self.tailnet.apply(NodeEdit(node.id, fields))
         return {"message": message}
 
     def nodes_delete(self, id):
         node = self._node(id)
-        with self.store.transaction():
-            self.store.delete_node(node.id)
+        self.tailnet.apply(NodeRemoval(node.id))
         return {"message": f"deleted node {node.id} {node.given_name}"}
 
     def nodes_expire(self, id):
@@ -8393,17 +8578,14 @@ class Admin:
 
     # routes
     def routes_list(self):
+        """Each advertised or approved route, from the compiled views the maps are made of."""
+        tailnet = self.tailnet
         nodes = self._nodes()
-        topology, policy = self._topology(), self._policy()
-        compiled = compile_policy(policy, topology)
-        primary = {}
-        for view in compiled.values():
-            for peer_id, seen in view["peers"].items():
-                primary.setdefault(int(peer_id), set()).update(seen.get("PrimaryRoutes", []))
+        topology, primary = tailnet.topology(), tailnet.primary_routes()
         rows = []
         for n in nodes:
             advertised = list(n.hostinfo.get("RoutableIPs") or [])
-            auto = set(auto_approved_routes(policy, topology, str(n.id))) - set(n.approved_routes)
+            auto = set(auto_approved_routes(tailnet.policy, topology, str(n.id))) - set(n.approved_routes)
             for prefix in sorted(set(advertised) | set(n.approved_routes)):
                 rows.append({"node_id": n.id, "node": n.given_name, "prefix": prefix,
                              "advertised": prefix in advertised, "approved": prefix in n.approved_routes or
@@ -8450,21 +8632,10 @@ class Admin:
         clean = sanitize_hostname(name)
         if clean != name:
             raise InvalidInput(f"bad device name {name!r}: use a DNS label such as {clean!r}")
-        try:
-            owner = self.store.user_named(user)
-        except ValueError:
-            if user != GATEWAY_USER:
-                raise
-            owner = self.store.create_user(GATEWAY_USER)
+        owner = self.store.user_named_or_created(user) if user == GATEWAY_USER else self.store.user_named(user)
         private = new_private_key()
         tailnet = [self.config.prefix_v4, self.config.prefix_v6]
-        with self.store.transaction():
-            if self.store.db.execute("SELECT 1 FROM devices WHERE name=?", (name,)).fetchone():
-                raise InvalidInput(f"a device named {name!r} exists")
-            ipv4, ipv6 = self.store.allocate_addresses(*tailnet)
-            self.store.db.execute("INSERT INTO devices(name, user_id, public_key, ipv4, ipv6, full_tunnel, created)"
-                                  " VALUES(?,?,?,?,?,?,?)",
-                                  (name, owner.id, x25519_public(private), ipv4, ipv6, int(full_tunnel), now()))
+        ipv4, ipv6 = self.tailnet.apply(DeviceAddition(name, owner.id, x25519_public(private), bool(full_tunnel)))
         if full_tunnel:
             allowed = list(EXIT_ROUTES)
         else:
@@ -8476,9 +8647,7 @@ class Admin:
                 "config": wg_quick_config(private, ipv4, ipv6, box.node_key, box.endpoints[0], allowed)}
 
     def devices_remove(self, name):
-        with self.store.transaction():
-            if not self.store.delete_device(name):
-                raise InvalidInput(f"no device named {name!r}")
+        self.tailnet.apply(DeviceRemoval(name))
         return {"message": f"removed device {name}"}
 
     # policy
@@ -8486,13 +8655,6 @@ class Admin:
         if self.server is not None:
             return self.server.coordinator.topology()
         return policy_topology(self.store.nodes(), {u.id: u for u in self.store.users()})
-
-    def _policy(self):
-        """The policy in force (None: allow all)."""
-        if self.server is not None:
-            return self.server.coordinator.policy
-        text = self.store.setting("policy")
-        return parse_policy(text) if text else None
 
     def _checked(self, policy, topology):
         try:
@@ -8510,14 +8672,11 @@ class Admin:
         return {"message": "policy is valid"}
 
     def policy_set(self, policy):
-        parsed = self._checked(policy, self._topology())
-        self.store.set_setting("policy", policy)
-        if self.server is not None:           # checked once, applied as it is
-            self.server.coordinator.apply_policy(policy, parsed)
+        self.tailnet.apply(PolicyChange(policy, self._checked(policy, self._topology())))
         return {"message": "policy set; a running server applies it within a second"}
 
     def policy_clear(self):
-        self.store.set_setting("policy", None)
+        self.tailnet.apply(PolicyChange(None, None))
         return {"message": "policy cleared: every node may reach every other"}
 
     def policy_compile(self, policy, topology):
@@ -8545,42 +8704,32 @@ class Admin:
             if not isinstance(magic_dns, bool):
                 raise InvalidInput("magic_dns is true or false")
             settings["magic_dns"] = magic_dns
-        self.store.set_setting("dns", json.dumps(settings))
-        if self.server is not None:
-            self.server.apply_dns(settings)
+        self.tailnet.apply(DnsChange(settings, tailnet_dns_config(self.config, settings)))
         return dict(settings, message="DNS settings saved")
 
     # API keys
     def apikeys_list(self):
         at = now()
         return [{"id": r["id"], "prefix": r["prefix"] + "…", "created": rfc3339(r["created"]),
-                 "expiration": rfc3339(r["expiration"]),
-                 "valid": not r["revoked"] and not (r["expiration"] and r["expiration"] <= at)}
-                for r in self.store.db.execute("SELECT * FROM api_keys ORDER BY id")]
+                 "expiration": rfc3339(r["expiration"]), "valid": key_in_force(r, at)} for r in self.store.api_keys()]
 
     def apikeys_create(self, expiration="90d"):
         secret = API_KEY_PREFIX + secrets.token_hex(24)
         expires = now() + parse_duration(expiration)
-        with self.store.transaction():
-            self.store.db.execute("INSERT INTO api_keys(prefix, hash, created, expiration) VALUES(?,?,?,?)",
-                                  (secret[:14], hash_secret(secret), now(), expires))
+        self.store.create_api_key(secret, expires)
         return {"key": secret, "expiration": rfc3339(expires)}
 
     def apikeys_expire(self, prefix):
-        with self.store.transaction():
-            cur = self.store.db.execute("UPDATE api_keys SET revoked=1 WHERE prefix=? OR hash=?",
-                                        (prefix.rstrip("…"), hash_secret(prefix)))
-        if cur.rowcount != 1:
+        if not self.store.revoke_api_key(prefix):
             raise InvalidInput(f"no single API key matches {prefix!r}")
         return {"message": "API key expired"}
 
     # OAuth clients: API v2's client credentials, each with its scopes
     def oauthclients_list(self):
         at = now()
-        return [{"id": r["id"], "client_id": r["client_id"], "scopes": json.loads(r["scopes"]),
-                 "created": rfc3339(r["created"]), "expiration": rfc3339(r["expiration"]),
-                 "valid": not r["revoked"] and not (r["expiration"] and r["expiration"] <= at)}
-                for r in self.store.db.execute("SELECT * FROM oauth_clients ORDER BY id")]
+        return [{"id": r["id"], "client_id": r["client_id"], "scopes": r["scopes"], "created": rfc3339(r["created"]),
+                 "expiration": rfc3339(r["expiration"]), "valid": key_in_force(r, at)}
+                for r in self.store.oauth_clients()]
 
     def oauthclients_create(self, scopes="all", expiration="365d"):
         scope_list = sorted(set(scopes.replace(",", " ").split()))
@@ -8589,16 +8738,11 @@ class Admin:
             raise InvalidInput(f"unknown scope {' '.join(unknown)[:64]!r}: use {', '.join(OAUTH_SCOPES)}")
         client_id, secret = "msoc" + secrets.token_hex(8), OAUTH_SECRET_PREFIX + secrets.token_hex(24)
         expires = now() + parse_duration(expiration)
-        with self.store.transaction():
-            self.store.db.execute("INSERT INTO oauth_clients(client_id, hash, scopes, created, expiration)"
-                                  " VALUES(?,?,?,?,?)", (client_id, hash_secret(secret), json.dumps(scope_list),
-                                                         now(), expires))
+        self.store.create_oauth_client(client_id, secret, scope_list, expires)
         return {"client_id": client_id, "client_secret": secret, "scopes": scope_list, "expiration": rfc3339(expires)}
 
     def oauthclients_expire(self, client_id):
-        with self.store.transaction():
-            cur = self.store.db.execute("UPDATE oauth_clients SET revoked=1 WHERE client_id=?", (client_id,))
-        if cur.rowcount != 1:
+        if not self.store.revoke_oauth_client(client_id):
             raise InvalidInput(f"no OAuth client {client_id!r}")
         return {"message": f"OAuth client {client_id} revoked; its access tokens stop working"}
 
@@ -8638,18 +8782,18 @@ def api_key_valid(store, secret):
 
 def oauth_client_scopes(store, client_id, secret=None):
     """The scopes of a valid OAuth client (whose secret, when given, matches), else None."""
-    row = store.db.execute("SELECT * FROM oauth_clients WHERE client_id=?", (client_id,)).fetchone()
-    if not row or row["revoked"] or (row["expiration"] and row["expiration"] <= now()):
+    row = store.oauth_client(client_id)
+    if not row or not key_in_force(row, now()):
         return None
     if secret is not None and not hmac.compare_digest(row["hash"].encode(), hash_secret(secret).encode()):
         return None
-    return json.loads(row["scopes"])
+    return row["scopes"]
 
 
 def api_key_hash_valid(store, key_hash):
     """Whether the API key of this hash is known, unexpired and not revoked."""
-    row = store.db.execute("SELECT * FROM api_keys WHERE hash=?", (key_hash,)).fetchone()
-    return bool(row) and not row["revoked"] and not (row["expiration"] and row["expiration"] <= now())
+    row = store.api_key(key_hash)
+    return bool(row) and key_in_force(row, now())
 
 
 # ---- QR code ----

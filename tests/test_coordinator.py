@@ -514,9 +514,7 @@ def test_incremental_default_policy_matches_a_full_compile(operations):
                     "NodeKey": meshbox.key_text("nodekey", node.node_key),
                     "Hostinfo": {"Hostname": node.hostname, "RoutableIPs": routes}})
             else:
-                with store.transaction():
-                    store.update_node(node_id, approved_routes=routes)
-                coordinator.reload_if_changed(force=True)
+                coordinator.apply(meshbox.NodeEdit(node_id, {"approved_routes": routes}))
             assert coordinator.allow_all == meshbox.allow_all_entries(coordinator.nodes.values())
         store.db.close()
 
