@@ -8385,6 +8385,15 @@ ADMIN_NOUNS = ("users", "preauthkeys", "nodes", "routes", "devices", "policy", "
                "status", "netmap", "logs", "ssh", "paths")
 
 
+def parse_tag_list(text):
+    """'tag:a, tag:b' as a list, each checked."""
+    tags = [t.strip() for t in (text or "").split(",") if t.strip()]
+    for tag in tags:
+        if not TAG_NAME.match(tag):
+            raise InvalidInput(f"bad tag {tag!r}: tags look like tag:name")
+    return tags
+
+
 def checked_params(method, params, command):
     """params, if method takes them as keywords: a caller's misspelt or missing
     argument is their error, while a TypeError inside the verb stays a bug."""
@@ -8464,10 +8473,7 @@ class Admin:
 
     def preauthkeys_create(self, user, reusable=False, ephemeral=False, expiration="1h", tags=""):
         owner = self.store.user_named(user)
-        tag_list = [t.strip() for t in (tags or "").split(",") if t.strip()]
-        for tag in tag_list:
-            if not TAG_NAME.match(tag):
-                raise InvalidInput(f"bad tag {tag!r}: tags look like tag:name")
+        tag_list = parse_tag_list(tags)
         expires = now() + parse_duration(expiration)
         secret = self.store.create_preauth_key(owner.id, reusable, ephemeral, expires, tag_list)
         return {"key": secret, "user": owner.name, "reusable": reusable, "ephemeral": ephemeral,
@@ -8521,10 +8527,7 @@ class Admin:
 
     def nodes_tag(self, id, tags):
         node = self._node(id)
-        tag_list = [t.strip() for t in tags.split(",") if t.strip()]
-        for tag in tag_list:
-            if not TAG_NAME.match(tag):
-                raise InvalidInput(f"bad tag {tag!r}: tags look like tag:name")
+        tag_list = parse_tag_list(tags)
         return self._update_node(node, f"node {node.id} {node.given_name} tags: {', '.join(tag_list) or 'none'}",
                                  tags=tag_list)
 
