@@ -1435,10 +1435,16 @@ class WebSocketStream:
 # before the client hears back; endpoints and last-seen times live in memory
 # and are written at most once a minute (routers write to flash).
 
-SCHEMA = """
+# The schema version lives in the database (PRAGMA user_version).  Version 0
+# is every release before versions were kept; MIGRATIONS[n] takes a database
+# from version n - 1 to n, and a new database gets them all in turn.
+SCHEMA_VERSION = 1
+
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-DROP TABLE IF EXISTS auth_requests;  -- login requests live in the server's memory (older versions kept them here)
+-- login requests live in the server's memory (older versions kept them here)
+DROP TABLE IF EXISTS auth_requests;
 CREATE TABLE IF NOT EXISTS api_keys (
     id INTEGER PRIMARY KEY, prefix TEXT NOT NULL, hash TEXT UNIQUE NOT NULL, created REAL NOT NULL,
     expiration REAL, revoked INTEGER NOT NULL DEFAULT 0);
@@ -1465,6 +1471,8 @@ CREATE TABLE IF NOT EXISTS devices (
     public_key BLOB UNIQUE NOT NULL, ipv4 TEXT UNIQUE NOT NULL, ipv6 TEXT UNIQUE NOT NULL,
     full_tunnel INTEGER NOT NULL, created REAL NOT NULL);
 """
+
+MIGRATIONS = {1: SCHEMA_V1}
 
 PREAUTH_KEY_PREFIX = "mskey-"
 NODE_CLIENT = "client"       # a Tailscale client that registered itself
@@ -1575,12 +1583,40 @@ class Store:
                     make_private(name, 0o600)
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
             self.db.row_factory = sqlite3.Row
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:         # refused before anything is written
+                raise StoreError(f"state database {path} has schema version {version}, but this meshbox "
+                                 f"({VERSION}) knows versions up to {SCHEMA_VERSION}: it is older than the state. "
+                                 "Run the newer meshbox again, or restore the .bak copy its upgrade left")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.executescript(SCHEMA)
+            self._migrate(version)
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot open state database {path}: {e}") from e
+
+    def _migrate(self, version):
+        """Bring the database from version to SCHEMA_VERSION in one
+        transaction, after a backup copy of an older one (meshbox.db.vN.bak)."""
+        if version == SCHEMA_VERSION:
+            return
+        if self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            backup = f"{self.path}.v{version}.bak"
+            os.close(os.open(backup, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600))
+            make_private(backup, 0o600)
+            copy = sqlite3.connect(backup)
+            try:
+                self.db.backup(copy)
+            finally:
+                copy.close()
+            log.info("state database at schema version %d: upgrading to %d (a copy is kept in %s)",
+                     version, SCHEMA_VERSION, backup)
+        with self.transaction():
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step].split(";\n"):
+                    if statement.strip():
+                        self.db.execute(statement)
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def transaction(self):
         """A write transaction: ``with store.transaction(): ...``."""
