@@ -1895,9 +1895,10 @@ def allocate_addresses(prefix_v4, prefix_v6, taken, start=1):
 #   topology = {"users": [{id, name, email}],
 #               "nodes": {name: {hostname, tags, user (name) or user_id, ipv4, ipv6,
 #                                routable_ips, approved_routes, id (registration order)}}}
-#   result   = {name: {"packet_filter_rules": [FilterRule] or None (send []: block all),
-#                      "peers": {hostname: {"AllowedIPs", "PrimaryRoutes"?}} (a Mapping),
-#                      "ssh_rules": [SSHRule], "cap_map": {capability: None}}}
+#   result   = {name: NodeView(packet_filter_rules, peers {hostname: {"AllowedIPs",
+#                                 "PrimaryRoutes"?}}, ssh_rules, cap_map)}
+# Names and hostnames are opaque keys: meshbox names each node by its integer
+# id (a rename changes nothing a policy sees); the conformance corpus, by text.
 # check_policy_tests runs the policy's tests/sshTests when a policy is set;
 # auto_approved_routes says which advertised routes autoApprovers approve.
 
@@ -3724,14 +3725,25 @@ class PeersExcept(collections.abc.Mapping):
         return out
 
 
+@dataclasses.dataclass(slots=True)
+class NodeView:
+    """What one node is sent: its packet filter (None: send [], block all),
+    how it sees each peer ({peer: {"AllowedIPs", "PrimaryRoutes"?}}, a
+    Mapping), its SSH rules (None: none) and the capabilities it is granted."""
+    packet_filter_rules: list
+    peers: collections.abc.Mapping
+    ssh_rules: list
+    cap_map: dict
+
+
 def peers_dict(peers):
     """A view's peers as a plain dict (the view's own when it is one)."""
     return peers.as_dict() if isinstance(peers, PeersExcept) else peers
 
 
 def compile_policy(policy, topology, control_url=""):
-    """Policy (None: allow all) + topology -> {node: {packet_filter_rules, peers, ssh_rules,
-    cap_map}}.  control_url prefixes the SSH check-mode callback URL."""
+    """Policy (None: allow all) + topology -> {node name: NodeView}.
+    control_url prefixes the SSH check-mode callback URL."""
     tailnet = _tailnet(topology, policy)
     primaries = primary_routes(tailnet)
     out = {}
@@ -3741,8 +3753,7 @@ def compile_policy(policy, topology, control_url=""):
         for node in tailnet.nodes:
             peers = {p.hostname: view.entry(node, p, matchers)
                      for p in tailnet.nodes if p is not node}
-            out[node.name] = {"packet_filter_rules": [dict(r) for r in ALLOW_ALL_RULES],
-                              "peers": peers, "ssh_rules": [], "cap_map": {}}
+            out[node.name] = NodeView([dict(r) for r in ALLOW_ALL_RULES], peers, [], {})
         return out
     compiler = Compiler(policy, tailnet)
     ssh = SSHCompiler(policy, tailnet, compiler.resolver, control_url)
@@ -3768,8 +3779,7 @@ def compile_policy(policy, topology, control_url=""):
         else:
             peers = {tailnet.nodes[i].hostname: view.entry(node, tailnet.nodes[i], matchers)
                      for i in _bit_indexes(peer_bits[node.index])}
-        out[node.name] = {"packet_filter_rules": rules or None, "peers": peers,
-                          "ssh_rules": ssh.rules_for(node), "cap_map": caps.get(node.name, {})}
+        out[node.name] = NodeView(rules or None, peers, ssh.rules_for(node), caps.get(node.name, {}))
     return out
 
 
@@ -4156,15 +4166,12 @@ def policy_topology(nodes, users):
     so a rename changes nothing a policy can see."""
     return {
         "users": [{"id": u.id, "name": u.name, "email": u.name if "@" in u.name else ""} for u in users.values()],
-        "nodes": {str(n.id): {"id": n.id, "hostname": str(n.id), "tags": n.tags, "user_id": n.user_id,
+        "nodes": {n.id: {"id": n.id, "hostname": n.id, "tags": n.tags, "user_id": n.user_id,
                               "user": users[n.user_id].name if n.user_id in users else "",
                               "ipv4": n.ipv4, "ipv6": n.ipv6,
                               "routable_ips": list(n.hostinfo.get("RoutableIPs") or []),
                               "approved_routes": n.approved_routes} for n in nodes},
     }
-
-
-ALLOW_ALL_FILTER = [{"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
 
 
 def live_routes(node):
@@ -4192,23 +4199,23 @@ def allow_all_entries(nodes):
         for route in live_routes(node):
             if route not in EXIT_ROUTES:
                 primaries.setdefault(route, node.id)
-    return {str(node.id): allow_all_entry(node, primaries) for node in nodes}
+    return {node.id: allow_all_entry(node, primaries) for node in nodes}
 
 
-EXPIRED_VIEW = {"packet_filter_rules": None, "peers": {}, "ssh_rules": None, "cap_map": {}}
+# What an expired node, or one the policy has not placed yet, is sent: no peers, nothing allowed.
+NO_PEERS_VIEW = NodeView(None, {}, None, {})
 
 
 def allow_all_view(entries, node_id):
     """A node's view under the default policy, without copying the peer entries."""
-    return {"packet_filter_rules": ALLOW_ALL_FILTER, "peers": PeersExcept(entries, str(node_id)),
-            "ssh_rules": [], "cap_map": {}}
+    return NodeView(ALLOW_ALL_RULES, PeersExcept(entries, node_id), [], {})
 
 
 def peers_in_view(view, nodes):
     """(peer node, how the viewer sees it) for each peer a compiled view shows."""
     out = []
-    for peer_id, seen_as in view["peers"].items():
-        peer = nodes.get(int(peer_id))
+    for peer_id, seen_as in view.peers.items():
+        peer = nodes.get(peer_id)
         if peer is not None:
             out.append((peer, seen_as))
     return out
@@ -4222,7 +4229,7 @@ def self_node_json(node, view, settings, at):
     """The node as it sees itself, with the tailnet's capabilities and those its policy grants."""
     out = node_json(node, settings.base_domain, at)
     out["Hostinfo"] = node.hostinfo
-    caps = {**settings.node_caps, **(view.get("cap_map") or {})}
+    caps = {**settings.node_caps, **view.cap_map}
     if caps:
         out["CapMap"] = caps
     return out
@@ -4238,8 +4245,8 @@ def map_response_for(node, view, nodes, users, settings, at, peer_json=node_json
         "DNSConfig": dict(settings.dns_config, CertDomains=[f"{node.given_name}.{settings.base_domain}"])
         if settings.cert_domains else settings.dns_config,
         "Domain": settings.base_domain,
-        "PacketFilter": view["packet_filter_rules"] or [],
-        "SSHPolicy": {"rules": view["ssh_rules"] or []},
+        "PacketFilter": view.packet_filter_rules or [],
+        "SSHPolicy": {"rules": view.ssh_rules or []},
         "UserProfiles": user_profiles([node] + [p for p, _ in peers], users),
         "ControlTime": rfc3339(at),
     }
@@ -4523,8 +4530,8 @@ class Coordinator:
         self.data_version = store.data_version()
         self.policy_text = store.setting("policy")
         self.policy = parse_policy(self.policy_text) if self.policy_text else None
-        self.views = {}              # str(node id) -> compiled policy view (with a policy)
-        self.allow_all = {}          # str(node id) -> shared peer entry (with no policy)
+        self.views = {}              # node id -> its NodeView (with a policy)
+        self.allow_all = {}          # node id -> its shared peer entry (with no policy)
         self.generation = 0          # counts notifications: a shared delta is valid for one
         self.shared_deltas = {}      # (generation, changed, removed) -> message
         self.json_cache = {}         # node id -> node_json, under a policy (each viewer adds its AllowedIPs)
@@ -4582,7 +4589,7 @@ class Coordinator:
             if text is None:
                 peer = self.nodes[peer_id]
                 text = self.peer_texts[peer_id] = json_bytes(
-                    self.peer_json(peer, self.settings.base_domain, at, view["peers"][str(peer_id)]))
+                    self.peer_json(peer, self.settings.base_domain, at, view.peers[peer_id]))
             texts.append(text)
         return json_bytes(message)[:-1] + b',"Peers":[' + b",".join(texts) + b"]}"
 
@@ -4592,10 +4599,10 @@ class Coordinator:
         stock client stops its engine and waits quietly for a new login,
         while a refused map it retries several times a second."""
         if is_expired(node, at or now()):
-            return EXPIRED_VIEW
+            return NO_PEERS_VIEW
         if self.policy is None:
             return allow_all_view(self.allow_all, node.id)
-        return self.views.get(str(node.id)) or {"packet_filter_rules": None, "peers": {}, "ssh_rules": None}
+        return self.views.get(node.id) or NO_PEERS_VIEW
 
     def map_message(self, session, at=None):
         """The next message a session owes its client, or None."""
@@ -4604,7 +4611,7 @@ class Coordinator:
         if node is None:
             session.close()
             return None
-        if self.policy is not None and str(node.id) not in self.views and self.pending_compile:
+        if self.policy is not None and node.id not in self.views and self.pending_compile:
             return None              # a new node's view comes with the scheduled compile
         if is_expired(node, at):
             # Each map message makes a blocked stock client restart its engine
@@ -4632,8 +4639,8 @@ class Coordinator:
             session.changed.clear(), session.removed.clear()
             return self.shared_deltas[key]
         msg = {}
-        changed = [(self.nodes[i], view["peers"][str(i)]) for i in sorted(session.changed)
-                   if str(i) in view["peers"] and i in self.nodes]
+        changed = [(self.nodes[i], view.peers[i]) for i in sorted(session.changed)
+                   if i in view.peers and i in self.nodes]
         if changed:
             msg["PeersChanged"] = [self.peer_json(p, self.settings.base_domain, at, seen_as) for p, seen_as in changed]
             msg["UserProfiles"] = user_profiles([p for p, _ in changed], self.users)
@@ -4642,8 +4649,8 @@ class Coordinator:
         if session.self_changed or session.policy_changed:
             msg["Node"] = self_node_json(node, view, self.settings, at)
         if session.policy_changed:
-            msg["PacketFilter"] = view["packet_filter_rules"] or []
-            msg["SSHPolicy"] = {"rules": view["ssh_rules"] or []}
+            msg["PacketFilter"] = view.packet_filter_rules or []
+            msg["SSHPolicy"] = {"rules": view.ssh_rules or []}
         session.changed.clear(), session.removed.clear()
         session.self_changed = session.policy_changed = False
         if shared and msg:
@@ -4668,40 +4675,41 @@ class Coordinator:
                 # only their own entries change (a join costs O(1), not O(N)).
                 self.allow_all = dict(old)
                 for node_id in removed:
-                    self.allow_all.pop(str(node_id), None)
+                    self.allow_all.pop(node_id, None)
                 for node_id in changed:
                     if node_id in self.nodes:
-                        self.allow_all[str(node_id)] = allow_all_entry(self.nodes[node_id], {})
-                touched = [str(i) for i in (*changed, *removed)]
+                        self.allow_all[node_id] = allow_all_entry(self.nodes[node_id], {})
+                touched = (*changed, *removed)
             else:
                 self.allow_all = allow_all_entries(self.nodes.values())
                 touched = self.allow_all.keys() | old.keys()
             if not old and self.sessions:     # coming from a policy: resend everything
                 self.notify(full=True, policy=True)
                 return
-            removed = [int(k) for k in touched if k in old and k not in self.allow_all]
-            changed = [int(k) for k in touched if k in self.allow_all and old.get(k) != self.allow_all[k]]
+            removed = [k for k in touched if k in old and k not in self.allow_all]
+            changed = [k for k in touched if k in self.allow_all and old.get(k) != self.allow_all[k]]
             if removed or changed:
                 self.notify(changed, removed)
             return
-        old = self.views or {str(n.id): allow_all_view(self.allow_all, n.id) for n in self.nodes.values()}
+        old = self.views or {n.id: allow_all_view(self.allow_all, n.id) for n in self.nodes.values()}
         self.allow_all = {}
         started = time.perf_counter()
         self.views = compile_policy(self.policy, self.topology(), self.settings.control_url)
         self.compile_seconds = time.perf_counter() - started
         for node_id, sessions in self.sessions.items():
-            before, after = old.get(str(node_id)), self.views.get(str(node_id))
+            before, after = old.get(node_id), self.views.get(node_id)
             if before is None or after is None:
                 for session in sessions:
                     session.owe(full=True)
                 continue
-            peers_before, peers_after = before["peers"], after["peers"]
+            peers_before, peers_after = before.peers, after.peers
             if peers_dict(peers_before) == peers_dict(peers_after):    # the usual case, compared in C
                 removed = changed = []
             else:
-                removed = [int(p) for p in peers_before if p not in peers_after]
-                changed = [int(p) for p, seen in peers_after.items() if peers_before.get(p) != seen]
-            policy = any(before[k] != after[k] for k in ("packet_filter_rules", "ssh_rules", "cap_map"))
+                removed = [p for p in peers_before if p not in peers_after]
+                changed = [p for p, seen in peers_after.items() if peers_before.get(p) != seen]
+            policy = (before.packet_filter_rules, before.ssh_rules, before.cap_map) != \
+                (after.packet_filter_rules, after.ssh_rules, after.cap_map)
             if removed or changed or policy:
                 for session in sessions:
                     session.owe(changed, removed, policy=policy)
@@ -4709,7 +4717,7 @@ class Coordinator:
     def _routes_untouched(self, changed, removed):
         """Whether none of these nodes carries, or carried at the last compile, a route."""
         for node_id in (*changed, *removed):
-            entry = self.allow_all.get(str(node_id))
+            entry = self.allow_all.get(node_id)
             if entry is not None and len(entry["AllowedIPs"]) > 2:
                 return False
             node = self.nodes.get(node_id)
@@ -4759,16 +4767,16 @@ class Coordinator:
     def primary_routes(self):
         """Node id -> the subnets its peers are sent as its primary routes."""
         if self.policy is None:
-            views = [{"peers": self.allow_all}]
+            seen_by = [self.allow_all]
         else:
             if self.pending_compile is not None:     # a burst of joins is waiting: compile it now
                 self.recompile()
-            views = self.views.values()
+            seen_by = [view.peers for view in self.views.values()]
         primary = {}
-        for view in views:
-            for peer_id, seen in view["peers"].items():
+        for peers in seen_by:
+            for peer_id, seen in peers.items():
                 if seen and seen.get("PrimaryRoutes"):
-                    primary.setdefault(int(peer_id), set()).update(seen["PrimaryRoutes"])
+                    primary.setdefault(peer_id, set()).update(seen["PrimaryRoutes"])
         return primary
 
     def topology(self):
@@ -7899,7 +7907,7 @@ class Server:
             coordinator.ensure_gateway_node(node.node_key, node.hostname, routes, node.endpoints)
         view = coordinator.view_of(node)
         wanted = gateway_peers(view, coordinator.nodes, devices)
-        acl = nft_filter_rules(view["packet_filter_rules"], self.config.wg_interface)
+        acl = nft_filter_rules(view.packet_filter_rules, self.config.wg_interface)
         try:
             await self.in_gateway_thread(self.gateway.apply, wanted, acl)
         except (GatewayError, OSError) as e:
@@ -8624,7 +8632,7 @@ class Admin:
         rows = []
         for n in nodes:
             advertised = list(n.hostinfo.get("RoutableIPs") or [])
-            auto = set(auto_approved_routes(tailnet.policy, topology, str(n.id))) - set(n.approved_routes)
+            auto = set(auto_approved_routes(tailnet.policy, topology, n.id)) - set(n.approved_routes)
             for prefix in sorted(set(advertised) | set(n.approved_routes)):
                 rows.append({"node_id": n.id, "node": n.given_name, "prefix": prefix,
                              "advertised": prefix in advertised, "approved": prefix in n.approved_routes or
@@ -8720,8 +8728,8 @@ class Admin:
 
     def policy_compile(self, policy, topology):
         compiled = compile_policy(self._checked(policy, topology), topology)
-        return {name: {"packet_filter_rules": view["packet_filter_rules"], "peers": peers_dict(view["peers"]),
-                       "ssh_rules": view["ssh_rules"]} for name, view in compiled.items()}
+        return {name: {"packet_filter_rules": view.packet_filter_rules, "peers": peers_dict(view.peers),
+                       "ssh_rules": view.ssh_rules} for name, view in compiled.items()}
 
     # DNS
     def dns_get(self):

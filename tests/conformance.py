@@ -133,7 +133,7 @@ def compare_case(case):
             if field not in expected:
                 continue
             same = CANONICAL[field](expected[field]) == CANONICAL[field](
-                (got.get(node) or {}).get(field))
+                getattr(got.get(node), field, None))
             result["fields"][field] = result["fields"].get(field, True) and same
             if not same:
                 mismatched.append("%s.%s" % (node, field))

@@ -477,8 +477,8 @@ def test_default_policy_fast_path_matches_the_compiler(routes):
     entries = meshbox.allow_all_entries(nodes)
     for node in nodes:
         fast = meshbox.allow_all_view(entries, node.id)
-        assert dict(fast["peers"]) == compiled[str(node.id)]["peers"]
-        assert fast["packet_filter_rules"] == compiled[str(node.id)]["packet_filter_rules"]
+        assert dict(fast.peers) == compiled[node.id].peers
+        assert fast.packet_filter_rules == compiled[node.id].packet_filter_rules
 
 
 OPERATIONS = st.lists(st.tuples(st.sampled_from(["join", "advertise", "approve", "delete"]),

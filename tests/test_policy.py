@@ -70,7 +70,7 @@ def test_hujson_comments_and_trailing_commas():
           ],
         }""")
     out = meshbox.compile_policy(policy, TOPOLOGY)
-    ports = [dp["Ports"] for rule in out["server"]["packet_filter_rules"]
+    ports = [dp["Ports"] for rule in out["server"].packet_filter_rules
              for dp in rule["DstPorts"]]
     assert {"First": 80, "Last": 80} in ports and {"First": 443, "Last": 443} in ports
 
@@ -124,10 +124,10 @@ def test_allow_all_without_policy():
     out = meshbox.compile_policy(None, TOPOLOGY)
     assert set(out) == {"laptop", "phone", "server"}
     for name, node in out.items():
-        assert node["packet_filter_rules"] == [
+        assert node.packet_filter_rules == [
             {"SrcIPs": ["*"], "DstPorts": [{"IP": "*", "Ports": {"First": 0, "Last": 65535}}]}]
-        assert set(node["peers"]) == {"laptop", "phone", "server"} - {name}
-    assert out["laptop"]["peers"]["phone"]["AllowedIPs"] == ["100.64.0.2/32",
+        assert set(node.peers) == {"laptop", "phone", "server"} - {name}
+    assert out["laptop"].peers["phone"]["AllowedIPs"] == ["100.64.0.2/32",
                                                              "fd7a:115c:a1e0::2/128"]
 
 
@@ -146,15 +146,15 @@ def test_shared_peer_entries_read_as_one_viewers_dict():
 
 def test_compiled_filter_and_peers_follow_the_acl():
     out = meshbox.compile_policy(base_policy(), TOPOLOGY)
-    assert len(out["server"]["packet_filter_rules"]) == 1
-    rule = out["server"]["packet_filter_rules"][0]
+    assert len(out["server"].packet_filter_rules) == 1
+    rule = out["server"].packet_filter_rules[0]
     assert sorted(rule["SrcIPs"]) == ["100.64.0.1", "fd7a:115c:a1e0::1"]
     assert {dp["IP"] for dp in rule["DstPorts"]} == {"100.64.0.3", "fd7a:115c:a1e0::3"}
-    assert out["laptop"]["packet_filter_rules"] is None
+    assert out["laptop"].packet_filter_rules is None
     assert "IPProto" not in rule  # no proto: the client's default set
-    assert set(out["laptop"]["peers"]) == {"server"}
-    assert set(out["server"]["peers"]) == {"laptop"}
-    assert out["phone"]["peers"] == {}
+    assert set(out["laptop"].peers) == {"server"}
+    assert set(out["server"].peers) == {"laptop"}
+    assert out["phone"].peers == {}
 
 
 def test_auto_approval_and_routes_in_allowed_ips():
@@ -167,7 +167,7 @@ def test_auto_approval_and_routes_in_allowed_ips():
     assert meshbox.auto_approved_routes(policy, TOPOLOGY, "server") == [
         "10.1.0.0/16", "0.0.0.0/0", "::/0"]
     assert meshbox.auto_approved_routes(policy, TOPOLOGY, "laptop") == []
-    peer = meshbox.compile_policy(policy, TOPOLOGY)["laptop"]["peers"]["server"]
+    peer = meshbox.compile_policy(policy, TOPOLOGY)["laptop"].peers["server"]
     assert "10.1.0.0/16" in peer["AllowedIPs"] and peer["PrimaryRoutes"] == ["10.1.0.0/16"]
 
 
@@ -175,8 +175,8 @@ def test_ssh_rules_shape():
     policy = base_policy(ssh=[{"action": "check", "src": ["group:admins"], "dst": ["tag:server"],
                                "users": ["root", "autogroup:nonroot"]}])
     out = meshbox.compile_policy(policy, TOPOLOGY, control_url="https://ctl.example")
-    assert out["laptop"]["ssh_rules"] == []
-    (rule,) = out["server"]["ssh_rules"]
+    assert out["laptop"].ssh_rules == []
+    (rule,) = out["server"].ssh_rules
     assert rule["principals"] == [{"nodeIP": "100.64.0.1"}, {"nodeIP": "fd7a:115c:a1e0::1"}]
     assert rule["sshUsers"] == {"*": "=", "root": "root"}
     assert rule["action"]["holdAndDelegate"].startswith("https://ctl.example/machine/ssh/action/")
@@ -192,7 +192,7 @@ def test_ssh_check_period_forms(period, seconds):
         rule["checkPeriod"] = period
     (parsed,) = base_policy(ssh=[rule]).ssh
     assert parsed.check_period == seconds
-    (compiled,) = meshbox.compile_policy(base_policy(ssh=[rule]), TOPOLOGY)["server"]["ssh_rules"]
+    (compiled,) = meshbox.compile_policy(base_policy(ssh=[rule]), TOPOLOGY)["server"].ssh_rules
     assert "holdAndDelegate" in compiled["action"]
 
 
@@ -216,10 +216,10 @@ def test_bare_ipv6_grant_destination_matches_no_node_but_passes_tests():
         meshbox.check_policy_tests(policy, TOPOLOGY)
         return meshbox.compile_policy(policy, TOPOLOGY)
     bare = compiled("fd7a:115c:a1e0::3")
-    assert bare["server"]["packet_filter_rules"] is None and "server" not in bare["laptop"]["peers"]
+    assert bare["server"].packet_filter_rules is None and "server" not in bare["laptop"].peers
     for named in ("fd7a:115c:a1e0::3/128", "100.64.0.3"):
         out = compiled(named)
-        assert out["server"]["packet_filter_rules"] and "server" in out["laptop"]["peers"]
+        assert out["server"].packet_filter_rules and "server" in out["laptop"].peers
 
 
 def test_ssh_test_to_a_bare_ipv6_address_fails_as_tailscale_says():
@@ -253,7 +253,7 @@ def test_ha_primary_is_the_first_registered_router():
     policy = meshbox.parse_policy(json.dumps({
         "tagOwners": {"tag:router": ["alice@example.com"]},
         "acls": [{"action": "accept", "src": ["alice@example.com"], "dst": ["192.168.1.0/24:*"]}]}))
-    peers = meshbox.compile_policy(policy, topology)["laptop"]["peers"]
+    peers = meshbox.compile_policy(policy, topology)["laptop"].peers
     assert peers["zulu"]["PrimaryRoutes"] == ["192.168.1.0/24"]
     assert "PrimaryRoutes" not in peers["alpha"]
     assert "192.168.1.0/24" not in peers["alpha"]["AllowedIPs"]
