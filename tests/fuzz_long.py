@@ -28,6 +28,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import meshbox  # noqa: E402
+import meshproc  # noqa: E402
 from test_fuzz import (HOSTINFO_FIELDS, LOOP, MAP_FIELDS, ODD_VALUES, SERVER_PRIVATE, SERVER_PUBLIC,  # noqa: E402
                        WEBSOCKET_SEED, hostinfo_case, maprequest_case, mutations, relayed_stream, stream_reader,
                        websocket_stream, with_field)
@@ -100,8 +101,7 @@ def register_json():
     """RegisterRequest and MapRequest bodies, as bytes, through the coordinator."""
     tmp = tempfile.mkdtemp()
     store = meshbox.Store(os.path.join(tmp, "meshbox.db"))
-    user = store.create_user("alice")
-    secret = store.create_preauth_key(user.id, True, False, None, [])
+    secret = meshproc.store_key(store)
     settings = meshbox.MapSettings(base_domain="mesh.internal", derp_map={"Regions": {}},
                                    dns_config=meshbox.dns_config("mesh.internal", []), control_url="http://x")
     coordinator = meshbox.Coordinator(store, settings)

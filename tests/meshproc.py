@@ -20,8 +20,9 @@ MESHBOX = os.path.join(ROOT, "meshbox.py")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def free_port():
-    with socket.socket() as s:
+def free_port(kind=socket.SOCK_STREAM):
+    """A loopback port free right now (TCP, or UDP with kind=socket.SOCK_DGRAM)."""
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -45,16 +46,21 @@ def cli(*args, state=None, check=False, env=None, timeout=60):
     return result
 
 
+def store_key(store, user="alice", reusable=True, ephemeral=False, expiration=None, tags=()):
+    """A pre-auth key of USER (created if new) in an open meshbox.Store."""
+    try:
+        user_id = store.user_named(user).id
+    except ValueError:
+        user_id = store.create_user(user).id
+    return store.create_preauth_key(user_id, reusable, ephemeral, expiration, list(tags))
+
+
 def auth_key(state_dir, user="alice", reusable=True, ephemeral=False, tags=()):
     """A pre-auth key written straight into the store (the CLI's way, without a process)."""
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     store = meshbox.Store(os.path.join(state_dir, "meshbox.db"))
     try:
-        try:
-            user_id = store.user_named(user).id
-        except ValueError:
-            user_id = store.create_user(user).id
-        return store.create_preauth_key(user_id, reusable, ephemeral, None, list(tags))
+        return store_key(store, user, reusable, ephemeral, None, tags)
     finally:
         store.db.close()
 

@@ -5,8 +5,6 @@ import base64
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -15,15 +13,13 @@ from hypothesis import given, settings, strategies as st
 import zstandard
 
 import meshbox
+import meshproc
 import tsclient
-from meshproc import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @contextlib.asynccontextmanager
 async def running_server(state_dir, **settings):
-    port = free_port()
+    port = meshproc.free_port()
     config = meshbox.Config(state_dir=str(state_dir), listen=f"127.0.0.1:{port}", derp_listen="off", stun_listen="off",
                             **settings)
     server = meshbox.Server(config)
@@ -34,19 +30,9 @@ async def running_server(state_dir, **settings):
         await server.stop()
 
 
-def cli(state_dir, *args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "meshbox.py"), "--state", str(state_dir), *args],
-                            capture_output=True, text=True, timeout=60)
-    return result
-
-
 def new_key(server, reusable=True, ephemeral=False, expiration=None, tags=(), user="alice"):
-    store = server.store
-    try:
-        user_id = store.user_named(user).id
-    except ValueError:
-        user_id = store.create_user(user).id
-    return store.create_preauth_key(user_id, reusable, ephemeral, expiration, list(tags))
+    """A pre-auth key of USER in a running server's store."""
+    return meshproc.store_key(server.store, user, reusable, ephemeral, expiration, tags)
 
 
 async def joined(port, key, name):
@@ -245,16 +231,16 @@ def test_cli_edits_reach_connected_clients(tmp_path):
             a, _ = await joined(port, key, "stay")
             b, first_b = await joined(port, key, "leave")
             await a.next_map_message()            # b joined
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(None, cli, tmp_path, "nodes", "rename", "stay", "desk")
+            result = await asyncio.to_thread(meshproc.cli, "nodes", "rename", "stay", "desk", state=tmp_path)
             assert result.returncode == 0, result.stderr
             message = await until(b, "PeersChanged")
             assert message["PeersChanged"][0]["Name"] == "desk.mesh.internal."
-            result = await loop.run_in_executor(None, cli, tmp_path, "nodes", "delete", str(first_b["Node"]["ID"]))
+            result = await asyncio.to_thread(meshproc.cli, "nodes", "delete", str(first_b["Node"]["ID"]),
+                                             state=tmp_path)
             assert result.returncode == 0, result.stderr
             message = await until(a, "PeersRemoved")
             assert message["PeersRemoved"] == [first_b["Node"]["ID"]]
-            listing = await loop.run_in_executor(None, cli, tmp_path, "nodes", "list", "--output", "json")
+            listing = await asyncio.to_thread(meshproc.cli, "nodes", "list", "--output", "json", state=tmp_path)
             rows = json.loads(listing.stdout)
             assert [(r["name"], r["online"], r["ipv4"]) for r in rows] == [("desk", True, "100.64.0.1")]
             assert {"id", "name", "user", "ipv4", "ipv6", "online", "last_seen", "tags"} <= set(rows[0])
@@ -360,20 +346,20 @@ def test_store_reuses_freed_addresses(tmp_path):
 
 
 def test_cli_preauthkeys_and_errors(tmp_path):
-    assert cli(tmp_path, "users", "create", "bob").returncode == 0
-    result = cli(tmp_path, "preauthkeys", "create", "--user", "bob", "--reusable", "--expiration", "2d",
-                 "--tags", "tag:web")
+    assert meshproc.cli("users", "create", "bob", state=tmp_path).returncode == 0
+    result = meshproc.cli("preauthkeys", "create", "--user", "bob", "--reusable", "--expiration", "2d",
+                          "--tags", "tag:web", state=tmp_path)
     assert result.returncode == 0
     secret = result.stdout.strip().splitlines()[-1]
     assert secret.startswith("mskey-")
-    rows = json.loads(cli(tmp_path, "preauthkeys", "list", "-o", "json").stdout)
+    rows = json.loads(meshproc.cli("preauthkeys", "list", "-o", "json", state=tmp_path).stdout)
     assert rows[0]["user"] == "bob" and rows[0]["tags"] == ["tag:web"] and rows[0]["valid"]
     assert secret not in json.dumps(rows)               # stored hashed, never shown again
-    assert cli(tmp_path, "preauthkeys", "expire", secret).returncode == 0
-    assert not json.loads(cli(tmp_path, "preauthkeys", "list", "-o", "json").stdout)[0]["valid"]
-    bad = cli(tmp_path, "preauthkeys", "create", "--user", "nobody")
+    assert meshproc.cli("preauthkeys", "expire", secret, state=tmp_path).returncode == 0
+    assert not json.loads(meshproc.cli("preauthkeys", "list", "-o", "json", state=tmp_path).stdout)[0]["valid"]
+    bad = meshproc.cli("preauthkeys", "create", "--user", "nobody", state=tmp_path)
     assert bad.returncode == 1 and "no user named 'nobody'" in bad.stderr
-    bad = cli(tmp_path, "preauthkeys", "create", "--user", "bob", "--expiration", "soon")
+    bad = meshproc.cli("preauthkeys", "create", "--user", "bob", "--expiration", "soon", state=tmp_path)
     assert bad.returncode == 1 and "bad duration" in bad.stderr
 
 
@@ -394,12 +380,11 @@ def test_interactive_login_waits_for_approval(tmp_path):
             follow = asyncio.ensure_future(client.register("", timeout=120, Followup=url))
             await asyncio.sleep(0.3)
             assert not follow.done() and server.coordinator.nodes == {}
-            loop = asyncio.get_running_loop()
-            wrong = await loop.run_in_executor(None, cli, tmp_path, "nodes", "register", "--user", "carol",
-                                               "--key", "nonexistent")
+            wrong = await asyncio.to_thread(meshproc.cli, "nodes", "register", "--user", "carol",
+                                            "--key", "nonexistent", state=tmp_path)
             assert wrong.returncode == 1 and "no login request" in wrong.stderr
-            ok = await loop.run_in_executor(None, cli, tmp_path, "nodes", "register", "--user", "carol",
-                                            "--key", request_id)
+            ok = await asyncio.to_thread(meshproc.cli, "nodes", "register", "--user", "carol", "--key", request_id,
+                                         state=tmp_path)
             assert ok.returncode == 0, ok.stderr
             response = await asyncio.wait_for(follow, 60)
             assert response["MachineAuthorized"] and response["User"]["LoginName"] == "carol"

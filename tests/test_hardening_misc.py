@@ -7,24 +7,17 @@ import json
 import os
 import socket
 import stat
-import subprocess
-import sys
 import time
 import types
 
 import pytest
 
 import meshbox
+import meshproc
 import tsclient
 from meshproc import MeshboxProcess, auth_key, free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEEP = 100_000          # far past Python's recursion limit, well under a request body's bound
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "meshbox.py"), *args], capture_output=True, text=True,
-                          timeout=60)
 
 
 def mode_of(path):
@@ -109,7 +102,7 @@ def test_nested_policy_is_a_policy_error(tmp_path):
             meshbox.parse_hujson(text)
     policy = tmp_path / "policy.hujson"
     policy.write_text(deep_array())
-    result = cli("--state", str(tmp_path / "state"), "policy", "check", str(policy))
+    result = meshproc.cli("policy", "check", str(policy), state=tmp_path / "state")
     assert result.returncode == 1 and "nested deeper than" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -150,11 +143,11 @@ async def http_request(port, method, path, body=b"", headers=(), timeout=10):
 
 def test_nested_bodies_get_an_error_and_the_server_serves_on(server, tmp_path):
     key = auth_key(server.state_dir)
-    api_key = cli("--state", server.state_dir, "apikeys", "create").stdout.strip().splitlines()[-1]
+    api_key = meshproc.cli("apikeys", "create", state=server.state_dir).stdout.strip().splitlines()[-1]
     policy = tmp_path / "policy.hujson"
     policy.write_text(deep_array())
     for verb in ("check", "set"):
-        refused = cli("--state", server.state_dir, "policy", verb, str(policy))      # inside the server
+        refused = meshproc.cli("policy", verb, str(policy), state=server.state_dir)      # inside the server
         assert refused.returncode == 1 and "nested deeper than" in refused.stderr, refused.stderr
 
     async def main():
@@ -200,17 +193,17 @@ def test_a_large_policy_goes_through_the_running_server(server, tmp_path):
     policy = tmp_path / "policy.hujson"
     policy.write_text(large_policy(3500))
     assert 100_000 < policy.stat().st_size < meshbox.MAX_REQUEST_BODY
-    checked = cli("--state", server.state_dir, "policy", "check", str(policy))
+    checked = meshproc.cli("policy", "check", str(policy), state=server.state_dir)
     assert checked.returncode == 0 and "policy is valid" in checked.stdout, checked.stderr
-    assert cli("--state", server.state_dir, "policy", "set", str(policy)).returncode == 0
-    got = cli("--state", server.state_dir, "policy", "get")
+    assert meshproc.cli("policy", "set", str(policy), state=server.state_dir).returncode == 0
+    got = meshproc.cli("policy", "get", state=server.state_dir)
     assert json.loads(got.stdout) == json.loads(policy.read_text())
 
     # Beyond the bound: a clear error from the CLI, before anything is sent.
     policy.write_text(large_policy(50_000))
-    refused = cli("--state", server.state_dir, "policy", "set", str(policy))
+    refused = meshproc.cli("policy", "set", str(policy), state=server.state_dir)
     assert refused.returncode == 1 and "larger than" in refused.stderr and "MiB" in refused.stderr, refused.stderr
-    assert json.loads(cli("--state", server.state_dir, "policy", "get").stdout) == json.loads(large_policy(3500))
+    assert json.loads(meshproc.cli("policy", "get", state=server.state_dir).stdout) == json.loads(large_policy(3500))
 
     # And from the server, for a client that sends more anyway.
     with socket.socket(socket.AF_UNIX) as s:
@@ -244,13 +237,13 @@ def test_the_cli_keeps_the_state_folder_private(tmp_path):
     state = str(tmp_path / "state")
     old_umask = os.umask(0o022)
     try:
-        assert cli("--state", state, "users", "create", "alice").returncode == 0
+        assert meshproc.cli("users", "create", "alice", state=state).returncode == 0
         folder, files = state_modes(state)
         assert folder == 0o700 and "meshbox.db" in files and set(files.values()) == {0o600}, (oct(folder), files)
 
         # A folder left open by an older version is tightened, with a word in the log.
         open_to_others(state)
-        result = cli("--state", state, "users", "list")
+        result = meshproc.cli("users", "list", state=state)
         assert result.returncode == 0 and "alice" in result.stdout
         folder, files = state_modes(state)
         assert folder == 0o700 and set(files.values()) == {0o600}, (oct(folder), files)

@@ -18,6 +18,7 @@ import pytest
 
 import hostile_node
 import meshbox
+import meshproc
 
 # ---- tailcfg's Go types, written out independently of meshbox's checker ----
 
@@ -104,7 +105,7 @@ class Tailnet:
     def __init__(self, tmp_path):
         self.path = str(tmp_path / "meshbox.db")
         self.store = meshbox.Store(self.path)
-        self.secret = self.store.create_preauth_key(self.store.create_user("alice").id, True, False, None, [])
+        self.secret = meshproc.store_key(self.store)
         self.coordinator = self.fresh_coordinator()
 
     def fresh_coordinator(self):

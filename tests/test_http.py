@@ -13,10 +13,11 @@ import h2.connection
 import pytest
 
 import meshbox
+import meshproc
 import tsclient
 from derpclient import DerpClient, FakeTransport, FakeWriter
 from meshproc import MeshboxProcess, free_port
-from test_coordinator import cli, new_key
+from test_coordinator import new_key
 
 
 def run(coro):
@@ -282,7 +283,7 @@ def test_derp_serves_the_tailnet_keys_only(tmp_path):
             with pytest.raises(ConnectionError, match="not a node of this tailnet"):
                 await DerpClient.connect("127.0.0.1", derp_port, pin=derp_pin(server))
             node = next(iter(server.coordinator.nodes.values()))
-            await asyncio.get_running_loop().run_in_executor(None, cli, tmp_path, "nodes", "expire", str(node.id))
+            await asyncio.to_thread(meshproc.cli, "nodes", "expire", str(node.id), state=tmp_path)
             async with asyncio.timeout(5):
                 while not meshbox.is_expired(next(iter(server.coordinator.nodes.values())), meshbox.now()):
                     await asyncio.sleep(0.1)
@@ -304,7 +305,7 @@ def test_derp_client_of_a_deleted_node_is_told_and_dropped(tmp_path):
             relayed, stays = [await DerpClient.connect("127.0.0.1", derp_port, private_key=c.node_private,
                                                        pin=derp_pin(server)) for c in (member, other)]
             node = next(n for n in server.coordinator.nodes.values() if n.hostname == "member")
-            await asyncio.get_running_loop().run_in_executor(None, cli, tmp_path, "nodes", "delete", str(node.id))
+            await asyncio.to_thread(meshproc.cli, "nodes", "delete", str(node.id), state=tmp_path)
             assert await relayed.recv_frame() == (meshbox.FRAME_HEALTH,
                                                   b"this key is not a node of this tailnet "
                                                   b"(meshbox serves only its nodes; see derp_serve_any)")

@@ -31,6 +31,7 @@ import urllib.request
 import pytest
 
 import meshbox
+import meshproc
 import tsclient
 from meshproc import free_port
 
@@ -57,13 +58,6 @@ _hostnames = itertools.count(1)
 def fresh_hostname(prefix):
     """A host name no earlier test used, so one test's node cannot pass for another's."""
     return f"{prefix}-{next(_hostnames)}"
-
-
-def cli(state, *args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "meshbox.py"), "--state", str(state), *args],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def install_provider():
@@ -192,7 +186,8 @@ async def in_browser(function, *args):
 
 
 def node_owners(oidc):
-    return {n["hostname"]: n["user"] for n in json.loads(cli(oidc.state, "nodes", "list", "-o", "json"))}
+    listing = meshproc.cli("nodes", "list", "-o", "json", state=oidc.state, check=True).stdout
+    return {n["hostname"]: n["user"] for n in json.loads(listing)}
 
 
 def test_sign_in_at_the_provider_admits_the_node(oidc):
@@ -210,7 +205,8 @@ def test_sign_in_at_the_provider_admits_the_node(oidc):
         await client.close()
     asyncio.run(main())
     assert node_owners(oidc)["laptop"] == "alice@example.com"
-    assert "alice@example.com" in [u["name"] for u in json.loads(cli(oidc.state, "users", "list", "-o", "json"))]
+    users = meshproc.cli("users", "list", "-o", "json", state=oidc.state, check=True).stdout
+    assert "alice@example.com" in [u["name"] for u in json.loads(users)]
     assert "Alice Example" in oidc.log.read_text()
 
 
@@ -292,7 +288,8 @@ def test_people_the_settings_do_not_allow_are_refused(oidc, login, refusal):
         follow.cancel()
         await client.close()
     asyncio.run(main())
-    users = [u["name"] for u in json.loads(cli(oidc.state, "users", "list", "-o", "json"))]
+    users = [u["name"] for u in json.loads(meshproc.cli("users", "list", "-o", "json", state=oidc.state,
+                                                        check=True).stdout)]
     assert ACCOUNTS[login]["email"] not in users and hostname not in node_owners(oidc)
 
 

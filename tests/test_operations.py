@@ -11,15 +11,11 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import meshproc
 import tsclient
 from meshproc import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cli(*args, env=None):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "meshbox.py"), *args], capture_output=True, text=True,
-                          timeout=60, env=env)
 
 
 @pytest.fixture
@@ -47,12 +43,6 @@ def served(tmp_path):
         proc.wait(10)
 
 
-def local(state, *args):
-    result = cli("--state", str(state), *args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 async def join(port, key, name):
     client = tsclient.ControlClient("127.0.0.1", port, name)
     await client.connect()
@@ -64,11 +54,11 @@ async def join(port, key, name):
 def test_api_metrics_hosts_and_inspection(served):
     state, port, log_path = served
     url = f"http://127.0.0.1:{port}"
-    api_key = local(state, "apikeys", "create").strip().splitlines()[-1]
+    api_key = meshproc.cli("apikeys", "create", state=state, check=True).stdout.strip().splitlines()[-1]
     assert api_key.startswith("msapi-")
 
     def remote(*args, key=api_key):
-        return cli("--remote", url, "--api-key", key, *args)
+        return meshproc.cli("--remote", url, "--api-key", key, *args)
 
     # Every verb works remotely with a key.
     assert remote("users", "create", "dana").returncode == 0
@@ -106,10 +96,10 @@ def test_api_metrics_hosts_and_inspection(served):
         assert "dana@" in remote("policy", "get").stdout                 # the old policy stays
 
         # A wrong key gets 401 and changes nothing.
-        before = local(state, "users", "list", "-o", "json")
+        before = meshproc.cli("users", "list", "-o", "json", state=state, check=True).stdout
         bad = remote("users", "create", "mallory", key="msapi-" + "0" * 48)
         assert bad.returncode == 1 and "401" in bad.stderr
-        assert local(state, "users", "list", "-o", "json") == before
+        assert meshproc.cli("users", "list", "-o", "json", state=state, check=True).stdout == before
         raw = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{url}/api/v1/users"],
                              capture_output=True, text=True) if os.path.exists("/usr/bin/curl") else None
         if raw is not None:
@@ -160,10 +150,10 @@ def test_api_metrics_hosts_and_inspection(served):
 def test_config_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"listen": "127.0.0.1:1", "nonsense": 1}')
-    result = cli("--state", str(tmp_path), "--config", str(bad), "serve")
+    result = meshproc.cli("--config", str(bad), "serve", state=tmp_path)
     assert result.returncode != 0 and "unknown setting(s)" in result.stderr and "nonsense" in result.stderr
     env = dict(os.environ, MESHBOX_SPLIT_DNS="{not json")
-    result = cli("--state", str(tmp_path), "serve", env=env)
+    result = meshproc.cli("serve", state=tmp_path, env=env)
     assert result.returncode != 0 and "split_dns is not valid JSON" in result.stderr
-    result = cli("--state", str(tmp_path), "netmap", "1")
+    result = meshproc.cli("netmap", "1", state=tmp_path)
     assert result.returncode == 1 and "needs the running server" in result.stderr

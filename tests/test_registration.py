@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 
 import meshbox
+import meshproc
 import tsclient
 from test_coordinator import running_server, new_key
 
@@ -230,7 +231,6 @@ def test_api_keys_by_hash_unexpired_and_unrevoked_only(tmp_path):
 
 
 def test_nodes_register_needs_the_running_server(tmp_path):
-    from test_coordinator import cli
-    assert cli(tmp_path, "users", "create", "erin").returncode == 0
-    result = cli(tmp_path, "nodes", "register", "--user", "erin", "--key", "abc")
+    assert meshproc.cli("users", "create", "erin", state=tmp_path).returncode == 0
+    result = meshproc.cli("nodes", "register", "--user", "erin", "--key", "abc", state=tmp_path)
     assert result.returncode == 1 and "meshbox serve is not running" in result.stderr

@@ -31,6 +31,7 @@ from nacl.signing import VerifyKey
 import meshbox
 import tsclient
 from derpclient import DerpClient
+from meshproc import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "build"))
@@ -106,13 +107,6 @@ with open(path) as f:
     code = compile(f.read(), path, "exec")
 exec(code, {"__name__": "__main__", "__file__": path})
 """
-
-
-
-def free_port(kind=socket.SOCK_STREAM):
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ sys.path.append(os.path.dirname(os.path.dirname(HERE)))
 sys.path.append(os.path.dirname(HERE))
 
 import meshbox  # noqa: E402
+import meshproc  # noqa: E402
 from derpclient import DerpClient, serve_derp_http, write_self_signed  # noqa: E402
 
 RECEIVE_IDLE = 2.0          # the receiver stops after this long without data
@@ -119,9 +120,7 @@ def socat_reference(frame_data, packets):
     sink = multiprocessing.Process(target=run_sink, args=(ports, len(frame_data) * packets, result))
     sink.start()
     sink_port = ports.get(timeout=10)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        relay_port = probe.getsockname()[1]
+    relay_port = meshproc.free_port()
     relay = subprocess.Popen(["socat", f"TCP-LISTEN:{relay_port},bind=127.0.0.1,reuseaddr",
                               f"TCP:127.0.0.1:{sink_port}"])
     try:
