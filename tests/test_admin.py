@@ -369,10 +369,10 @@ def test_policy_compile_shows_each_nodes_view(admin):
     add_node(admin, "other", user="bob")
     topology = meshbox.policy_topology(admin.store.nodes(), {u.id: u for u in admin.store.users()})
     compiled = admin.call("policy", "compile", {"policy": POLICY, "topology": topology})
-    assert set(compiled) == {str(laptop.id), str(server.id), str(server.id + 1)}
-    assert list(compiled[str(laptop.id)]["peers"]) == [str(server.id)]
-    assert compiled[str(server.id + 1)]["peers"] == {}
-    (rule,) = compiled[str(server.id)]["packet_filter_rules"]
+    assert set(compiled) == {laptop.id, server.id, server.id + 1}
+    assert list(compiled[laptop.id]["peers"]) == [server.id]
+    assert compiled[server.id + 1]["peers"] == {}
+    (rule,) = compiled[server.id]["packet_filter_rules"]
     assert rule["DstPorts"][0]["Ports"] == {"First": 22, "Last": 22}
     with pytest.raises(ValueError, match="policy refused"):
         admin.call("policy", "compile", {"policy": "[]", "topology": topology})

@@ -10,6 +10,7 @@ default policy gives each subnet one primary router; dns_config, derp_map and
 sanitize_hostname build their parts as clients read them.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -66,7 +67,7 @@ def test_a_map_response_has_every_field_a_client_needs():
     assert message["DERPMap"]["Regions"]["900"]["Nodes"][0]["HostName"] == "203.0.113.1"
     assert message["DNSConfig"]["Resolvers"] == [{"Addr": "192.0.2.53"}]
     assert message["Domain"] == BASE and message["ControlTime"] == meshbox.rfc3339(AT)
-    assert message["PacketFilter"] == meshbox.ALLOW_ALL_FILTER and message["SSHPolicy"] == {"rules": []}
+    assert message["PacketFilter"] == meshbox.ALLOW_ALL_RULES and message["SSHPolicy"] == {"rules": []}
     json.loads(meshbox.json_bytes(message))             # it serializes as it is
 
 
@@ -111,7 +112,7 @@ def test_expired_offline_and_never_expiring_nodes_are_marked():
 def test_an_expired_nodes_view_shows_no_peers_and_allows_nothing():
     nodes = [node(1, expiry=AT - 5), node(2)]
     table = {n.id: n for n in nodes}
-    message = meshbox.map_response_for(nodes[0], meshbox.EXPIRED_VIEW, table, USERS, settings(), AT)
+    message = meshbox.map_response_for(nodes[0], meshbox.NO_PEERS_VIEW, table, USERS, settings(), AT)
     assert message["Peers"] == [] and message["PacketFilter"] == [] and message["SSHPolicy"] == {"rules": []}
     assert message["Node"]["Expired"] is True
 
@@ -144,9 +145,9 @@ def test_a_policy_view_decides_which_peers_a_node_sees():
         "acls": [{"action": "accept", "src": ["alice@"], "dst": ["tag:server:22"]}]}))
     compiled = meshbox.compile_policy(policy, meshbox.policy_topology(nodes, USERS))
     table = {n.id: n for n in nodes}
-    alice = meshbox.map_response_for(nodes[0], compiled["1"], table, USERS, settings(), AT)
-    bob = meshbox.map_response_for(nodes[1], compiled["2"], table, USERS, settings(), AT)
-    server = meshbox.map_response_for(nodes[2], compiled["3"], table, USERS, settings(), AT)
+    alice = meshbox.map_response_for(nodes[0], compiled[1], table, USERS, settings(), AT)
+    bob = meshbox.map_response_for(nodes[1], compiled[2], table, USERS, settings(), AT)
+    server = meshbox.map_response_for(nodes[2], compiled[3], table, USERS, settings(), AT)
     assert [p["ID"] for p in alice["Peers"]] == [3]
     assert bob["Peers"] == [] and bob["PacketFilter"] == []
     assert [p["ID"] for p in server["Peers"]] == [1]
@@ -158,7 +159,7 @@ def test_policy_topology_names_nodes_by_id():
     nodes = [node(7, user_id=2, tags=["tag:x"], approved_routes=["10.0.0.0/8"],
                   hostinfo={"Hostname": "h", "RoutableIPs": ["10.0.0.0/8"]})]
     topology = meshbox.policy_topology(nodes, USERS)
-    assert topology["nodes"] == {"7": {"id": 7, "hostname": "7", "tags": ["tag:x"], "user_id": 2,
+    assert topology["nodes"] == {7: {"id": 7, "hostname": 7, "tags": ["tag:x"], "user_id": 2,
                                        "user": "bob@example.com", "ipv4": "100.64.0.7", "ipv6": "fd7a:115c:a1e0::7",
                                        "routable_ips": ["10.0.0.0/8"], "approved_routes": ["10.0.0.0/8"]}}
     assert {"id": 2, "name": "bob@example.com", "email": "bob@example.com"} in topology["users"]
@@ -168,7 +169,7 @@ def test_policy_topology_names_nodes_by_id():
 def test_capabilities_merge_the_tailnets_and_the_policys():
     nodes = [node(1), node(2)]
     entries = meshbox.allow_all_entries(nodes)
-    view = dict(meshbox.allow_all_view(entries, 1), cap_map={"cap:b": [{"x": 1}], "cap:a": ["from policy"]})
+    view = dataclasses.replace(meshbox.allow_all_view(entries, 1), cap_map={"cap:b": [{"x": 1}], "cap:a": ["from policy"]})
     message = meshbox.map_response_for(nodes[0], view, {n.id: n for n in nodes}, USERS,
                                        settings(node_caps={"cap:a": None, "cap:c": None}), AT)
     assert message["Node"]["CapMap"] == {"cap:a": ["from policy"], "cap:b": [{"x": 1}], "cap:c": None}
