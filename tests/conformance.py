@@ -12,6 +12,13 @@ SSH principals); SSH rule order is kept because the first matching rule wins.
 
 This is a measure, not a test: it exits 0 unless the corpus cannot be read.
 The last line printed is JSON: {"category": [passed, total], ...}.
+
+Without CORPUS_DIR it reads the full corpus (702 cases) from
+$MESHBOX_CONFORMANCE_CORPUS, or from DEFAULT_CORPUS (../shared/conformance/
+tailscale-policy beside the repository) when that variable is unset; when that
+folder does not exist it reads the slice in tests/conformance_slice (10 cases
+a category, see its README.md) and says so on stderr.  Pointing
+MESHBOX_CONFORMANCE_CORPUS at a missing folder is how to try that fallback.
 """
 
 import json
@@ -24,6 +31,7 @@ sys.path.append(REPO_ROOT)
 import meshbox  # noqa: E402
 
 DEFAULT_CORPUS = os.path.join(REPO_ROOT, "..", "shared", "conformance", "tailscale-policy")
+SLICE_CORPUS = os.path.join(REPO_ROOT, "tests", "conformance_slice")
 CATEGORIES = ("acl", "routes", "policytest", "ssh", "sshtest", "nodeattrs", "grant")
 FIELDS = ("packet_filter_rules", "peers", "ssh_rules")
 
@@ -155,6 +163,16 @@ def auto_approval_matches(case):
         return False
 
 
+def full_corpus():
+    """Where the full corpus is looked for: $MESHBOX_CONFORMANCE_CORPUS, else DEFAULT_CORPUS."""
+    return os.environ.get("MESHBOX_CONFORMANCE_CORPUS") or DEFAULT_CORPUS
+
+
+def corpus_dir():
+    """The full corpus when it is there, else the slice that ships in tests/."""
+    return full_corpus() if os.path.isdir(full_corpus()) else SLICE_CORPUS
+
+
 def load_corpus(corpus_dir):
     cases = {}
     for category in CATEGORIES:
@@ -176,11 +194,13 @@ def summary(results):
 def main(argv):
     verbose = "-v" in argv
     args = [a for a in argv if a != "-v"]
-    corpus_dir = args[0] if args else DEFAULT_CORPUS
+    folder = args[0] if args else corpus_dir()
+    if not args and folder == SLICE_CORPUS:
+        print("no full corpus at %s: measuring the slice in %s" % (full_corpus(), SLICE_CORPUS), file=sys.stderr)
     try:
-        cases = load_corpus(corpus_dir)
+        cases = load_corpus(folder)
     except (OSError, ValueError) as e:
-        print("cannot read corpus %s: %s" % (corpus_dir, e), file=sys.stderr)
+        print("cannot read corpus %s: %s" % (folder, e), file=sys.stderr)
         return 2
     results = {category: [compare_case(c) for c in cs] for category, cs in cases.items()}
     for category, rs in results.items():

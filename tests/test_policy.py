@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -13,21 +15,67 @@ import meshbox
 # it decides which of two HA routers is primary.
 CONFORMANCE_FLOORS = {"acl": 164, "routes": 100, "policytest": 47, "ssh": 93, "sshtest": 31,
                       "nodeattrs": 45, "grant": 222}
+# The same for the slice in tests/conformance_slice, which ships with the tests.
+SLICE_FLOORS = {"acl": 10, "routes": 10, "policytest": 10, "ssh": 10, "sshtest": 10, "nodeattrs": 10, "grant": 10}
 
 
 @pytest.fixture(scope="module")
-def corpus_results():
-    if not os.path.isdir(conformance.DEFAULT_CORPUS):
-        pytest.skip("conformance corpus not present at %s" % conformance.DEFAULT_CORPUS)
-    return conformance.run_corpus(conformance.DEFAULT_CORPUS)
+def slice_results():
+    return conformance.run_corpus(conformance.SLICE_CORPUS)
+
+
+@pytest.fixture(scope="module")
+def corpus_results(slice_results):
+    """The full corpus's results and floors, or the slice's when the full corpus is absent."""
+    if conformance.corpus_dir() == conformance.SLICE_CORPUS:
+        return slice_results, SLICE_FLOORS
+    return conformance.run_corpus(conformance.corpus_dir()), CONFORMANCE_FLOORS
+
+
+def assert_floor(results, floors, category):
+    passed, total = conformance.summary(results)[category]
+    print("%s: %d/%d" % (category, passed, total))
+    failing = [r["id"] for r in results[category] if not r["passed"]]
+    assert passed >= floors[category], failing
 
 
 @pytest.mark.parametrize("category", sorted(CONFORMANCE_FLOORS))
 def test_conformance_floor(corpus_results, category):
-    passed, total = conformance.summary(corpus_results)[category]
-    print("%s: %d/%d" % (category, passed, total))
-    failing = [r["id"] for r in corpus_results[category] if not r["passed"]]
-    assert passed >= CONFORMANCE_FLOORS[category], failing
+    """The full corpus when it is there; the slice (so never a skip) when it is not."""
+    assert_floor(*corpus_results, category)
+
+
+@pytest.mark.parametrize("category", sorted(SLICE_FLOORS))
+def test_conformance_slice_floor(slice_results, category):
+    """The slice whether or not the full corpus is there, so CI runs the fallback too."""
+    assert_floor(slice_results, SLICE_FLOORS, category)
+
+
+def test_conformance_falls_back_to_the_slice(monkeypatch, tmp_path, capsys):
+    """Without the full corpus the measure reads the slice, says so, and reports every category."""
+    monkeypatch.setenv("MESHBOX_CONFORMANCE_CORPUS", str(tmp_path / "absent"))
+    assert conformance.corpus_dir() == conformance.SLICE_CORPUS
+    assert conformance.main([]) == 0
+    out, err = capsys.readouterr()
+    assert "measuring the slice" in err
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == list(conformance.CATEGORIES)
+    sizes = {category: len(cases) for category, cases in conformance.load_corpus(conformance.SLICE_CORPUS).items()}
+    assert {category: total for category, (_, total) in json.loads(lines[-1]).items()} == sizes
+
+
+def test_conformance_slice_is_what_make_slice_makes(tmp_path):
+    """The slice's files are make_slice.py's output for the full corpus (checked where that corpus is)."""
+    full = conformance.full_corpus()
+    if not os.path.isdir(full):
+        pytest.skip("full conformance corpus not present at %s" % full)
+    subprocess.run([sys.executable, os.path.join(conformance.SLICE_CORPUS, "make_slice.py"), full, str(tmp_path)],
+                   check=True, timeout=60)
+    made = sorted(os.listdir(tmp_path))
+    assert made == sorted(n for n in os.listdir(conformance.SLICE_CORPUS) if n.endswith(".json"))
+    for name in made:
+        with open(tmp_path / name) as new, open(os.path.join(conformance.SLICE_CORPUS, name)) as shipped:
+            assert new.read() == shipped.read(), name
 
 
 TOPOLOGY = {
