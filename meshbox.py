@@ -11,20 +11,24 @@ Map of this file (sections in dependency order, each opened by a banner
 comment ``# ---- Name ----``):
 
   Shim            imports, optional dependencies and their fallbacks
-  Helpers         time, bounded JSON, key text forms, control-character escaping,
-                  durations, private files, per-source blocks, the refused-attempt
-                  limiter, tailcfg's Go shapes (Hostinfo, endpoints) and the
-                  Hostinfo peers see
+  Helpers         the root exception (MeshboxError), time, bounded JSON, key text
+                  forms, control-character escaping, durations, private files,
+                  per-source blocks, the refused-attempt limiter, tailcfg's Go
+                  shapes (Hostinfo, endpoints), input checks (routes, DNS names)
+  Settings        Config: what ``serve`` is told, checked; log formats, recent logs
   Native crypto   the optional C helper (native/), loaded with ctypes
   Crypto          X25519, ChaCha20-Poly1305, BLAKE2s, NaCl box, Ed25519
   Noise           Noise_IK handshake and transport records (ts2021)
   Zstd framing    map-response compression
   WebSocket       the small RFC 6455 framing for browser-style upgrades
-  Store           SQLite: users, keys, OAuth clients, nodes, devices, settings, server secrets
   Addresses       tailnet IPv4/IPv6 allocation
-  Policy          Tailscale's ACL language: parse, compile per node, check tests
-  Map builder     pure: node records in, MapResponse JSON out
-  Coordinator     registration, MapRequest checks, map sessions, fan-out of changes, held SSH checks
+  Store           SQLite, every SQL statement: users, keys, OAuth clients, nodes,
+                  devices, settings, server secrets; schema versions and migrations
+  Policy          Tailscale's ACL language: parse, compile per node (NodeView), check tests
+  Map builder     pure: node records and views in, MapResponse JSON out
+  Coordinator     the live tailnet and the one way to change it: registration,
+                  MapRequest intake, map sessions, fan-out, held SSH checks, and
+                  administrative changes as objects (NodeEdit, PolicyChange...)
   HTTP front      HTTP/1.1 on asyncio streams: request heads, bounded bodies, cookies, responses
   TLS certificate self-signed Ed25519 certificate for DERP, pinned by hash
   DERP            the relay: frames, clients, forwarding, bytes per pair of clients
@@ -33,12 +37,12 @@ comment ``# ---- Name ----``):
   Gateway plan    pure: the box's WireGuard peers and nftables rules
   Gateway         kernel or userspace WireGuard, routes, nftables
   OIDC            sign-in through an OpenID provider (authorization code, PKCE)
-  Server          listeners, admin socket, API routing, DNS settings, metrics, lifetime of ``serve``;
-                  what NetInfo says about a node's NAT, and why a pair is relayed
-  Admin           the administrative verbs, shared by the CLI and the APIs
+  Admin           the administrative verbs, shared by the CLI and the APIs; DNS
+                  settings; what NetInfo says about a node's NAT, why a pair is relayed
   QR code         a QR encoder (byte mode, level M) for keys and WireGuard configs
   API v2          Tailscale's public API v2 in its shapes, OAuth tokens; each change an Admin verb
   Admin page      /admin: HTML, CSS and script, its cookie sessions and CSRF tokens
+  Server          listeners, admin socket, API routing, metrics, lifetime of ``serve``
   CLI             argument parsing, output, local or remote verbs
 """
 
@@ -657,6 +661,252 @@ def peer_hostinfo(hostinfo):
     if services:
         out["Services"] = services
     return out
+
+
+_URL_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def percent_encode(text):
+    """RFC 3986 percent-encoding of everything but the unreserved characters."""
+    return "".join(chr(b) if b in _URL_UNRESERVED else f"%{b:02X}" for b in str(text).encode())
+
+
+def read_text_file(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise InvalidInput(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+EXIT_ROUTES = ("0.0.0.0/0", "::/0")
+
+
+def check_routes(routes, prefix_v4, prefix_v6):
+    """Normalise advertised subnet routes, refusing bad or overlapping ones."""
+    tailnet = [ipaddress.ip_network(prefix_v4), ipaddress.ip_network(prefix_v6)]
+    out = []
+    for text in routes:
+        try:
+            net = ipaddress.ip_network(text.strip(), strict=True)
+        except ValueError as e:
+            raise InvalidInput(f"bad route {text!r}: {e}") from None
+        if net.prefixlen == 0:
+            raise InvalidInput(f"route {net} is the whole internet: use --advertise-exit-node instead")
+        if any(net.version == t.version and net.overlaps(t) for t in tailnet):
+            raise InvalidInput(f"route {net} overlaps the tailnet's own addresses")
+        out.append(str(net))
+    return out
+
+
+# The tailnet's DNS settings start as the configuration's and, once changed
+# through the API or the CLI, are the stored ones.
+MAX_DNS_ENTRIES = 64       # resolvers, search domains or split-DNS domains in one setting
+DNS_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){DNS_LABEL}(\.{DNS_LABEL})*\.?$")
+
+
+def bounded_list(value, what):
+    if not isinstance(value, list) or len(value) > MAX_DNS_ENTRIES:
+        raise InvalidInput(f"{what} must be a list of at most {MAX_DNS_ENTRIES} entries")
+    return value
+
+
+def checked_nameservers(value, what):
+    """A list of resolver IP addresses, each checked."""
+    out = []
+    for item in bounded_list(value, what):
+        try:
+            out.append(str(ipaddress.ip_address(item if isinstance(item, str) else "")))
+        except ValueError:
+            raise InvalidInput(f"bad resolver address {str(item)[:64]!r} in {what}: use an IP address") from None
+    return out
+
+
+def checked_domain(value):
+    if not isinstance(value, str) or not DNS_NAME.match(value):
+        raise InvalidInput(f"bad domain {str(value)[:64]!r}: use a DNS name such as corp.example")
+    return value.rstrip(".").lower()
+
+
+def endpoint_pair(text):
+    """``1.2.3.4:41641`` or ``[v6]:41641`` to (host, port), or None."""
+    try:
+        host, port = parse_host_port(text, 0)
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (host, port) if port else None
+
+
+# ---- Settings ----
+# What ``serve`` is told (defaults < config file < environment < flags),
+# checked before anything starts, and the formats of what it logs.
+
+
+DEFAULT_PREFIX_V4 = "100.64.0.0/10"
+DEFAULT_PREFIX_V6 = "fd7a:115c:a1e0::/48"
+MAX_STUN_ADDRESSES = 4
+
+
+@dataclasses.dataclass
+class Config:
+    """Settings of ``serve``: defaults < config file < environment < flags."""
+    state_dir: str = "meshbox-state"
+    listen: str = "127.0.0.1:8080"
+    server_url: str = ""        # what clients use as --login-server; default http://LISTEN
+    derp_listen: str = ""       # DERP over TLS; default LISTEN's host, port 8443; "off" disables
+    stun_listen: str = ""       # STUN, HOST:PORT[,HOST:PORT]; default LISTEN's host, ports 3478 and 3479; "off"
+    derp_host: str = ""         # address clients dial for DERP and STUN; default SERVER_URL's host
+    base_domain: str = "mesh.internal"
+    prefix_v4: str = DEFAULT_PREFIX_V4
+    prefix_v6: str = DEFAULT_PREFIX_V6
+    nameservers: list = dataclasses.field(default_factory=list)        # global DNS resolvers for clients
+    split_dns: dict = dataclasses.field(default_factory=dict)          # {"corp.example": ["192.0.2.53"]}
+    search_domains: list = dataclasses.field(default_factory=list)
+    extra_records: list = dataclasses.field(default_factory=list)      # [{"name", "type", "value"}]
+    magic_dns: bool = True
+    taildrop: bool = True       # nodes of one user may send each other files (tailscale file cp)
+    dns_hook: str = ""          # command run as CMD NAME TXT VALUE to publish an ACME challenge (tailscale cert)
+    hosts_file: str = ""        # the tailnet's names for dnsmasq; default STATE_DIR/hosts
+    policy_file: str = ""       # a HuJSON policy file, reloaded when it changes (else the stored policy)
+    node_expiry: str = "180d"   # how long a node key lasts before its owner logs in again; 0: forever
+    ephemeral_timeout: str = "30m"   # how long an ephemeral node may be offline before it is removed
+    log_level: str = "info"
+    max_connections: int = 2048  # open TCP connections of every kind; more are turned away
+    max_control_connections: int = 1024   # of them, control (ts2021) connections
+    max_derp_connections: int = 1024      # DERP clients
+    max_http_connections: int = 64        # plain HTTP: login pages, API, metrics
+    max_connections_per_source: int = 128  # from one address (IPv6: /64), before they show a node or DERP key
+    derp_serve_any: bool = False  # relay for any DERP client key, not only the tailnet's nodes and the box's
+    log_format: str = "text"    # text, or json (one object per line)
+    gateway: bool = False       # be a WireGuard peer, subnet router and exit node of the tailnet
+    wg_interface: str = "meshbox0"
+    wg_port: int = 41641
+    wg_backend: str = "auto"    # kernel, userspace (wireguard-go, boringtun) or auto
+    public_endpoint: list = dataclasses.field(default_factory=list)   # HOST:PORT clients reach the box at
+    advertise_routes: list = dataclasses.field(default_factory=list)  # LAN prefixes behind the box
+    advertise_exit_node: bool = False
+    snat_subnet_routes: bool = True   # masquerade tailnet traffic into the LAN
+    netlink_tools: str = "auto"  # pyroute2, or the ip and wg commands (OpenWrt without python3-pyroute2)
+    oidc_issuer: str = ""       # sign in at this OpenID provider (https://...) instead of an admin approving
+    oidc_client_id: str = ""    # meshbox's client at the provider, whose redirect URI is SERVER_URL/oidc/callback
+    oidc_client_secret: str = ""
+    oidc_allowed_domains: list = dataclasses.field(default_factory=list)   # email domains that may sign in
+    oidc_allowed_users: list = dataclasses.field(default_factory=list)     # and users (emails) outside them
+    oidc_allowed_groups: list = dataclasses.field(default_factory=list)    # when set, one of them is required
+    oidc_ca_file: str = ""      # CA bundle for the provider's TLS (default: the system's)
+    oidc_admins: list = dataclasses.field(default_factory=list)   # users (emails) who may sign in to /admin
+
+    def control_address(self):
+        return parse_host_port(self.listen, 8080)
+
+    def derp_address(self):
+        if self.derp_listen == "off":
+            return None
+        return parse_host_port(self.derp_listen or f"[{self.control_address()[0]}]:8443", 8443)
+
+    def stun_addresses(self):
+        """Where STUN listens: a second address lets clients see a NAT whose mapping varies by destination."""
+        if self.stun_listen == "off":
+            return []
+        host = f"[{self.control_address()[0]}]"
+        listed = [a.strip() for a in (self.stun_listen or f"{host}:3478,{host}:3479").split(",") if a.strip()]
+        if not 1 <= len(listed) <= MAX_STUN_ADDRESSES:
+            raise InvalidInput(f"--stun-listen takes 1 to {MAX_STUN_ADDRESSES} addresses, got {self.stun_listen!r}")
+        return [parse_host_port(a, 3478) for a in listed]
+
+    def public_url(self):
+        if self.server_url:
+            return self.server_url.rstrip("/")
+        host, port = self.control_address()
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+    def public_host(self):
+        if self.derp_host:
+            return self.derp_host
+        hostport = self.public_url().split("://", 1)[-1].split("/", 1)[0]
+        return parse_host_port(hostport, 0)[0]
+
+    def check(self):
+        """Refuse settings that cannot work, saying which and why."""
+        for prefix, version in ((self.prefix_v4, 4), (self.prefix_v6, 6)):
+            try:
+                net = ipaddress.ip_network(prefix)
+            except ValueError:
+                raise InvalidInput(f"bad address prefix {prefix!r}") from None
+            if net.version != version:
+                raise InvalidInput(f"prefix {prefix} must be IPv{version}")
+        if ipaddress.ip_network(self.prefix_v6).prefixlen > 96 or ipaddress.ip_network(self.prefix_v4).prefixlen > 30:
+            raise InvalidInput("address prefixes are too small")
+        self.control_address(), self.derp_address(), self.stun_addresses()
+        if not self.public_url().startswith(("http://", "https://")):
+            raise InvalidInput(f"server URL must start with http:// or https://, got {self.server_url!r}")
+        if self.public_host() in ("0.0.0.0", "::", ""):
+            raise InvalidInput("listening on a wildcard address: set --server-url to the address clients use")
+        for name in ("node_expiry", "ephemeral_timeout"):
+            value = getattr(self, name)
+            if str(value) != "0":
+                parse_duration(value)
+        if self.gateway:
+            self.gateway_routes()
+            for endpoint in self.public_endpoint:
+                if endpoint_pair(endpoint) is None:
+                    raise InvalidInput(f"bad public endpoint {endpoint!r}: use IP:PORT")
+            if self.wg_backend not in ("auto", "kernel", "userspace"):
+                raise InvalidInput(f"bad WireGuard backend {self.wg_backend!r}: use auto, kernel or userspace")
+            if self.netlink_tools not in ("auto", "pyroute2", "commands"):
+                raise InvalidInput(f"bad netlink_tools {self.netlink_tools!r}: use auto, pyroute2 or commands")
+            if not 0 < int(self.wg_port) < 65536:
+                raise InvalidInput(f"bad WireGuard port {self.wg_port}")
+        if self.oidc_issuer:
+            if not self.oidc_issuer.startswith("https://"):
+                raise InvalidInput(f"OIDC issuer must be an https:// URL, got {self.oidc_issuer!r}")
+            if not self.oidc_client_id:
+                raise InvalidInput("OIDC needs oidc_client_id: register meshbox as a client at the provider, with "
+                                 f"the redirect URI {self.public_url()}/oidc/callback")
+
+    def gateway_routes(self):
+        """The routes the box advertises (checked), with the exit routes when it is an exit node."""
+        routes = check_routes(self.advertise_routes, self.prefix_v4, self.prefix_v6)
+        return routes + list(EXIT_ROUTES) if self.advertise_exit_node else routes
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line, for log collectors."""
+
+    def format(self, record):
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                 + f".{int(record.msecs):03d}Z", "level": record.levelname.lower(), "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+class TextLogFormatter(logging.Formatter):
+    """Plain log lines with the message's control characters escaped: one
+    record is one line, whatever a node put in the text logged."""
+
+    def formatMessage(self, record):
+        record.message = escape_control(record.message)
+        return super().formatMessage(record)
+
+
+class RecentLogs(logging.Handler):
+    """The last lines logged, kept for 'meshbox logs'."""
+
+    def __init__(self, size=1000):
+        super().__init__()
+        self.lines = collections.deque(maxlen=size)
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
+def log_formatter(config):
+    if config.log_format == "json":
+        return JsonLogFormatter()
+    return TextLogFormatter("%(asctime)s %(levelname)s %(message)s")
 
 
 # ---- Native crypto ----
@@ -1430,6 +1680,30 @@ class WebSocketStream:
         self.writer.close()
 
 
+# ---- Addresses ----
+
+# 100.100.100.0/24 holds Tailscale's service addresses (100.100.100.100 DNS).
+RESERVED_V4 = ipaddress.ip_network("100.100.100.0/24")
+
+
+def allocate_addresses(prefix_v4, prefix_v6, taken, start=1):
+    """The first IPv4 in the prefix from offset start on that is free, with
+    the IPv6 at the same offset: (ipv4, ipv6, offset).  taken(ipv4, ipv6)
+    says whether either address is in use."""
+    net4, net6 = ipaddress.ip_network(prefix_v4), ipaddress.ip_network(prefix_v6)
+    base4, base6 = int(net4.network_address), int(net6.network_address)
+    reserved = range(int(RESERVED_V4.network_address) - base4, int(RESERVED_V4.broadcast_address) - base4 + 1)
+    for offset in range(max(start, 1), net4.num_addresses - 1):
+        if offset in reserved:
+            continue
+        ipv4, ipv6 = str(ipaddress.IPv4Address(base4 + offset)), str(ipaddress.IPv6Address(base6 + offset))
+        if not taken(ipv4, ipv6):
+            return ipv4, ipv6, offset
+    if start > 1:                # freed addresses below start: look there too
+        return allocate_addresses(prefix_v4, prefix_v6, taken)
+    raise InvalidInput(f"address pool {prefix_v4} is exhausted")
+
+
 # ---- Store ----
 # SQLite in the state folder.  Registrations, deletions and keys commit
 # before the client hears back; endpoints and last-seen times live in memory
@@ -1863,32 +2137,6 @@ class _Transaction:
             self.db.execute("ROLLBACK")
 
 
-# ---- Addresses ----
-
-DEFAULT_PREFIX_V4 = "100.64.0.0/10"
-DEFAULT_PREFIX_V6 = "fd7a:115c:a1e0::/48"
-# 100.100.100.0/24 holds Tailscale's service addresses (100.100.100.100 DNS).
-RESERVED_V4 = ipaddress.ip_network("100.100.100.0/24")
-
-
-def allocate_addresses(prefix_v4, prefix_v6, taken, start=1):
-    """The first IPv4 in the prefix from offset start on that is free, with
-    the IPv6 at the same offset: (ipv4, ipv6, offset).  taken(ipv4, ipv6)
-    says whether either address is in use."""
-    net4, net6 = ipaddress.ip_network(prefix_v4), ipaddress.ip_network(prefix_v6)
-    base4, base6 = int(net4.network_address), int(net6.network_address)
-    reserved = range(int(RESERVED_V4.network_address) - base4, int(RESERVED_V4.broadcast_address) - base4 + 1)
-    for offset in range(max(start, 1), net4.num_addresses - 1):
-        if offset in reserved:
-            continue
-        ipv4, ipv6 = str(ipaddress.IPv4Address(base4 + offset)), str(ipaddress.IPv6Address(base6 + offset))
-        if not taken(ipv4, ipv6):
-            return ipv4, ipv6, offset
-    if start > 1:                # freed addresses below start: look there too
-        return allocate_addresses(prefix_v4, prefix_v6, taken)
-    raise InvalidInput(f"address pool {prefix_v4} is exhausted")
-
-
 # ---- Policy ----
 # Tailscale ACL policy engine, pure: HuJSON text -> parse_policy -> Policy;
 # compile_policy(Policy or None, topology) -> what each node is sent.
@@ -2089,7 +2337,6 @@ ALL_ADDRS = _prefix_set("0.0.0.0/0", "::/0")
 THE_INTERNET = _prefix_set("0.0.0.0/0", "2000::/3") - _prefix_set(
     "fc00::/7", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
     "fd7a:115c:a1e0::/48", "100.64.0.0/10", "fe80::/10", "169.254.0.0/16")
-EXIT_ROUTES = ("0.0.0.0/0", "::/0")
 
 
 def _is_internet(dests):
@@ -5467,6 +5714,14 @@ def http_upgrade_response(protocol, headers=()):
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+MAX_REQUEST_BODY = 1 << 20
+
+
+def html_text(text):
+    """Text made safe to place in HTML."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
 # ---- TLS certificate ----
 # Tailscale clients pin a DERP node's certificate by the SHA-256 of its DER
 # bytes (DERPNode.CertName "sha256-raw:<hex>"), so a self-signed certificate
@@ -6110,7 +6365,6 @@ STUN_ATTR_FINGERPRINT = 0x8028
 STUN_FINGERPRINT_XOR = 0x5354554E
 STUN_FAMILY_IPV4 = 0x01
 STUN_FAMILY_IPV6 = 0x02
-MAX_STUN_ADDRESSES = 4
 
 
 def stun_attributes_valid(message):
@@ -6186,7 +6440,6 @@ class StunProtocol(asyncio.DatagramProtocol):
 # moves bytes between it and the records and routes the requests.
 
 EARLY_PAYLOAD_MAGIC = b"\xff\xff\xffTS"
-MAX_REQUEST_BODY = 1 << 20
 DNS_HOOK_TIMEOUT = 60         # seconds the DNS hook may take to publish a challenge
 LOCAL_USER = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,63}")    # a login name on the SSH server
 MAX_STREAMS = 16             # open requests per connection; a client uses a handful
@@ -6503,33 +6756,6 @@ class ControlConnection:
 
 NFT_TABLE = "meshbox"
 PERSISTENT_KEEPALIVE = 25
-
-
-def check_routes(routes, prefix_v4, prefix_v6):
-    """Normalise advertised subnet routes, refusing bad or overlapping ones."""
-    tailnet = [ipaddress.ip_network(prefix_v4), ipaddress.ip_network(prefix_v6)]
-    out = []
-    for text in routes:
-        try:
-            net = ipaddress.ip_network(text.strip(), strict=True)
-        except ValueError as e:
-            raise InvalidInput(f"bad route {text!r}: {e}") from None
-        if net.prefixlen == 0:
-            raise InvalidInput(f"route {net} is the whole internet: use --advertise-exit-node instead")
-        if any(net.version == t.version and net.overlaps(t) for t in tailnet):
-            raise InvalidInput(f"route {net} overlaps the tailnet's own addresses")
-        out.append(str(net))
-    return out
-
-
-def endpoint_pair(text):
-    """``1.2.3.4:41641`` or ``[v6]:41641`` to (host, port), or None."""
-    try:
-        host, port = parse_host_port(text, 0)
-        ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    return (host, port) if port else None
 
 
 def gateway_peers(view, nodes, devices):
@@ -6853,6 +7079,7 @@ class UserspaceWireGuard:
         self.ifname, self.links, self.program = ifname, links, program
         self.process = None
         self.socket_path = os.path.join(UAPI_DIR, ifname + ".sock")
+
     def create(self):
         import subprocess
         if os.path.exists(self.socket_path):
@@ -7102,16 +7329,10 @@ OIDC_MAX_PENDING = 1000        # sign-ins in flight; the oldest give way
 OIDC_PENDING_PER_LOGIN = 3     # sign-ins in flight for one login request: reloading its page
                                # pushes out its own oldest, never another's (3 x 256 < 1000)
 OIDC_METADATA_TTL = 3600       # seconds the discovery document is kept
-_URL_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
 class OidcError(MeshboxError):
     """A sign-in that failed; the message says why, for the person signing in."""
-
-
-def percent_encode(text):
-    """RFC 3986 percent-encoding of everything but the unreserved characters."""
-    return "".join(chr(b) if b in _URL_UNRESERVED else f"%{b:02X}" for b in str(text).encode())
 
 
 def form_encode(fields):
@@ -7394,1024 +7615,6 @@ class OidcLogin:
             reason = " ".join(str(tokens.get(k, "")) for k in ("error", "error_description")).strip() or "no ID token"
             raise OidcError(f"the identity provider did not accept the sign-in (HTTP {status}: {reason})")
         return tokens
-
-
-# ---- Server ----
-# ``serve``: the listeners (control HTTP, DERP over TLS, STUN, the local
-# admin socket), the background upkeep, and a clean stop.
-
-CONTROL_UPGRADE = "tailscale-control-protocol"
-HANDSHAKE_HEADER = "x-tailscale-handshake"
-
-
-@dataclasses.dataclass
-class Config:
-    """Settings of ``serve``: defaults < config file < environment < flags."""
-    state_dir: str = "meshbox-state"
-    listen: str = "127.0.0.1:8080"
-    server_url: str = ""        # what clients use as --login-server; default http://LISTEN
-    derp_listen: str = ""       # DERP over TLS; default LISTEN's host, port 8443; "off" disables
-    stun_listen: str = ""       # STUN, HOST:PORT[,HOST:PORT]; default LISTEN's host, ports 3478 and 3479; "off"
-    derp_host: str = ""         # address clients dial for DERP and STUN; default SERVER_URL's host
-    base_domain: str = "mesh.internal"
-    prefix_v4: str = DEFAULT_PREFIX_V4
-    prefix_v6: str = DEFAULT_PREFIX_V6
-    nameservers: list = dataclasses.field(default_factory=list)        # global DNS resolvers for clients
-    split_dns: dict = dataclasses.field(default_factory=dict)          # {"corp.example": ["192.0.2.53"]}
-    search_domains: list = dataclasses.field(default_factory=list)
-    extra_records: list = dataclasses.field(default_factory=list)      # [{"name", "type", "value"}]
-    magic_dns: bool = True
-    taildrop: bool = True       # nodes of one user may send each other files (tailscale file cp)
-    dns_hook: str = ""          # command run as CMD NAME TXT VALUE to publish an ACME challenge (tailscale cert)
-    hosts_file: str = ""        # the tailnet's names for dnsmasq; default STATE_DIR/hosts
-    policy_file: str = ""       # a HuJSON policy file, reloaded when it changes (else the stored policy)
-    node_expiry: str = "180d"   # how long a node key lasts before its owner logs in again; 0: forever
-    ephemeral_timeout: str = "30m"   # how long an ephemeral node may be offline before it is removed
-    log_level: str = "info"
-    max_connections: int = 2048  # open TCP connections of every kind; more are turned away
-    max_control_connections: int = 1024   # of them, control (ts2021) connections
-    max_derp_connections: int = 1024      # DERP clients
-    max_http_connections: int = 64        # plain HTTP: login pages, API, metrics
-    max_connections_per_source: int = 128  # from one address (IPv6: /64), before they show a node or DERP key
-    derp_serve_any: bool = False  # relay for any DERP client key, not only the tailnet's nodes and the box's
-    log_format: str = "text"    # text, or json (one object per line)
-    gateway: bool = False       # be a WireGuard peer, subnet router and exit node of the tailnet
-    wg_interface: str = "meshbox0"
-    wg_port: int = 41641
-    wg_backend: str = "auto"    # kernel, userspace (wireguard-go, boringtun) or auto
-    public_endpoint: list = dataclasses.field(default_factory=list)   # HOST:PORT clients reach the box at
-    advertise_routes: list = dataclasses.field(default_factory=list)  # LAN prefixes behind the box
-    advertise_exit_node: bool = False
-    snat_subnet_routes: bool = True   # masquerade tailnet traffic into the LAN
-    netlink_tools: str = "auto"  # pyroute2, or the ip and wg commands (OpenWrt without python3-pyroute2)
-    oidc_issuer: str = ""       # sign in at this OpenID provider (https://...) instead of an admin approving
-    oidc_client_id: str = ""    # meshbox's client at the provider, whose redirect URI is SERVER_URL/oidc/callback
-    oidc_client_secret: str = ""
-    oidc_allowed_domains: list = dataclasses.field(default_factory=list)   # email domains that may sign in
-    oidc_allowed_users: list = dataclasses.field(default_factory=list)     # and users (emails) outside them
-    oidc_allowed_groups: list = dataclasses.field(default_factory=list)    # when set, one of them is required
-    oidc_ca_file: str = ""      # CA bundle for the provider's TLS (default: the system's)
-    oidc_admins: list = dataclasses.field(default_factory=list)   # users (emails) who may sign in to /admin
-
-    def control_address(self):
-        return parse_host_port(self.listen, 8080)
-
-    def derp_address(self):
-        if self.derp_listen == "off":
-            return None
-        return parse_host_port(self.derp_listen or f"[{self.control_address()[0]}]:8443", 8443)
-
-    def stun_addresses(self):
-        """Where STUN listens: a second address lets clients see a NAT whose mapping varies by destination."""
-        if self.stun_listen == "off":
-            return []
-        host = f"[{self.control_address()[0]}]"
-        listed = [a.strip() for a in (self.stun_listen or f"{host}:3478,{host}:3479").split(",") if a.strip()]
-        if not 1 <= len(listed) <= MAX_STUN_ADDRESSES:
-            raise InvalidInput(f"--stun-listen takes 1 to {MAX_STUN_ADDRESSES} addresses, got {self.stun_listen!r}")
-        return [parse_host_port(a, 3478) for a in listed]
-
-    def public_url(self):
-        if self.server_url:
-            return self.server_url.rstrip("/")
-        host, port = self.control_address()
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-
-    def public_host(self):
-        if self.derp_host:
-            return self.derp_host
-        hostport = self.public_url().split("://", 1)[-1].split("/", 1)[0]
-        return parse_host_port(hostport, 0)[0]
-
-    def check(self):
-        """Refuse settings that cannot work, saying which and why."""
-        for prefix, version in ((self.prefix_v4, 4), (self.prefix_v6, 6)):
-            try:
-                net = ipaddress.ip_network(prefix)
-            except ValueError:
-                raise InvalidInput(f"bad address prefix {prefix!r}") from None
-            if net.version != version:
-                raise InvalidInput(f"prefix {prefix} must be IPv{version}")
-        if ipaddress.ip_network(self.prefix_v6).prefixlen > 96 or ipaddress.ip_network(self.prefix_v4).prefixlen > 30:
-            raise InvalidInput("address prefixes are too small")
-        self.control_address(), self.derp_address(), self.stun_addresses()
-        if not self.public_url().startswith(("http://", "https://")):
-            raise InvalidInput(f"server URL must start with http:// or https://, got {self.server_url!r}")
-        if self.public_host() in ("0.0.0.0", "::", ""):
-            raise InvalidInput("listening on a wildcard address: set --server-url to the address clients use")
-        for name in ("node_expiry", "ephemeral_timeout"):
-            value = getattr(self, name)
-            if str(value) != "0":
-                parse_duration(value)
-        if self.gateway:
-            self.gateway_routes()
-            for endpoint in self.public_endpoint:
-                if endpoint_pair(endpoint) is None:
-                    raise InvalidInput(f"bad public endpoint {endpoint!r}: use IP:PORT")
-            if self.wg_backend not in ("auto", "kernel", "userspace"):
-                raise InvalidInput(f"bad WireGuard backend {self.wg_backend!r}: use auto, kernel or userspace")
-            if self.netlink_tools not in ("auto", "pyroute2", "commands"):
-                raise InvalidInput(f"bad netlink_tools {self.netlink_tools!r}: use auto, pyroute2 or commands")
-            if not 0 < int(self.wg_port) < 65536:
-                raise InvalidInput(f"bad WireGuard port {self.wg_port}")
-        if self.oidc_issuer:
-            if not self.oidc_issuer.startswith("https://"):
-                raise InvalidInput(f"OIDC issuer must be an https:// URL, got {self.oidc_issuer!r}")
-            if not self.oidc_client_id:
-                raise InvalidInput("OIDC needs oidc_client_id: register meshbox as a client at the provider, with "
-                                 f"the redirect URI {self.public_url()}/oidc/callback")
-
-    def gateway_routes(self):
-        """The routes the box advertises (checked), with the exit routes when it is an exit node."""
-        routes = check_routes(self.advertise_routes, self.prefix_v4, self.prefix_v6)
-        return routes + list(EXIT_ROUTES) if self.advertise_exit_node else routes
-
-
-TRIM_AFTER_MAP_BYTES = 4 << 20    # hand freed heap back after this much map traffic
-
-
-def release_free_memory():
-    """Hand freed heap back to the system (glibc keeps it otherwise): compiling
-    this file at start and compiling policies leave megabytes behind."""
-    if ctypes is None:
-        return
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):      # not glibc (musl has no malloc_trim)
-        pass
-
-
-# The tailnet's DNS settings start as the configuration's and, once changed
-# through the API or the CLI, are the stored ones.
-MAX_DNS_ENTRIES = 64       # resolvers, search domains or split-DNS domains in one setting
-DNS_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
-DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){DNS_LABEL}(\.{DNS_LABEL})*\.?$")
-
-
-def dns_settings(store, config):
-    """{"nameservers", "search_domains", "split_dns", "magic_dns"}: stored, else from the configuration."""
-    stored = store.setting("dns")
-    if stored:
-        return json.loads(stored)
-    return {"nameservers": list(config.nameservers), "search_domains": list(config.search_domains),
-            "split_dns": dict(config.split_dns), "magic_dns": bool(config.magic_dns)}
-
-
-def tailnet_dns_config(config, dns):
-    """The DNSConfig every node gets, from the admin's DNS settings and the configuration."""
-    return dns_config(config.base_domain, dns["nameservers"], dns["split_dns"], dns["search_domains"],
-                      config.extra_records, dns["magic_dns"])
-
-
-def bounded_list(value, what):
-    if not isinstance(value, list) or len(value) > MAX_DNS_ENTRIES:
-        raise InvalidInput(f"{what} must be a list of at most {MAX_DNS_ENTRIES} entries")
-    return value
-
-
-def checked_nameservers(value, what):
-    """A list of resolver IP addresses, each checked."""
-    out = []
-    for item in bounded_list(value, what):
-        try:
-            out.append(str(ipaddress.ip_address(item if isinstance(item, str) else "")))
-        except ValueError:
-            raise InvalidInput(f"bad resolver address {str(item)[:64]!r} in {what}: use an IP address") from None
-    return out
-
-
-def checked_domain(value):
-    if not isinstance(value, str) or not DNS_NAME.match(value):
-        raise InvalidInput(f"bad domain {str(value)[:64]!r}: use a DNS name such as corp.example")
-    return value.rstrip(".").lower()
-
-
-# Connection budgets.  max_connections counts every connection from its
-# accept (TLS ones before their handshake); once the request head says what
-# a connection is, it also takes a place in its kind's budget, so a flood of
-# one kind cannot starve the others.  Until it proves something (a
-# registered node, an admitted DERP key) it also counts against its source
-# address, so one stranger cannot lock out the tailnet's nodes.
-TLS_HANDSHAKE_TIMEOUT = 10   # seconds from accept to a finished TLS handshake (asyncio's default: 60)
-
-
-def connection_source(address):
-    """What a connection from peername address counts against (address_block of its host)."""
-    return address_block(address[0]) if address else "?"
-
-
-class ConnectionBudgets:
-    """Open connections by kind, and unproven ones by source address."""
-
-    def __init__(self, limits, per_source):
-        self.limits, self.per_source = limits, per_source
-        self.open = collections.Counter()
-        self.unproven = collections.Counter()
-
-    def admit(self, source):
-        """A ConnectionTicket for a new connection, or None when source holds its share."""
-        if self.unproven[source] >= self.per_source:
-            return None
-        self.unproven[source] += 1
-        return ConnectionTicket(self, source)
-
-
-class ConnectionTicket:
-    """One connection's places in the budgets, given back by release()."""
-
-    __slots__ = ("budgets", "source", "kind", "proven")
-
-    def __init__(self, budgets, source):
-        self.budgets, self.source, self.kind, self.proven = budgets, source, None, False
-
-    def enter(self, kind):
-        """Take a place in kind's budget; False when it is full."""
-        if self.budgets.open[kind] >= self.budgets.limits[kind]:
-            return False
-        self.budgets.open[kind] += 1
-        self.kind = kind
-        return True
-
-    def prove(self):
-        """The connection showed a node or an admitted key: its address stops paying for it."""
-        if not self.proven:
-            self.proven = True
-            unproven = self.budgets.unproven
-            unproven[self.source] -= 1
-            if not unproven[self.source]:
-                del unproven[self.source]
-
-    def release(self):
-        """Give back its place in its kind's budget, and its address's while unproven."""
-        if self.kind is not None:
-            self.budgets.open[self.kind] -= 1
-            self.kind = None
-        self.prove()
-
-
-class Server:
-    """A running meshbox: store, coordinator, DERP, STUN and their listeners."""
-
-    def __init__(self, config):
-        self.config = config
-        self.refusals = {}
-        self.listeners = []
-        self.tasks = []
-        self.connections = {}       # handler task -> its writer, closed on stop
-        self.follow_pending = False
-        self.hosts_written = None
-        self.wireguard_stats = {}   # node key -> the gateway's handshake and byte counters
-        self.metrics = collections.Counter()
-        self.frames = {}            # id(map message) -> (message, its zstd frame)
-        self.derp_nodes = None      # node key -> node, for DERP admission; None after a change
-        self.recent_logs = RecentLogs()
-        self.admin_sessions = AdminSessions()
-        # API keys, OAuth secrets and sign-ins that fail are limited per
-        # address as refused registrations are (192-bit secrets cannot be
-        # guessed; this keeps a stranger from spending the box's CPU on tries).
-        self.failed_credentials = AttemptLimiter(REGISTER_ATTEMPT_BURST, REGISTER_ATTEMPT_INTERVAL,
-                                                 REGISTER_ATTEMPT_KEYS)
-        self.oauth_tokens = OAuthTokens()
-        self.stopping = asyncio.Event()
-
-    def _open_state(self):
-        self.store = open_state(self.config.state_dir)
-        self.noise_private = self.store.secret("noise_private", new_private_key)
-        self.challenge_private = self.store.secret("challenge_private", new_private_key)
-        self.noise_public = x25519_public(self.noise_private)
-        challenge = json_bytes({"nodeKeyChallenge": key_text("chalpub", x25519_public(self.challenge_private))})
-        self.early_payload = EARLY_PAYLOAD_MAGIC + struct.pack(">I", len(challenge)) + challenge
-        admit = None if self.config.derp_serve_any else self.derp_refusal
-        self.derp = DerpServer(self.store.secret("derp_private", new_private_key), admit) \
-            if self.config.derp_address() else None
-        if self.derp:
-            self.derp.name_of = self.derp_client_name
-
-    def derp_node(self, key):
-        """The node whose key a DERP client has, or None."""
-        if self.derp_nodes is None:       # rebuilt after a change: DERP asks once per client
-            self.derp_nodes = {n.node_key: n for n in self.coordinator.nodes.values()}
-        return self.derp_nodes.get(key)
-
-    def derp_client_name(self, key):
-        node = self.derp_node(key)
-        return node.given_name if node else short_key(key)
-
-    def derp_refusal(self, key):
-        """Why a DERP client key is not served (None: it is a live node's, the box's included)."""
-        node = self.derp_node(key)
-        if node is None:
-            return "this key is not a node of this tailnet (meshbox serves only its nodes; see derp_serve_any)"
-        if is_expired(node, now()):
-            return "this node's key has expired: log in again"
-        return None
-
-    def _derp_certificate(self):
-        """Create (once per DERP host name) the pinned self-signed certificate."""
-        host = self.config.public_host()
-        seed = self.store.secret("derp_cert_seed", lambda: secrets.token_bytes(32))
-        try:
-            ips = (str(ipaddress.ip_address(host)),)
-        except ValueError:
-            ips = ()
-        der = self.store.secret(f"derp_cert:{host}", lambda: self_signed_certificate(seed, host, ips))
-        cert_path = os.path.join(self.config.state_dir, "derp-cert.pem")
-        key_path = os.path.join(self.config.state_dir, "derp-key.pem")
-        write_file_atomically(cert_path, pem(der, "CERTIFICATE"))
-        write_file_atomically(key_path, ed25519_private_key_pem(seed))
-        return tls_server_context(cert_path, key_path), certificate_pin(der)
-
-    async def start(self):
-        config = self.config
-        config.check()
-        self.budgets = ConnectionBudgets(
-            {kind: int(getattr(config, f"max_{kind}_connections")) for kind in ("control", "derp", "http")},
-            int(config.max_connections_per_source))
-        self.oidc = OidcLogin(config) if config.oidc_issuer else None
-        if crypto_backend_problem():
-            raise Unavailable(crypto_backend_problem())
-        self.recent_logs.setFormatter(log_formatter(config))
-        log.addHandler(self.recent_logs)
-        if self.oidc and not any(self.oidc.allowed):
-            log.warning("OIDC: every account of %s may sign in and join the tailnet: no oidc_allowed_domains, "
-                        "oidc_allowed_users or oidc_allowed_groups is set (set one to narrow who may)",
-                        config.oidc_issuer)
-        self._open_state()
-        loop = asyncio.get_running_loop()
-        derp_port, stun_ports = 0, []
-        cert_name = ""
-        if config.derp_address():
-            if ssl is None:
-                raise Unavailable("DERP needs TLS but this Python has no ssl module "
-                                   "(OpenWrt: opkg install python3-openssl), or use --derp-listen off")
-            context, cert_name = self._derp_certificate()
-            host, derp_port = config.derp_address()
-            self.listeners.append(await asyncio.start_server(
-                lambda r, w: self.handle_http(r, w, tls=context), host, derp_port))
-        self.stun_transports = []
-        for host, stun_port in config.stun_addresses():
-            transport, _ = await loop.create_datagram_endpoint(StunProtocol, local_addr=(host, stun_port))
-            self.stun_transports.append(transport)
-            stun_ports.append(stun_port)
-        settings = MapSettings(
-            base_domain=config.base_domain,
-            derp_map=derp_map(config.public_host(), derp_port, stun_ports, cert_name) if derp_port else {"Regions": {}},
-            dns_config=tailnet_dns_config(config, dns_settings(self.store, config)),
-            control_url=config.public_url(),
-            node_caps={CAP_SSH: None, **({CAP_FILE_SHARING: None} if config.taildrop else {})},
-            cert_domains=bool(config.dns_hook))
-        expiry = 0 if str(config.node_expiry) == "0" else parse_duration(config.node_expiry)
-        self.coordinator = Coordinator(self.store, settings, config.prefix_v4, config.prefix_v6, expiry)
-        self.coordinator.on_change = self.tailnet_changed
-        self.tailnet_changed()
-        self.policy_mtime = None
-        if config.policy_file:
-            self.reload_policy_file()
-        host, port = config.control_address()
-        self.listeners.append(await asyncio.start_server(self.handle_http, host, port))
-        admin_path = os.path.join(config.state_dir, "admin.sock")
-        if os.path.exists(admin_path):
-            os.unlink(admin_path)
-        self.listeners.append(await asyncio.start_unix_server(self.handle_admin, admin_path,
-                                                              limit=MAX_REQUEST_BODY + 1))   # a large policy fits
-        os.chmod(admin_path, 0o600)
-        self.tasks.append(asyncio.ensure_future(self.upkeep()))
-        self.gateway = None
-        if config.gateway:
-            await self.start_gateway()
-        release_free_memory()
-        log.info("meshbox %s serving %s (control on %s:%d, DERP %s, STUN %s), state in %s",
-                 VERSION, config.public_url(), host, port,
-                 f"TLS port {derp_port}" if derp_port else "off", "ports " + ",".join(map(str, stun_ports)) if stun_ports else "off",
-                 os.path.abspath(config.state_dir))
-
-
-    def store_healthy(self):
-        try:
-            self.store.data_version()
-            return True
-        except sqlite3.Error:
-            return False
-
-    def reload_policy_file(self):
-        """Apply the policy file when it changed; a bad one is logged and ignored."""
-        path = self.config.policy_file
-        try:
-            mtime = os.stat(path).st_mtime_ns
-        except OSError as e:
-            if self.policy_mtime != "missing":
-                log.error("policy file %s: %s; keeping the policy in force", path, e.strerror)
-                self.policy_mtime = "missing"
-            return
-        if mtime == self.policy_mtime:
-            return
-        self.policy_mtime = mtime
-        try:
-            self.coordinator.set_policy(read_text_file(path, "policy file"))
-        except (PolicyError, ValueError) as e:
-            log.error("policy file %s refused, keeping the policy in force: %s", path, e)
-
-    async def upkeep(self):
-        """Pick up CLI edits quickly; write live fields sparingly."""
-        last_flush = time.monotonic()
-        bytes_at_trim = bytes_before = 0
-        while True:
-            await asyncio.sleep(RELOAD_INTERVAL)
-            try:
-                self.coordinator.reload_if_changed()
-                self.coordinator.expire_due(now(), parse_duration(self.config.ephemeral_timeout))
-                if self.config.policy_file:
-                    self.reload_policy_file()
-                if self.derp:
-                    self.derp.sweep_pairs()
-                if time.monotonic() - last_flush >= FLUSH_INTERVAL:
-                    self.coordinator.flush_live()
-                    last_flush = time.monotonic()
-                # Full maps for a burst of joins leave freed heap behind:
-                # hand it back during a long burst and once the burst is over.
-                sent = self.metrics["map_bytes"]
-                burst_over = sent == bytes_before and sent > bytes_at_trim
-                if sent - bytes_at_trim > TRIM_AFTER_MAP_BYTES or burst_over:
-                    release_free_memory()
-                    bytes_at_trim = sent
-                bytes_before = sent
-            except (StoreError, sqlite3.Error) as e:
-                log.error("state database: %s (will retry)", e)
-
-    # the gateway
-    async def in_gateway_thread(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.gateway_thread, function, *args)
-
-    async def start_gateway(self):
-        """Bring up the box's WireGuard node; on failure the coordinator runs on without it."""
-        import concurrent.futures
-        config, coordinator = self.config, self.coordinator
-        self.gateway_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gateway")
-        private_key = self.store.secret("wg_private", new_private_key)
-        routes = config.gateway_routes()
-        gateway = Gateway(config, private_key)
-        hostname = socket.gethostname()
-        try:
-            node = coordinator.ensure_gateway_node(gateway.public_key, hostname, routes, list(config.public_endpoint))
-            await self.in_gateway_thread(gateway.up, node)
-            endpoints = list(config.public_endpoint) + await self.in_gateway_thread(gateway.local_endpoints, routes)
-            coordinator.ensure_gateway_node(gateway.public_key, hostname, routes, endpoints)
-        except (GatewayError, OSError, ValueError) as e:
-            log.error("gateway not started: %s; the coordinator runs without it", e)
-            await self.in_gateway_thread(gateway.down)
-            return
-        self.gateway = gateway
-        self.gateway_routes = routes
-        self.tailnet_changed()
-
-    # following the tailnet: the gateway and the hosts file
-    def tailnet_changed(self):
-        """Schedule one follow-up for a burst of changes."""
-        self.derp_nodes = None
-        if not self.follow_pending:
-            self.follow_pending = True
-            asyncio.get_running_loop().call_later(UPDATE_BATCH_DELAY,
-                                                  lambda: self.tasks.append(asyncio.ensure_future(self.follow_tailnet())))
-
-    async def follow_tailnet(self):
-        self.tasks = [t for t in self.tasks if not t.done()]
-        self.follow_pending = False
-        devices = self.store.devices()
-        self.write_hosts_file(devices)
-        if self.derp is not None:
-            self.derp.close_refused()
-        if self.gateway is not None:
-            await self.sync_gateway(devices)
-
-    def write_hosts_file(self, devices):
-        """The tailnet's names for dnsmasq (addn-hosts/hostsdir) or any resolver; replaced atomically.
-        A --hosts-file is 0644: the resolver runs as its own user (dnsmasq on OpenWrt)."""
-        text = hosts_file_text(self.coordinator.nodes.values(), devices, self.config.base_domain)
-        if text == self.hosts_written:
-            return
-        path = self.config.hosts_file or os.path.join(self.config.state_dir, "hosts")
-        try:
-            write_file_atomically(path, text.encode(), 0o644 if self.config.hosts_file else 0o600)
-            self.hosts_written = text
-        except OSError as e:
-            log.error("cannot write hosts file %s: %s", path, e.strerror)
-
-    async def sync_gateway(self, devices):
-        coordinator = self.coordinator
-        node = coordinator.gateway_node()
-        if node is None:
-            return
-        # Devices are addresses behind the box: its routes carry them.
-        routes = self.gateway_routes + [a for d in devices for a in (f"{d['ipv4']}/32", f"{d['ipv6']}/128")]
-        if routes != node.approved_routes:
-            coordinator.ensure_gateway_node(node.node_key, node.hostname, routes, node.endpoints)
-        view = coordinator.view_of(node)
-        wanted = gateway_peers(view, coordinator.nodes, devices)
-        acl = nft_filter_rules(view.packet_filter_rules, self.config.wg_interface)
-        try:
-            await self.in_gateway_thread(self.gateway.apply, wanted, acl)
-        except (GatewayError, OSError) as e:
-            log.error("gateway update failed: %s (will retry on the next change)", e)
-
-    async def stop(self):
-        for task in self.tasks:
-            task.cancel()
-        # No gateway sync may follow the teardown (it would put the table back).
-        gateway, self.gateway = self.gateway, None
-        if gateway is not None:
-            await self.in_gateway_thread(gateway.down)
-        for listener in self.listeners:
-            listener.close()
-        for writer in list(self.connections.values()):
-            writer.close()
-        if self.connections:
-            _, pending = await asyncio.wait(list(self.connections), timeout=2)
-            # What is left waits on a TLS peer that never answered our close: end it here.
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1)
-        for transport in getattr(self, "stun_transports", ()):
-            transport.close()
-        try:
-            self.coordinator.flush_live()
-        except StoreError as e:
-            log.error("%s", e)
-        log.info("meshbox stopped")
-        log.removeHandler(self.recent_logs)
-
-    # HTTP/1.1 requests
-    async def handle_http(self, reader, writer, tls=None):
-        """One connection from its accept; tls is the DERP port's context, its handshake bounded in time."""
-        address = writer.get_extra_info("peername")
-        peer = f"{address[0]}:{address[1]}" if address else "?"
-        ticket = None
-        if len(self.connections) >= int(self.config.max_connections):
-            refusal = "too many connections, try again later"
-        else:
-            ticket = self.budgets.admit(connection_source(address))
-            refusal = "too many connections from your address, try again later"
-        if ticket is None:
-            # Refused before reading a byte: a flood cannot make us buffer or parse.
-            self.metrics["connections_turned_away"] += 1
-            if tls is None:
-                writer.write(http_response(503, refusal + "\n"))
-            writer.close()
-            return
-        self.connections[asyncio.current_task()] = writer
-        try:
-            if tls is not None:
-                await writer.start_tls(tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
-            request = await asyncio.wait_for(read_http_request(reader), CONTROL_HANDSHAKE_TIMEOUT)
-            if request is None:
-                return
-            control = await self.route_http(request, reader, writer, peer, ticket)
-            if control is not None:
-                del request       # a control connection lasts hours: keep nothing of its HTTP request
-                await control.run(self.early_payload)
-        except HttpError as e:
-            writer.write(http_response(e.status, e.args[0] + "\n"))
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError if ssl else OSError):
-            pass
-        except Exception:
-            log.exception("error serving %s", peer)
-        except asyncio.CancelledError:
-            pass    # stop() ended it: a connection task that ends cancelled is an error in 3.11's stream callback
-        finally:
-            self.connections.pop(asyncio.current_task(), None)
-            ticket.release()
-            try:
-                await drain_within(writer)
-                writer.close()
-            except (ConnectionError, OSError):
-                pass
-
-    async def route_http(self, request, reader, writer, peer, ticket):
-        """Answer one HTTP request; for an upgrade to the control protocol,
-        the ControlConnection to run."""
-        path, upgrade = request.path, request.headers.get("upgrade", "").lower()
-        derp = path == "/derp" and upgrade in ("derp", "websocket") and self.derp
-        kind = "control" if path == "/ts2021" else "derp" if derp else "http"
-        if not ticket.enter(kind):
-            self.metrics["connections_turned_away"] += 1
-            raise HttpError(503, f"too many {kind} connections, try again later")
-        if path == "/key" and request.method == "GET":
-            body = {"legacyPublicKey": key_text("mkey", bytes(32)),
-                    "publicKey": key_text("mkey", self.noise_public)}
-            writer.write(http_response(200, json_bytes(body), "application/json"))
-        elif path == "/ts2021":
-            return self.upgrade_control(request, upgrade, reader, writer, peer, ticket)
-        elif derp:
-            await self.derp.handle_upgrade(request.headers, reader, writer, ticket.prove)
-        elif path in ("/derp/probe", "/derp/latency-check"):
-            writer.write(http_response(200, b""))
-        elif path == "/generate_204":
-            challenge = request.headers.get("x-tailscale-challenge", "")
-            extra = [("X-Tailscale-Response", "response " + challenge)] if challenge.isalnum() and len(challenge) < 64 else []
-            writer.write(http_response(204, b"", headers=extra))
-        elif path.startswith("/register/") and request.method == "GET":
-            await self.show_login_request(path.rsplit("/", 1)[-1], writer)
-        elif path == "/oidc/callback" and request.method == "GET" and self.oidc:
-            await self.finish_oidc_login(request.query, writer, peer)
-        elif path.startswith("/api/v1/"):
-            await self.handle_api(request, reader, writer, peer)
-        elif path.startswith(API_V2_PREFIX):
-            await self.handle_api_v2(request, reader, writer, peer)
-        elif path == "/admin" or path.startswith("/admin/"):
-            await self.handle_admin_page(request, reader, writer, peer)
-        elif path == "/metrics":
-            writer.write(http_response(200, self.metrics_text(), "text/plain; version=0.0.4"))
-        elif path == "/health":
-            healthy = self.store_healthy()
-            writer.write(http_response(200 if healthy else 503, json_bytes(
-                {"status": "ok" if healthy else "state database unavailable",
-                 "nodes": len(self.coordinator.nodes), "gateway": self.gateway is not None}), "application/json"))
-        elif path == "/":
-            writer.write(http_response(200, landing_page(self.config.public_url()), "text/html; charset=utf-8"))
-        else:
-            raise HttpError(404, f"{path} is not served here")
-
-    def upgrade_control(self, request, upgrade, reader, writer, peer, ticket):
-        """Complete the Noise handshake of a control upgrade: its ControlConnection."""
-        if upgrade == "websocket":
-            protocols = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
-            if CONTROL_UPGRADE not in protocols or "sec-websocket-key" not in request.headers:
-                raise HttpError(400, "websocket clients must ask for the tailscale-control-protocol subprotocol")
-            handshake = request.query.get("X-Tailscale-Handshake", "")
-        elif upgrade == CONTROL_UPGRADE:
-            handshake = request.headers.get(HANDSHAKE_HEADER, "")
-        else:
-            raise HttpError(400, f"unknown Upgrade {upgrade!r}: expected {CONTROL_UPGRADE}")
-        try:
-            initiation = base64.b64decode(handshake, validate=True)
-            response, noise = noise_respond(self.noise_private, initiation, self.noise_public)
-        except (binascii.Error, ValueError):
-            raise HttpError(400, "missing or invalid X-Tailscale-Handshake") from None
-        except (NoiseError, CryptoError) as e:
-            log.info("control handshake from %s refused: %s", peer, e)
-            raise HttpError(400, f"noise handshake failed: {e}") from None
-        if upgrade == "websocket":
-            writer.write(http_upgrade_response("websocket", [
-                ("Sec-WebSocket-Accept", websocket_accept_value(request.headers["sec-websocket-key"])),
-                ("Sec-WebSocket-Protocol", CONTROL_UPGRADE)]))
-            stream = out = WebSocketStream(reader, writer)
-            out.write(response)
-        else:
-            writer.write(http_upgrade_response(CONTROL_UPGRADE) + response)
-            stream, out = reader, writer
-        return ControlConnection(self, stream, out, noise, peer, ticket.prove)
-
-    # interactive login: the AuthURL shows the approve command, or sends the
-    # person to the identity provider, who sends them back to /oidc/callback
-    async def show_login_request(self, request_id, writer):
-        if self.oidc is None:
-            writer.write(http_response(200, register_page(request_id), "text/html; charset=utf-8"))
-            return
-        if request_id not in self.coordinator.auth_requests:
-            raise HttpError(404, "this login request is unknown or has expired: log in again on the device")
-        try:
-            url = await self.oidc.authorization_url(request_id)
-        except OidcError as e:
-            log.error("OIDC sign-in unavailable: %s", e)
-            writer.write(http_response(503, message_page("Sign-in is unavailable", str(e)), "text/html; charset=utf-8"))
-            return
-        writer.write(http_response(302, b"", headers=[("Location", url)]))
-
-    async def finish_oidc_login(self, query, writer, peer):
-        try:
-            request_id, identity = await self.oidc.finish(query)
-            if request_id.startswith(ADMIN_SIGN_IN):
-                self.finish_admin_sign_in(identity, writer, peer)
-                return
-            if request_id not in self.coordinator.auth_requests:
-                raise OidcError("the device's login request has expired: log in again on the device")
-            user = self.coordinator.user_signing_in(identity["name"])
-            result = self.coordinator.approve(request_id, user.id)
-            if "Error" in result:
-                raise OidcError(result["Error"])
-        except (OidcError, ValueError) as e:
-            log.warning("OIDC sign-in from %s refused: %s", peer, e)
-            writer.write(http_response(403, message_page("Sign-in refused", str(e)), "text/html; charset=utf-8"))
-            return
-        log.info("OIDC: %s (%s) signed in and approved login request %s", user.name, identity["display_name"],
-                 request_id)
-        writer.write(http_response(200, message_page("Signed in", f"Signed in as {user.name}; the device is joining."),
-                                   "text/html; charset=utf-8"))
-
-    def finish_admin_sign_in(self, identity, writer, peer):
-        """An admin back from the identity provider: a session cookie, and on to the page."""
-        if identity["name"] not in self.config.oidc_admins:
-            log.warning("OIDC: %s signed in at %s but is not one of oidc_admins", identity["name"], peer)
-            writer.write(http_response(403, message_page("Not an admin", f"{identity['name']} is not one of this "
-                                                         "meshbox's oidc_admins."), "text/html; charset=utf-8"))
-            return
-        token, _ = self.admin_sessions.create(None)
-        log.info("OIDC: %s signed in to the admin page", identity["name"])
-        secure = self.config.public_url().startswith("https://")
-        writer.write(http_response(302, b"", headers=[("Location", "/admin"), ("Cache-Control", "no-store"),
-                                                      ("Set-Cookie", admin_cookie(token, secure))]))
-
-    # local admin socket: live state for the CLI
-    async def run_admin(self, noun, verb, params):
-        """One administrative verb, run inside the server: {"result": ...} or {"error": ...}."""
-        if self.gateway is not None:
-            self.wireguard_stats = await self.in_gateway_thread(self.gateway.wg.peer_stats)
-        try:
-            return {"result": Admin(self.store, self.config, self).call(noun, verb, params or {})}
-        except MeshboxError as e:
-            return {"error": str(e)}
-
-    async def handle_admin(self, reader, writer):
-        """The local admin socket: one JSON request line, one JSON answer line."""
-        try:
-            try:
-                line = await asyncio.wait_for(reader.readline(), 10)
-            except ValueError:              # longer than the reader's limit
-                line = None
-            try:
-                if line is None:
-                    raise InvalidInput(f"larger than {MAX_REQUEST_BODY >> 20} MiB")
-                request = parse_json(line or b"{}")
-                if not isinstance(request, dict):
-                    raise InvalidInput("not a JSON object")
-            except ValueError as e:
-                answer = {"error": f"malformed admin request: {e}"}
-            else:
-                answer = await self.run_admin(str(request.get("noun")), request.get("verb"), request.get("params"))
-            writer.write(json_bytes(answer) + b"\n")
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, asyncio.CancelledError):
-            pass    # a cancel is the server stopping (see handle_http)
-        finally:
-            writer.close()
-
-    def credentials_locked_out(self, peer):
-        """Why an address whose credentials kept being refused is turned away (429), or ""."""
-        wait = self.failed_credentials.wait(address_block(peer.rpartition(":")[0]), now())
-        return f"too many refused API keys or sign-ins from this address, try again in {math.ceil(wait)} s" \
-            if wait else ""
-
-    def credentials_refused(self, peer):
-        """Count a refused API key, token or sign-in against its address; log the one that locks it out."""
-        self.metrics["api_refused"] += 1
-        block = address_block(peer.rpartition(":")[0])
-        if self.failed_credentials.failed(block, now()):
-            log.warning("too many refused API keys or sign-ins from address %s: refused for %d s",
-                        block, math.ceil(self.failed_credentials.wait(block, now())))
-
-    async def handle_api(self, request, reader, writer, peer):
-        """/api/v1/NOUN[/VERB]: the CLI's verbs for remote callers with an API key."""
-        locked_out = self.credentials_locked_out(peer)
-        if locked_out:
-            writer.write(http_response(429, json_bytes({"error": locked_out}), "application/json"))
-            return
-        token = request.headers.get("authorization", "")
-        if not token.startswith("Bearer ") or not api_key_valid(self.store, token[7:].strip()):
-            self.credentials_refused(peer)
-            writer.write(http_response(401, json_bytes({"error": "missing or invalid API key"}), "application/json"))
-            return
-        body = await read_request_body(request, reader)
-        try:
-            params = parse_json(body) if body else {}
-            if not isinstance(params, dict):
-                raise InvalidInput("the body must be a JSON object")
-        except ValueError as e:
-            writer.write(http_response(400, json_bytes({"error": f"malformed JSON body: {e}"}), "application/json"))
-            return
-        parts = request.path[len("/api/v1/"):].strip("/").split("/")
-        noun, verb = parts[0], (parts[1] if len(parts) > 1 else ("list" if request.method == "GET" else None))
-        if noun in ("status", "netmap", "logs", "paths"):
-            verb = None
-        answer = await self.run_admin(noun, verb, params)
-        writer.write(http_response(400 if "error" in answer else 200, json_bytes(answer), "application/json"))
-
-    def api_caller_scopes(self, request):
-        """The API v2 scopes of a request's caller, None when unknown: an API key (HTTP Bearer, or Basic
-        with the key as the user, as Tailscale's clients send it) or the admin page's session cookie with
-        its CSRF token may do everything; an OAuth access token (Bearer) what its client's scopes say."""
-        everything = frozenset({"all"})
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            if value.strip().startswith(OAUTH_SECRET_PREFIX):
-                return self.oauth_tokens.scopes(self.store, value.strip())
-            return everything if api_key_valid(self.store, value.strip()) else None
-        if scheme.lower() == "basic":
-            try:
-                user = base64.b64decode(value.strip(), validate=True).decode().partition(":")[0]
-            except (binascii.Error, UnicodeDecodeError):
-                return None
-            return everything if api_key_valid(self.store, user) else None
-        valid = self.admin_sessions.valid(self.store, request_cookie(request, SESSION_COOKIE),
-                                          request.headers.get(CSRF_HEADER, ""))
-        return everything if valid else None
-
-    async def handle_api_v2(self, request, reader, writer, peer):
-        """Tailscale's API v2 (see ApiV2): errors answer as Tailscale's do, {"message": ...}."""
-        headers = [("Cache-Control", "no-store")]
-        try:
-            locked_out = self.credentials_locked_out(peer)
-            if locked_out:
-                raise HttpError(429, locked_out)
-            body = await read_request_body(request, reader)
-            if request.path.rstrip("/") == API_V2_PREFIX + "oauth/token" and request.method == "POST":
-                status, token = self.oauth_tokens.answer(self.store, request, body)
-                if status == 401:
-                    self.credentials_refused(peer)
-                writer.write(http_response(status, json_bytes(token), "application/json", headers))
-                return
-            scopes = self.api_caller_scopes(request)
-            if scopes is None:
-                self.credentials_refused(peer)
-                raise HttpError(401, "API token invalid")
-            status, content_type, answer, extra = await ApiV2(self).answer(
-                request.method, request.path, ApiRequest(request.method, request.query, request.headers, body), scopes)
-            headers += extra
-        except HttpError as e:
-            status, content_type, answer = e.status, "application/json", json_bytes({"message": str(e)})
-        writer.write(http_response(status, answer, content_type, headers))
-
-    async def handle_admin_page(self, request, reader, writer, peer):
-        """The admin page, its script and style, and its sign-in (a cookie session for an API key)."""
-        path, method = request.path.rstrip("/") or "/admin", request.method
-        secure = writer.get_extra_info("sslcontext") is not None or self.config.public_url().startswith("https://")
-        if path == "/admin/session":
-            body = await read_request_body(request, reader)
-            locked_out = self.credentials_locked_out(peer) if method == "POST" else ""
-            if locked_out:
-                status, answer, headers = 429, {"message": locked_out}, []
-            else:
-                status, answer, headers = self.admin_sessions.answer(self.store, request, body, secure)
-            if method == "POST" and status == 401:
-                self.credentials_refused(peer)
-            writer.write(http_response(status, json_bytes(answer), "application/json",
-                                       headers + [("Cache-Control", "no-store")]))
-        elif (method, path) == ("GET", "/admin"):
-            oidc = bool(self.oidc and self.config.oidc_admins)
-            writer.write(http_response(200, admin_page(self.config.public_url(), oidc), "text/html; charset=utf-8",
-                                       ADMIN_PAGE_HEADERS))
-        elif (method, path) == ("GET", "/admin/oidc") and self.oidc and self.config.oidc_admins:
-            try:     # a sign-in of its own each time: one person's reloads push out no other's
-                url = await self.oidc.authorization_url(ADMIN_SIGN_IN + secrets.token_urlsafe(12))
-            except OidcError as e:
-                raise HttpError(503, f"sign-in is unavailable: {e}") from None
-            writer.write(http_response(302, b"", headers=[("Location", url), ("Cache-Control", "no-store")]))
-        elif (method, path) in ADMIN_PAGE_FILES:
-            content_type, content = ADMIN_PAGE_FILES[(method, path)]
-            writer.write(http_response(200, content, content_type, ADMIN_PAGE_HEADERS))
-        else:
-            raise HttpError(404, f"{path} is not served here")
-
-    def metrics_text(self):
-        """Prometheus text exposition of the server's counters and gauges."""
-        coordinator, derp = self.coordinator, self.derp.stats() if self.derp else {}
-        nodes = list(coordinator.nodes.values())
-        lines = []
-
-        def metric(name, kind, help_text, samples):
-            lines.append(f"# HELP meshbox_{name} {help_text}")
-            lines.append(f"# TYPE meshbox_{name} {kind}")
-            for labels, value in samples:
-                label_text = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
-                lines.append(f"meshbox_{name}{label_text} {value}")
-
-        metric("nodes", "gauge", "Registered nodes.", [({}, len(nodes))])
-        metric("nodes_online", "gauge", "Nodes with a map session.", [({}, sum(n.online for n in nodes))])
-        metric("map_sessions", "gauge", "Open streaming map sessions.",
-               [({}, sum(len(v) for v in coordinator.sessions.values()))])
-        metric("map_updates_sent_total", "counter", "Map messages sent to clients.",
-               [({}, self.metrics["map_messages"])])
-        metric("map_bytes_sent_total", "counter", "Bytes of map messages sent.", [({}, self.metrics["map_bytes"])])
-        metric("registrations_total", "counter", "Successful registrations.", [({}, self.metrics["registrations"])])
-        metric("registration_refusals_total", "counter", "Refused registrations by reason.",
-               [({"reason": reason}, count) for reason, count in sorted(self.refusals.items())] or [({}, 0)])
-        metric("connections_turned_away_total", "counter",
-               "Connections refused at a limit (overall, of their kind, or of their address).",
-               [({}, self.metrics["connections_turned_away"])])
-        metric("api_refused_total", "counter", "API requests refused for a bad key.", [({}, self.metrics["api_refused"])])
-        metric("derp_clients", "gauge", "Connected DERP clients.", [({}, derp.get("clients", 0))])
-        metric("derp_packets_relayed_total", "counter", "Packets relayed by DERP.", [({}, derp.get("packets_relayed", 0))])
-        metric("derp_bytes_relayed_total", "counter", "Bytes relayed by DERP.", [({}, derp.get("bytes_relayed", 0))])
-        metric("derp_packets_dropped_total", "counter", "Packets DERP dropped.", [({}, derp.get("packets_dropped", 0))])
-        pairs = derp_pair_rows(self.derp, self.derp_node, time.monotonic())[:TOP_PAIRS_METRICS] if self.derp else []
-        metric("derp_pair_relayed_bytes", "gauge", f"Data bytes DERP relayed between two nodes (top {TOP_PAIRS_METRICS}).",
-               [({"a": p["nodes"][0], "b": p["nodes"][1]}, p["relayed_bytes"]) for p in pairs] or [({}, 0)])
-        kinds = collections.Counter(nat_class(n) for n in nodes if n.kind == NODE_CLIENT)
-        metric("nodes_by_nat", "gauge", "Nodes by the NAT their client reports.",
-               [({"kind": kind}, count) for kind, count in sorted(kinds.items())] or [({}, 0)])
-        return "\n".join(lines) + "\n"
-
-
-# Diagnostics: what a node's NetInfo (its client's own netcheck) and
-# EndpointTypes say about its network, in words for the person at the router.
-
-ENDPOINT_SOURCES = {1: "local", 2: "stun", 3: "portmap", 4: "stun4localport", 5: "explicitconf"}
-PORT_MAPPINGS = (("UPnP", "UPnP"), ("PMP", "NAT-PMP"), ("PCP", "PCP"))
-MAX_DERP_LATENCIES = 16
-TOP_PAIRS_METRICS = 10
-
-
-def nat_class(node):
-    """One word for a node's network: udp-blocked, hard, port-mapped, easy or unknown."""
-    info = netinfo(node.hostinfo)
-    if info.get("WorkingUDP") is False:
-        return "udp-blocked"
-    if info.get("MappingVariesByDestIP"):
-        return "hard"
-    if any(info.get(field) for field, _ in PORT_MAPPINGS):
-        return "port-mapped"
-    return "easy" if info.get("MappingVariesByDestIP") is False else "unknown"
-
-
-def nat_words(node):
-    """What a node's NetInfo says about its NAT, as phrases."""
-    info, words = netinfo(node.hostinfo), []
-    if info.get("WorkingUDP") is False:
-        words.append("UDP blocked")
-    varies = info.get("MappingVariesByDestIP")
-    if varies:
-        words.append("hard NAT: mapping varies by destination")
-    elif varies is False:
-        words.append("easy NAT (or none): one mapping for every destination")
-    if info.get("HairPinning"):
-        words.append("hairpinning")
-    words += [f"port mapping: {name}" for field, name in PORT_MAPPINGS if info.get(field)]
-    return words or ["not reported"]
-
-
-def network_fields(node):
-    """A node's network as its client reports it: NAT, endpoints and where
-    each came from, DERP home and latencies, client version and capability."""
-    types = node.endpoint_types if len(node.endpoint_types) == len(node.endpoints) else []
-    latency = netinfo(node.hostinfo).get("DERPLatency") or {}
-    return {"nat": nat_words(node), "nat_kind": nat_class(node),
-            "endpoints_from": [{"endpoint": e, "from": ENDPOINT_SOURCES.get(t, "unknown") if types else "unknown"}
-                               for e, t in zip(node.endpoints, types or [0] * len(node.endpoints))],
-            "derp_home": home_derp(node),
-            "derp_latency_ms": {k[:32]: round(v * 1000, 1) for k, v in list(latency.items())[:MAX_DERP_LATENCIES]},
-            "client_version": node.hostinfo.get("IPNVersion") or "", "capability": node.cap}
-
-
-def why_relayed(a, b):
-    """Why two nodes' packets may not go direct, from both ends' NetInfo, in words."""
-    reasons = [f"{n.given_name}: UDP blocked, so only DERP over TCP reaches it"
-               for n in (a, b) if nat_class(n) == "udp-blocked"]
-    hard = [n for n in (a, b) if nat_class(n) == "hard"]
-    if len(hard) == 2:
-        reasons.append("both are behind hard NATs (mapping varies by destination): hole punching cannot meet; "
-                       "forward UDP 41641 to one of them, or enable UPnP/NAT-PMP on its router")
-    elif hard:
-        other = b if hard[0] is a else a
-        if nat_class(other) != "port-mapped":
-            reasons.append(f"{hard[0].given_name} is behind a hard NAT (mapping varies by destination) and "
-                           f"{other.given_name}'s router lets in only replies: forward UDP 41641 to "
-                           f"{other.given_name}, or enable UPnP/NAT-PMP on its router")
-    return reasons or ["nothing in their NetInfo: a firewall between them may drop UDP, "
-                       "or the direct path is still being tried"]
-
-
-def derp_pair_rows(derp, node_of, at):
-    """The pairs DERP carried packets for, most relayed first: nodes, bytes, and why relayed."""
-    rows = []
-    for pair in sorted(derp.pairs.values(), key=lambda p: p.data_bytes, reverse=True):
-        nodes = [node_of(key) for key in pair.keys]
-        relayed = pair.relayed(at)
-        rows.append({"nodes": [n.given_name if n else short_key(k) for n, k in zip(nodes, pair.keys)],
-                     "node_ids": [n.id if n else None for n in nodes], "relayed": relayed,
-                     "relayed_bytes": pair.data_bytes, "relayed_packets": pair.data_packets,
-                     "disco_packets": pair.disco_packets,
-                     "last_relayed_s_ago": round(at - pair.last_data, 1) if pair.last_data is not None else None,
-                     "why": why_relayed(*nodes) if relayed and all(nodes) else []})
-    return rows
-
-
-def register_page(request_id):
-    """What a person sees at a client's AuthURL: the command that approves it."""
-    safe = "".join(c for c in request_id if c.isalnum() or c in "-_")[:64]
-    return f"""<!doctype html><title>meshbox: approve this device</title>
-<h1>Approve this device</h1>
-<p>An administrator of this meshbox approves the device with:</p>
-<pre>meshbox nodes register --user USER --key {safe}</pre>
-<p>The device joins as soon as the command runs; the request expires in {AUTH_REQUEST_TTL // 60} minutes.</p>"""
-
-
-def html_text(text):
-    """Text made safe to place in HTML."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
-
-
-def message_page(title, message):
-    """A small HTML page: a heading and one message."""
-    return f"""<!doctype html><title>meshbox: {html_text(title)}</title>
-<h1>{html_text(title)}</h1>
-<p>{html_text(message)}</p>"""
-
-
-def landing_page(url):
-    return f"""<!doctype html><title>meshbox</title>
-<h1>meshbox is running</h1>
-<p>Join a device to this tailnet:</p>
-<pre>meshbox preauthkeys create --user NAME
-tailscale up --login-server {url} --auth-key KEY</pre>"""
 
 
 # ---- Admin ----
@@ -8841,6 +8044,101 @@ def api_key_hash_valid(store, key_hash):
     """Whether the API key of this hash is known, unexpired and not revoked."""
     row = store.api_key(key_hash)
     return bool(row) and key_in_force(row, now())
+
+
+def dns_settings(store, config):
+    """{"nameservers", "search_domains", "split_dns", "magic_dns"}: stored, else from the configuration."""
+    stored = store.setting("dns")
+    if stored:
+        return json.loads(stored)
+    return {"nameservers": list(config.nameservers), "search_domains": list(config.search_domains),
+            "split_dns": dict(config.split_dns), "magic_dns": bool(config.magic_dns)}
+
+
+def tailnet_dns_config(config, dns):
+    """The DNSConfig every node gets, from the admin's DNS settings and the configuration."""
+    return dns_config(config.base_domain, dns["nameservers"], dns["split_dns"], dns["search_domains"],
+                      config.extra_records, dns["magic_dns"])
+
+
+ENDPOINT_SOURCES = {1: "local", 2: "stun", 3: "portmap", 4: "stun4localport", 5: "explicitconf"}
+PORT_MAPPINGS = (("UPnP", "UPnP"), ("PMP", "NAT-PMP"), ("PCP", "PCP"))
+MAX_DERP_LATENCIES = 16
+TOP_PAIRS_METRICS = 10
+
+
+def nat_class(node):
+    """One word for a node's network: udp-blocked, hard, port-mapped, easy or unknown."""
+    info = netinfo(node.hostinfo)
+    if info.get("WorkingUDP") is False:
+        return "udp-blocked"
+    if info.get("MappingVariesByDestIP"):
+        return "hard"
+    if any(info.get(field) for field, _ in PORT_MAPPINGS):
+        return "port-mapped"
+    return "easy" if info.get("MappingVariesByDestIP") is False else "unknown"
+
+
+def nat_words(node):
+    """What a node's NetInfo says about its NAT, as phrases."""
+    info, words = netinfo(node.hostinfo), []
+    if info.get("WorkingUDP") is False:
+        words.append("UDP blocked")
+    varies = info.get("MappingVariesByDestIP")
+    if varies:
+        words.append("hard NAT: mapping varies by destination")
+    elif varies is False:
+        words.append("easy NAT (or none): one mapping for every destination")
+    if info.get("HairPinning"):
+        words.append("hairpinning")
+    words += [f"port mapping: {name}" for field, name in PORT_MAPPINGS if info.get(field)]
+    return words or ["not reported"]
+
+
+def network_fields(node):
+    """A node's network as its client reports it: NAT, endpoints and where
+    each came from, DERP home and latencies, client version and capability."""
+    types = node.endpoint_types if len(node.endpoint_types) == len(node.endpoints) else []
+    latency = netinfo(node.hostinfo).get("DERPLatency") or {}
+    return {"nat": nat_words(node), "nat_kind": nat_class(node),
+            "endpoints_from": [{"endpoint": e, "from": ENDPOINT_SOURCES.get(t, "unknown") if types else "unknown"}
+                               for e, t in zip(node.endpoints, types or [0] * len(node.endpoints))],
+            "derp_home": home_derp(node),
+            "derp_latency_ms": {k[:32]: round(v * 1000, 1) for k, v in list(latency.items())[:MAX_DERP_LATENCIES]},
+            "client_version": node.hostinfo.get("IPNVersion") or "", "capability": node.cap}
+
+
+def why_relayed(a, b):
+    """Why two nodes' packets may not go direct, from both ends' NetInfo, in words."""
+    reasons = [f"{n.given_name}: UDP blocked, so only DERP over TCP reaches it"
+               for n in (a, b) if nat_class(n) == "udp-blocked"]
+    hard = [n for n in (a, b) if nat_class(n) == "hard"]
+    if len(hard) == 2:
+        reasons.append("both are behind hard NATs (mapping varies by destination): hole punching cannot meet; "
+                       "forward UDP 41641 to one of them, or enable UPnP/NAT-PMP on its router")
+    elif hard:
+        other = b if hard[0] is a else a
+        if nat_class(other) != "port-mapped":
+            reasons.append(f"{hard[0].given_name} is behind a hard NAT (mapping varies by destination) and "
+                           f"{other.given_name}'s router lets in only replies: forward UDP 41641 to "
+                           f"{other.given_name}, or enable UPnP/NAT-PMP on its router")
+    return reasons or ["nothing in their NetInfo: a firewall between them may drop UDP, "
+                       "or the direct path is still being tried"]
+
+
+def derp_pair_rows(derp, node_of, at):
+    """The pairs DERP carried packets for, most relayed first: nodes, bytes, and why relayed."""
+    rows = []
+    for pair in sorted(derp.pairs.values(), key=lambda p: p.data_bytes, reverse=True):
+        nodes = [node_of(key) for key in pair.keys]
+        relayed = pair.relayed(at)
+        rows.append({"nodes": [n.given_name if n else short_key(k) for n, k in zip(nodes, pair.keys)],
+                     "node_ids": [n.id if n else None for n in nodes], "relayed": relayed,
+                     "relayed_bytes": pair.data_bytes, "relayed_packets": pair.data_packets,
+                     "disco_packets": pair.disco_packets,
+                     "last_relayed_s_ago": round(at - pair.last_data, 1) if pair.last_data is not None else None,
+                     "why": why_relayed(*nodes) if relayed and all(nodes) else []})
+    return rows
 
 
 # ---- QR code ----
@@ -10153,6 +9451,768 @@ def admin_page(login_server, oidc=False):
         "{gateway_user}", GATEWAY_USER).replace("{oidc_link}", link)
 
 
+# ---- Server ----
+# ``serve``: the listeners (control HTTP, DERP over TLS, STUN, the local
+# admin socket), the background upkeep, and a clean stop.
+
+CONTROL_UPGRADE = "tailscale-control-protocol"
+HANDSHAKE_HEADER = "x-tailscale-handshake"
+TRIM_AFTER_MAP_BYTES = 4 << 20    # hand freed heap back after this much map traffic
+
+
+def release_free_memory():
+    """Hand freed heap back to the system (glibc keeps it otherwise): compiling
+    this file at start and compiling policies leave megabytes behind."""
+    if ctypes is None:
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):      # not glibc (musl has no malloc_trim)
+        pass
+
+
+# Connection budgets.  max_connections counts every connection from its
+# accept (TLS ones before their handshake); once the request head says what
+# a connection is, it also takes a place in its kind's budget, so a flood of
+# one kind cannot starve the others.  Until it proves something (a
+# registered node, an admitted DERP key) it also counts against its source
+# address, so one stranger cannot lock out the tailnet's nodes.
+TLS_HANDSHAKE_TIMEOUT = 10   # seconds from accept to a finished TLS handshake (asyncio's default: 60)
+
+
+def connection_source(address):
+    """What a connection from peername address counts against (address_block of its host)."""
+    return address_block(address[0]) if address else "?"
+
+
+class ConnectionBudgets:
+    """Open connections by kind, and unproven ones by source address."""
+
+    def __init__(self, limits, per_source):
+        self.limits, self.per_source = limits, per_source
+        self.open = collections.Counter()
+        self.unproven = collections.Counter()
+
+    def admit(self, source):
+        """A ConnectionTicket for a new connection, or None when source holds its share."""
+        if self.unproven[source] >= self.per_source:
+            return None
+        self.unproven[source] += 1
+        return ConnectionTicket(self, source)
+
+
+class ConnectionTicket:
+    """One connection's places in the budgets, given back by release()."""
+
+    __slots__ = ("budgets", "source", "kind", "proven")
+
+    def __init__(self, budgets, source):
+        self.budgets, self.source, self.kind, self.proven = budgets, source, None, False
+
+    def enter(self, kind):
+        """Take a place in kind's budget; False when it is full."""
+        if self.budgets.open[kind] >= self.budgets.limits[kind]:
+            return False
+        self.budgets.open[kind] += 1
+        self.kind = kind
+        return True
+
+    def prove(self):
+        """The connection showed a node or an admitted key: its address stops paying for it."""
+        if not self.proven:
+            self.proven = True
+            unproven = self.budgets.unproven
+            unproven[self.source] -= 1
+            if not unproven[self.source]:
+                del unproven[self.source]
+
+    def release(self):
+        """Give back its place in its kind's budget, and its address's while unproven."""
+        if self.kind is not None:
+            self.budgets.open[self.kind] -= 1
+            self.kind = None
+        self.prove()
+
+
+class Server:
+    """A running meshbox: store, coordinator, DERP, STUN and their listeners."""
+
+    def __init__(self, config):
+        self.config = config
+        self.refusals = {}
+        self.listeners = []
+        self.tasks = []
+        self.connections = {}       # handler task -> its writer, closed on stop
+        self.follow_pending = False
+        self.hosts_written = None
+        self.wireguard_stats = {}   # node key -> the gateway's handshake and byte counters
+        self.metrics = collections.Counter()
+        self.frames = {}            # id(map message) -> (message, its zstd frame)
+        self.derp_nodes = None      # node key -> node, for DERP admission; None after a change
+        self.recent_logs = RecentLogs()
+        self.admin_sessions = AdminSessions()
+        # API keys, OAuth secrets and sign-ins that fail are limited per
+        # address as refused registrations are (192-bit secrets cannot be
+        # guessed; this keeps a stranger from spending the box's CPU on tries).
+        self.failed_credentials = AttemptLimiter(REGISTER_ATTEMPT_BURST, REGISTER_ATTEMPT_INTERVAL,
+                                                 REGISTER_ATTEMPT_KEYS)
+        self.oauth_tokens = OAuthTokens()
+        self.stopping = asyncio.Event()
+
+    def _open_state(self):
+        self.store = open_state(self.config.state_dir)
+        self.noise_private = self.store.secret("noise_private", new_private_key)
+        self.challenge_private = self.store.secret("challenge_private", new_private_key)
+        self.noise_public = x25519_public(self.noise_private)
+        challenge = json_bytes({"nodeKeyChallenge": key_text("chalpub", x25519_public(self.challenge_private))})
+        self.early_payload = EARLY_PAYLOAD_MAGIC + struct.pack(">I", len(challenge)) + challenge
+        admit = None if self.config.derp_serve_any else self.derp_refusal
+        self.derp = DerpServer(self.store.secret("derp_private", new_private_key), admit) \
+            if self.config.derp_address() else None
+        if self.derp:
+            self.derp.name_of = self.derp_client_name
+
+    def derp_node(self, key):
+        """The node whose key a DERP client has, or None."""
+        if self.derp_nodes is None:       # rebuilt after a change: DERP asks once per client
+            self.derp_nodes = {n.node_key: n for n in self.coordinator.nodes.values()}
+        return self.derp_nodes.get(key)
+
+    def derp_client_name(self, key):
+        node = self.derp_node(key)
+        return node.given_name if node else short_key(key)
+
+    def derp_refusal(self, key):
+        """Why a DERP client key is not served (None: it is a live node's, the box's included)."""
+        node = self.derp_node(key)
+        if node is None:
+            return "this key is not a node of this tailnet (meshbox serves only its nodes; see derp_serve_any)"
+        if is_expired(node, now()):
+            return "this node's key has expired: log in again"
+        return None
+
+    def _derp_certificate(self):
+        """Create (once per DERP host name) the pinned self-signed certificate."""
+        host = self.config.public_host()
+        seed = self.store.secret("derp_cert_seed", lambda: secrets.token_bytes(32))
+        try:
+            ips = (str(ipaddress.ip_address(host)),)
+        except ValueError:
+            ips = ()
+        der = self.store.secret(f"derp_cert:{host}", lambda: self_signed_certificate(seed, host, ips))
+        cert_path = os.path.join(self.config.state_dir, "derp-cert.pem")
+        key_path = os.path.join(self.config.state_dir, "derp-key.pem")
+        write_file_atomically(cert_path, pem(der, "CERTIFICATE"))
+        write_file_atomically(key_path, ed25519_private_key_pem(seed))
+        return tls_server_context(cert_path, key_path), certificate_pin(der)
+
+    async def start(self):
+        config = self.config
+        config.check()
+        self.budgets = ConnectionBudgets(
+            {kind: int(getattr(config, f"max_{kind}_connections")) for kind in ("control", "derp", "http")},
+            int(config.max_connections_per_source))
+        self.oidc = OidcLogin(config) if config.oidc_issuer else None
+        if crypto_backend_problem():
+            raise Unavailable(crypto_backend_problem())
+        self.recent_logs.setFormatter(log_formatter(config))
+        log.addHandler(self.recent_logs)
+        if self.oidc and not any(self.oidc.allowed):
+            log.warning("OIDC: every account of %s may sign in and join the tailnet: no oidc_allowed_domains, "
+                        "oidc_allowed_users or oidc_allowed_groups is set (set one to narrow who may)",
+                        config.oidc_issuer)
+        self._open_state()
+        loop = asyncio.get_running_loop()
+        derp_port, stun_ports = 0, []
+        cert_name = ""
+        if config.derp_address():
+            if ssl is None:
+                raise Unavailable("DERP needs TLS but this Python has no ssl module "
+                                   "(OpenWrt: opkg install python3-openssl), or use --derp-listen off")
+            context, cert_name = self._derp_certificate()
+            host, derp_port = config.derp_address()
+            self.listeners.append(await asyncio.start_server(
+                lambda r, w: self.handle_http(r, w, tls=context), host, derp_port))
+        self.stun_transports = []
+        for host, stun_port in config.stun_addresses():
+            transport, _ = await loop.create_datagram_endpoint(StunProtocol, local_addr=(host, stun_port))
+            self.stun_transports.append(transport)
+            stun_ports.append(stun_port)
+        settings = MapSettings(
+            base_domain=config.base_domain,
+            derp_map=derp_map(config.public_host(), derp_port, stun_ports, cert_name) if derp_port else {"Regions": {}},
+            dns_config=tailnet_dns_config(config, dns_settings(self.store, config)),
+            control_url=config.public_url(),
+            node_caps={CAP_SSH: None, **({CAP_FILE_SHARING: None} if config.taildrop else {})},
+            cert_domains=bool(config.dns_hook))
+        expiry = 0 if str(config.node_expiry) == "0" else parse_duration(config.node_expiry)
+        self.coordinator = Coordinator(self.store, settings, config.prefix_v4, config.prefix_v6, expiry)
+        self.coordinator.on_change = self.tailnet_changed
+        self.tailnet_changed()
+        self.policy_mtime = None
+        if config.policy_file:
+            self.reload_policy_file()
+        host, port = config.control_address()
+        self.listeners.append(await asyncio.start_server(self.handle_http, host, port))
+        admin_path = os.path.join(config.state_dir, "admin.sock")
+        if os.path.exists(admin_path):
+            os.unlink(admin_path)
+        self.listeners.append(await asyncio.start_unix_server(self.handle_admin, admin_path,
+                                                              limit=MAX_REQUEST_BODY + 1))   # a large policy fits
+        os.chmod(admin_path, 0o600)
+        self.tasks.append(asyncio.ensure_future(self.upkeep()))
+        self.gateway = None
+        if config.gateway:
+            await self.start_gateway()
+        release_free_memory()
+        log.info("meshbox %s serving %s (control on %s:%d, DERP %s, STUN %s), state in %s",
+                 VERSION, config.public_url(), host, port,
+                 f"TLS port {derp_port}" if derp_port else "off", "ports " + ",".join(map(str, stun_ports)) if stun_ports else "off",
+                 os.path.abspath(config.state_dir))
+
+    def store_healthy(self):
+        try:
+            self.store.data_version()
+            return True
+        except sqlite3.Error:
+            return False
+
+    def reload_policy_file(self):
+        """Apply the policy file when it changed; a bad one is logged and ignored."""
+        path = self.config.policy_file
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError as e:
+            if self.policy_mtime != "missing":
+                log.error("policy file %s: %s; keeping the policy in force", path, e.strerror)
+                self.policy_mtime = "missing"
+            return
+        if mtime == self.policy_mtime:
+            return
+        self.policy_mtime = mtime
+        try:
+            self.coordinator.set_policy(read_text_file(path, "policy file"))
+        except (PolicyError, ValueError) as e:
+            log.error("policy file %s refused, keeping the policy in force: %s", path, e)
+
+    async def upkeep(self):
+        """Pick up CLI edits quickly; write live fields sparingly."""
+        last_flush = time.monotonic()
+        bytes_at_trim = bytes_before = 0
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL)
+            try:
+                self.coordinator.reload_if_changed()
+                self.coordinator.expire_due(now(), parse_duration(self.config.ephemeral_timeout))
+                if self.config.policy_file:
+                    self.reload_policy_file()
+                if self.derp:
+                    self.derp.sweep_pairs()
+                if time.monotonic() - last_flush >= FLUSH_INTERVAL:
+                    self.coordinator.flush_live()
+                    last_flush = time.monotonic()
+                # Full maps for a burst of joins leave freed heap behind:
+                # hand it back during a long burst and once the burst is over.
+                sent = self.metrics["map_bytes"]
+                burst_over = sent == bytes_before and sent > bytes_at_trim
+                if sent - bytes_at_trim > TRIM_AFTER_MAP_BYTES or burst_over:
+                    release_free_memory()
+                    bytes_at_trim = sent
+                bytes_before = sent
+            except (StoreError, sqlite3.Error) as e:
+                log.error("state database: %s (will retry)", e)
+
+    # the gateway
+    async def in_gateway_thread(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.gateway_thread, function, *args)
+
+    async def start_gateway(self):
+        """Bring up the box's WireGuard node; on failure the coordinator runs on without it."""
+        import concurrent.futures
+        config, coordinator = self.config, self.coordinator
+        self.gateway_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gateway")
+        private_key = self.store.secret("wg_private", new_private_key)
+        routes = config.gateway_routes()
+        gateway = Gateway(config, private_key)
+        hostname = socket.gethostname()
+        try:
+            node = coordinator.ensure_gateway_node(gateway.public_key, hostname, routes, list(config.public_endpoint))
+            await self.in_gateway_thread(gateway.up, node)
+            endpoints = list(config.public_endpoint) + await self.in_gateway_thread(gateway.local_endpoints, routes)
+            coordinator.ensure_gateway_node(gateway.public_key, hostname, routes, endpoints)
+        except (GatewayError, OSError, ValueError) as e:
+            log.error("gateway not started: %s; the coordinator runs without it", e)
+            await self.in_gateway_thread(gateway.down)
+            return
+        self.gateway = gateway
+        self.gateway_routes = routes
+        self.tailnet_changed()
+
+    # following the tailnet: the gateway and the hosts file
+    def tailnet_changed(self):
+        """Schedule one follow-up for a burst of changes."""
+        self.derp_nodes = None
+        if not self.follow_pending:
+            self.follow_pending = True
+            asyncio.get_running_loop().call_later(UPDATE_BATCH_DELAY,
+                                                  lambda: self.tasks.append(asyncio.ensure_future(self.follow_tailnet())))
+
+    async def follow_tailnet(self):
+        self.tasks = [t for t in self.tasks if not t.done()]
+        self.follow_pending = False
+        devices = self.store.devices()
+        self.write_hosts_file(devices)
+        if self.derp is not None:
+            self.derp.close_refused()
+        if self.gateway is not None:
+            await self.sync_gateway(devices)
+
+    def write_hosts_file(self, devices):
+        """The tailnet's names for dnsmasq (addn-hosts/hostsdir) or any resolver; replaced atomically.
+        A --hosts-file is 0644: the resolver runs as its own user (dnsmasq on OpenWrt)."""
+        text = hosts_file_text(self.coordinator.nodes.values(), devices, self.config.base_domain)
+        if text == self.hosts_written:
+            return
+        path = self.config.hosts_file or os.path.join(self.config.state_dir, "hosts")
+        try:
+            write_file_atomically(path, text.encode(), 0o644 if self.config.hosts_file else 0o600)
+            self.hosts_written = text
+        except OSError as e:
+            log.error("cannot write hosts file %s: %s", path, e.strerror)
+
+    async def sync_gateway(self, devices):
+        coordinator = self.coordinator
+        node = coordinator.gateway_node()
+        if node is None:
+            return
+        # Devices are addresses behind the box: its routes carry them.
+        routes = self.gateway_routes + [a for d in devices for a in (f"{d['ipv4']}/32", f"{d['ipv6']}/128")]
+        if routes != node.approved_routes:
+            coordinator.ensure_gateway_node(node.node_key, node.hostname, routes, node.endpoints)
+        view = coordinator.view_of(node)
+        wanted = gateway_peers(view, coordinator.nodes, devices)
+        acl = nft_filter_rules(view.packet_filter_rules, self.config.wg_interface)
+        try:
+            await self.in_gateway_thread(self.gateway.apply, wanted, acl)
+        except (GatewayError, OSError) as e:
+            log.error("gateway update failed: %s (will retry on the next change)", e)
+
+    async def stop(self):
+        for task in self.tasks:
+            task.cancel()
+        # No gateway sync may follow the teardown (it would put the table back).
+        gateway, self.gateway = self.gateway, None
+        if gateway is not None:
+            await self.in_gateway_thread(gateway.down)
+        for listener in self.listeners:
+            listener.close()
+        for writer in list(self.connections.values()):
+            writer.close()
+        if self.connections:
+            _, pending = await asyncio.wait(list(self.connections), timeout=2)
+            # What is left waits on a TLS peer that never answered our close: end it here.
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1)
+        for transport in getattr(self, "stun_transports", ()):
+            transport.close()
+        try:
+            self.coordinator.flush_live()
+        except StoreError as e:
+            log.error("%s", e)
+        log.info("meshbox stopped")
+        log.removeHandler(self.recent_logs)
+
+    # HTTP/1.1 requests
+    async def handle_http(self, reader, writer, tls=None):
+        """One connection from its accept; tls is the DERP port's context, its handshake bounded in time."""
+        address = writer.get_extra_info("peername")
+        peer = f"{address[0]}:{address[1]}" if address else "?"
+        ticket = None
+        if len(self.connections) >= int(self.config.max_connections):
+            refusal = "too many connections, try again later"
+        else:
+            ticket = self.budgets.admit(connection_source(address))
+            refusal = "too many connections from your address, try again later"
+        if ticket is None:
+            # Refused before reading a byte: a flood cannot make us buffer or parse.
+            self.metrics["connections_turned_away"] += 1
+            if tls is None:
+                writer.write(http_response(503, refusal + "\n"))
+            writer.close()
+            return
+        self.connections[asyncio.current_task()] = writer
+        try:
+            if tls is not None:
+                await writer.start_tls(tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            request = await asyncio.wait_for(read_http_request(reader), CONTROL_HANDSHAKE_TIMEOUT)
+            if request is None:
+                return
+            control = await self.route_http(request, reader, writer, peer, ticket)
+            if control is not None:
+                del request       # a control connection lasts hours: keep nothing of its HTTP request
+                await control.run(self.early_payload)
+        except HttpError as e:
+            writer.write(http_response(e.status, e.args[0] + "\n"))
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError if ssl else OSError):
+            pass
+        except Exception:
+            log.exception("error serving %s", peer)
+        except asyncio.CancelledError:
+            pass    # stop() ended it: a connection task that ends cancelled is an error in 3.11's stream callback
+        finally:
+            self.connections.pop(asyncio.current_task(), None)
+            ticket.release()
+            try:
+                await drain_within(writer)
+                writer.close()
+            except (ConnectionError, OSError):
+                pass
+
+    async def route_http(self, request, reader, writer, peer, ticket):
+        """Answer one HTTP request; for an upgrade to the control protocol,
+        the ControlConnection to run."""
+        path, upgrade = request.path, request.headers.get("upgrade", "").lower()
+        derp = path == "/derp" and upgrade in ("derp", "websocket") and self.derp
+        kind = "control" if path == "/ts2021" else "derp" if derp else "http"
+        if not ticket.enter(kind):
+            self.metrics["connections_turned_away"] += 1
+            raise HttpError(503, f"too many {kind} connections, try again later")
+        if path == "/key" and request.method == "GET":
+            body = {"legacyPublicKey": key_text("mkey", bytes(32)),
+                    "publicKey": key_text("mkey", self.noise_public)}
+            writer.write(http_response(200, json_bytes(body), "application/json"))
+        elif path == "/ts2021":
+            return self.upgrade_control(request, upgrade, reader, writer, peer, ticket)
+        elif derp:
+            await self.derp.handle_upgrade(request.headers, reader, writer, ticket.prove)
+        elif path in ("/derp/probe", "/derp/latency-check"):
+            writer.write(http_response(200, b""))
+        elif path == "/generate_204":
+            challenge = request.headers.get("x-tailscale-challenge", "")
+            extra = [("X-Tailscale-Response", "response " + challenge)] if challenge.isalnum() and len(challenge) < 64 else []
+            writer.write(http_response(204, b"", headers=extra))
+        elif path.startswith("/register/") and request.method == "GET":
+            await self.show_login_request(path.rsplit("/", 1)[-1], writer)
+        elif path == "/oidc/callback" and request.method == "GET" and self.oidc:
+            await self.finish_oidc_login(request.query, writer, peer)
+        elif path.startswith("/api/v1/"):
+            await self.handle_api(request, reader, writer, peer)
+        elif path.startswith(API_V2_PREFIX):
+            await self.handle_api_v2(request, reader, writer, peer)
+        elif path == "/admin" or path.startswith("/admin/"):
+            await self.handle_admin_page(request, reader, writer, peer)
+        elif path == "/metrics":
+            writer.write(http_response(200, self.metrics_text(), "text/plain; version=0.0.4"))
+        elif path == "/health":
+            healthy = self.store_healthy()
+            writer.write(http_response(200 if healthy else 503, json_bytes(
+                {"status": "ok" if healthy else "state database unavailable",
+                 "nodes": len(self.coordinator.nodes), "gateway": self.gateway is not None}), "application/json"))
+        elif path == "/":
+            writer.write(http_response(200, landing_page(self.config.public_url()), "text/html; charset=utf-8"))
+        else:
+            raise HttpError(404, f"{path} is not served here")
+
+    def upgrade_control(self, request, upgrade, reader, writer, peer, ticket):
+        """Complete the Noise handshake of a control upgrade: its ControlConnection."""
+        if upgrade == "websocket":
+            protocols = [p.strip() for p in request.headers.get("sec-websocket-protocol", "").split(",")]
+            if CONTROL_UPGRADE not in protocols or "sec-websocket-key" not in request.headers:
+                raise HttpError(400, "websocket clients must ask for the tailscale-control-protocol subprotocol")
+            handshake = request.query.get("X-Tailscale-Handshake", "")
+        elif upgrade == CONTROL_UPGRADE:
+            handshake = request.headers.get(HANDSHAKE_HEADER, "")
+        else:
+            raise HttpError(400, f"unknown Upgrade {upgrade!r}: expected {CONTROL_UPGRADE}")
+        try:
+            initiation = base64.b64decode(handshake, validate=True)
+            response, noise = noise_respond(self.noise_private, initiation, self.noise_public)
+        except (binascii.Error, ValueError):
+            raise HttpError(400, "missing or invalid X-Tailscale-Handshake") from None
+        except (NoiseError, CryptoError) as e:
+            log.info("control handshake from %s refused: %s", peer, e)
+            raise HttpError(400, f"noise handshake failed: {e}") from None
+        if upgrade == "websocket":
+            writer.write(http_upgrade_response("websocket", [
+                ("Sec-WebSocket-Accept", websocket_accept_value(request.headers["sec-websocket-key"])),
+                ("Sec-WebSocket-Protocol", CONTROL_UPGRADE)]))
+            stream = out = WebSocketStream(reader, writer)
+            out.write(response)
+        else:
+            writer.write(http_upgrade_response(CONTROL_UPGRADE) + response)
+            stream, out = reader, writer
+        return ControlConnection(self, stream, out, noise, peer, ticket.prove)
+
+    # interactive login: the AuthURL shows the approve command, or sends the
+    # person to the identity provider, who sends them back to /oidc/callback
+    async def show_login_request(self, request_id, writer):
+        if self.oidc is None:
+            writer.write(http_response(200, register_page(request_id), "text/html; charset=utf-8"))
+            return
+        if request_id not in self.coordinator.auth_requests:
+            raise HttpError(404, "this login request is unknown or has expired: log in again on the device")
+        try:
+            url = await self.oidc.authorization_url(request_id)
+        except OidcError as e:
+            log.error("OIDC sign-in unavailable: %s", e)
+            writer.write(http_response(503, message_page("Sign-in is unavailable", str(e)), "text/html; charset=utf-8"))
+            return
+        writer.write(http_response(302, b"", headers=[("Location", url)]))
+
+    async def finish_oidc_login(self, query, writer, peer):
+        try:
+            request_id, identity = await self.oidc.finish(query)
+            if request_id.startswith(ADMIN_SIGN_IN):
+                self.finish_admin_sign_in(identity, writer, peer)
+                return
+            if request_id not in self.coordinator.auth_requests:
+                raise OidcError("the device's login request has expired: log in again on the device")
+            user = self.coordinator.user_signing_in(identity["name"])
+            result = self.coordinator.approve(request_id, user.id)
+            if "Error" in result:
+                raise OidcError(result["Error"])
+        except (OidcError, ValueError) as e:
+            log.warning("OIDC sign-in from %s refused: %s", peer, e)
+            writer.write(http_response(403, message_page("Sign-in refused", str(e)), "text/html; charset=utf-8"))
+            return
+        log.info("OIDC: %s (%s) signed in and approved login request %s", user.name, identity["display_name"],
+                 request_id)
+        writer.write(http_response(200, message_page("Signed in", f"Signed in as {user.name}; the device is joining."),
+                                   "text/html; charset=utf-8"))
+
+    def finish_admin_sign_in(self, identity, writer, peer):
+        """An admin back from the identity provider: a session cookie, and on to the page."""
+        if identity["name"] not in self.config.oidc_admins:
+            log.warning("OIDC: %s signed in at %s but is not one of oidc_admins", identity["name"], peer)
+            writer.write(http_response(403, message_page("Not an admin", f"{identity['name']} is not one of this "
+                                                         "meshbox's oidc_admins."), "text/html; charset=utf-8"))
+            return
+        token, _ = self.admin_sessions.create(None)
+        log.info("OIDC: %s signed in to the admin page", identity["name"])
+        secure = self.config.public_url().startswith("https://")
+        writer.write(http_response(302, b"", headers=[("Location", "/admin"), ("Cache-Control", "no-store"),
+                                                      ("Set-Cookie", admin_cookie(token, secure))]))
+
+    # local admin socket: live state for the CLI
+    async def run_admin(self, noun, verb, params):
+        """One administrative verb, run inside the server: {"result": ...} or {"error": ...}."""
+        if self.gateway is not None:
+            self.wireguard_stats = await self.in_gateway_thread(self.gateway.wg.peer_stats)
+        try:
+            return {"result": Admin(self.store, self.config, self).call(noun, verb, params or {})}
+        except MeshboxError as e:
+            return {"error": str(e)}
+
+    async def handle_admin(self, reader, writer):
+        """The local admin socket: one JSON request line, one JSON answer line."""
+        try:
+            try:
+                line = await asyncio.wait_for(reader.readline(), 10)
+            except ValueError:              # longer than the reader's limit
+                line = None
+            try:
+                if line is None:
+                    raise InvalidInput(f"larger than {MAX_REQUEST_BODY >> 20} MiB")
+                request = parse_json(line or b"{}")
+                if not isinstance(request, dict):
+                    raise InvalidInput("not a JSON object")
+            except ValueError as e:
+                answer = {"error": f"malformed admin request: {e}"}
+            else:
+                answer = await self.run_admin(str(request.get("noun")), request.get("verb"), request.get("params"))
+            writer.write(json_bytes(answer) + b"\n")
+            await writer.drain()
+        except (asyncio.TimeoutError, ConnectionError, asyncio.CancelledError):
+            pass    # a cancel is the server stopping (see handle_http)
+        finally:
+            writer.close()
+
+    def credentials_locked_out(self, peer):
+        """Why an address whose credentials kept being refused is turned away (429), or ""."""
+        wait = self.failed_credentials.wait(address_block(peer.rpartition(":")[0]), now())
+        return f"too many refused API keys or sign-ins from this address, try again in {math.ceil(wait)} s" \
+            if wait else ""
+
+    def credentials_refused(self, peer):
+        """Count a refused API key, token or sign-in against its address; log the one that locks it out."""
+        self.metrics["api_refused"] += 1
+        block = address_block(peer.rpartition(":")[0])
+        if self.failed_credentials.failed(block, now()):
+            log.warning("too many refused API keys or sign-ins from address %s: refused for %d s",
+                        block, math.ceil(self.failed_credentials.wait(block, now())))
+
+    async def handle_api(self, request, reader, writer, peer):
+        """/api/v1/NOUN[/VERB]: the CLI's verbs for remote callers with an API key."""
+        locked_out = self.credentials_locked_out(peer)
+        if locked_out:
+            writer.write(http_response(429, json_bytes({"error": locked_out}), "application/json"))
+            return
+        token = request.headers.get("authorization", "")
+        if not token.startswith("Bearer ") or not api_key_valid(self.store, token[7:].strip()):
+            self.credentials_refused(peer)
+            writer.write(http_response(401, json_bytes({"error": "missing or invalid API key"}), "application/json"))
+            return
+        body = await read_request_body(request, reader)
+        try:
+            params = parse_json(body) if body else {}
+            if not isinstance(params, dict):
+                raise InvalidInput("the body must be a JSON object")
+        except ValueError as e:
+            writer.write(http_response(400, json_bytes({"error": f"malformed JSON body: {e}"}), "application/json"))
+            return
+        parts = request.path[len("/api/v1/"):].strip("/").split("/")
+        noun, verb = parts[0], (parts[1] if len(parts) > 1 else ("list" if request.method == "GET" else None))
+        if noun in ("status", "netmap", "logs", "paths"):
+            verb = None
+        answer = await self.run_admin(noun, verb, params)
+        writer.write(http_response(400 if "error" in answer else 200, json_bytes(answer), "application/json"))
+
+    def api_caller_scopes(self, request):
+        """The API v2 scopes of a request's caller, None when unknown: an API key (HTTP Bearer, or Basic
+        with the key as the user, as Tailscale's clients send it) or the admin page's session cookie with
+        its CSRF token may do everything; an OAuth access token (Bearer) what its client's scopes say."""
+        everything = frozenset({"all"})
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            if value.strip().startswith(OAUTH_SECRET_PREFIX):
+                return self.oauth_tokens.scopes(self.store, value.strip())
+            return everything if api_key_valid(self.store, value.strip()) else None
+        if scheme.lower() == "basic":
+            try:
+                user = base64.b64decode(value.strip(), validate=True).decode().partition(":")[0]
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            return everything if api_key_valid(self.store, user) else None
+        valid = self.admin_sessions.valid(self.store, request_cookie(request, SESSION_COOKIE),
+                                          request.headers.get(CSRF_HEADER, ""))
+        return everything if valid else None
+
+    async def handle_api_v2(self, request, reader, writer, peer):
+        """Tailscale's API v2 (see ApiV2): errors answer as Tailscale's do, {"message": ...}."""
+        headers = [("Cache-Control", "no-store")]
+        try:
+            locked_out = self.credentials_locked_out(peer)
+            if locked_out:
+                raise HttpError(429, locked_out)
+            body = await read_request_body(request, reader)
+            if request.path.rstrip("/") == API_V2_PREFIX + "oauth/token" and request.method == "POST":
+                status, token = self.oauth_tokens.answer(self.store, request, body)
+                if status == 401:
+                    self.credentials_refused(peer)
+                writer.write(http_response(status, json_bytes(token), "application/json", headers))
+                return
+            scopes = self.api_caller_scopes(request)
+            if scopes is None:
+                self.credentials_refused(peer)
+                raise HttpError(401, "API token invalid")
+            status, content_type, answer, extra = await ApiV2(self).answer(
+                request.method, request.path, ApiRequest(request.method, request.query, request.headers, body), scopes)
+            headers += extra
+        except HttpError as e:
+            status, content_type, answer = e.status, "application/json", json_bytes({"message": str(e)})
+        writer.write(http_response(status, answer, content_type, headers))
+
+    async def handle_admin_page(self, request, reader, writer, peer):
+        """The admin page, its script and style, and its sign-in (a cookie session for an API key)."""
+        path, method = request.path.rstrip("/") or "/admin", request.method
+        secure = writer.get_extra_info("sslcontext") is not None or self.config.public_url().startswith("https://")
+        if path == "/admin/session":
+            body = await read_request_body(request, reader)
+            locked_out = self.credentials_locked_out(peer) if method == "POST" else ""
+            if locked_out:
+                status, answer, headers = 429, {"message": locked_out}, []
+            else:
+                status, answer, headers = self.admin_sessions.answer(self.store, request, body, secure)
+            if method == "POST" and status == 401:
+                self.credentials_refused(peer)
+            writer.write(http_response(status, json_bytes(answer), "application/json",
+                                       headers + [("Cache-Control", "no-store")]))
+        elif (method, path) == ("GET", "/admin"):
+            oidc = bool(self.oidc and self.config.oidc_admins)
+            writer.write(http_response(200, admin_page(self.config.public_url(), oidc), "text/html; charset=utf-8",
+                                       ADMIN_PAGE_HEADERS))
+        elif (method, path) == ("GET", "/admin/oidc") and self.oidc and self.config.oidc_admins:
+            try:     # a sign-in of its own each time: one person's reloads push out no other's
+                url = await self.oidc.authorization_url(ADMIN_SIGN_IN + secrets.token_urlsafe(12))
+            except OidcError as e:
+                raise HttpError(503, f"sign-in is unavailable: {e}") from None
+            writer.write(http_response(302, b"", headers=[("Location", url), ("Cache-Control", "no-store")]))
+        elif (method, path) in ADMIN_PAGE_FILES:
+            content_type, content = ADMIN_PAGE_FILES[(method, path)]
+            writer.write(http_response(200, content, content_type, ADMIN_PAGE_HEADERS))
+        else:
+            raise HttpError(404, f"{path} is not served here")
+
+    def metrics_text(self):
+        """Prometheus text exposition of the server's counters and gauges."""
+        coordinator, derp = self.coordinator, self.derp.stats() if self.derp else {}
+        nodes = list(coordinator.nodes.values())
+        lines = []
+
+        def metric(name, kind, help_text, samples):
+            lines.append(f"# HELP meshbox_{name} {help_text}")
+            lines.append(f"# TYPE meshbox_{name} {kind}")
+            for labels, value in samples:
+                label_text = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+                lines.append(f"meshbox_{name}{label_text} {value}")
+
+        metric("nodes", "gauge", "Registered nodes.", [({}, len(nodes))])
+        metric("nodes_online", "gauge", "Nodes with a map session.", [({}, sum(n.online for n in nodes))])
+        metric("map_sessions", "gauge", "Open streaming map sessions.",
+               [({}, sum(len(v) for v in coordinator.sessions.values()))])
+        metric("map_updates_sent_total", "counter", "Map messages sent to clients.",
+               [({}, self.metrics["map_messages"])])
+        metric("map_bytes_sent_total", "counter", "Bytes of map messages sent.", [({}, self.metrics["map_bytes"])])
+        metric("registrations_total", "counter", "Successful registrations.", [({}, self.metrics["registrations"])])
+        metric("registration_refusals_total", "counter", "Refused registrations by reason.",
+               [({"reason": reason}, count) for reason, count in sorted(self.refusals.items())] or [({}, 0)])
+        metric("connections_turned_away_total", "counter",
+               "Connections refused at a limit (overall, of their kind, or of their address).",
+               [({}, self.metrics["connections_turned_away"])])
+        metric("api_refused_total", "counter", "API requests refused for a bad key.", [({}, self.metrics["api_refused"])])
+        metric("derp_clients", "gauge", "Connected DERP clients.", [({}, derp.get("clients", 0))])
+        metric("derp_packets_relayed_total", "counter", "Packets relayed by DERP.", [({}, derp.get("packets_relayed", 0))])
+        metric("derp_bytes_relayed_total", "counter", "Bytes relayed by DERP.", [({}, derp.get("bytes_relayed", 0))])
+        metric("derp_packets_dropped_total", "counter", "Packets DERP dropped.", [({}, derp.get("packets_dropped", 0))])
+        pairs = derp_pair_rows(self.derp, self.derp_node, time.monotonic())[:TOP_PAIRS_METRICS] if self.derp else []
+        metric("derp_pair_relayed_bytes", "gauge", f"Data bytes DERP relayed between two nodes (top {TOP_PAIRS_METRICS}).",
+               [({"a": p["nodes"][0], "b": p["nodes"][1]}, p["relayed_bytes"]) for p in pairs] or [({}, 0)])
+        kinds = collections.Counter(nat_class(n) for n in nodes if n.kind == NODE_CLIENT)
+        metric("nodes_by_nat", "gauge", "Nodes by the NAT their client reports.",
+               [({"kind": kind}, count) for kind, count in sorted(kinds.items())] or [({}, 0)])
+        return "\n".join(lines) + "\n"
+
+
+# Diagnostics: what a node's NetInfo (its client's own netcheck) and
+# EndpointTypes say about its network, in words for the person at the router.
+
+def register_page(request_id):
+    """What a person sees at a client's AuthURL: the command that approves it."""
+    safe = "".join(c for c in request_id if c.isalnum() or c in "-_")[:64]
+    return f"""<!doctype html><title>meshbox: approve this device</title>
+<h1>Approve this device</h1>
+<p>An administrator of this meshbox approves the device with:</p>
+<pre>meshbox nodes register --user USER --key {safe}</pre>
+<p>The device joins as soon as the command runs; the request expires in {AUTH_REQUEST_TTL // 60} minutes.</p>"""
+
+
+def message_page(title, message):
+    """A small HTML page: a heading and one message."""
+    return f"""<!doctype html><title>meshbox: {html_text(title)}</title>
+<h1>{html_text(title)}</h1>
+<p>{html_text(message)}</p>"""
+
+
+def landing_page(url):
+    return f"""<!doctype html><title>meshbox</title>
+<h1>meshbox is running</h1>
+<p>Join a device to this tailnet:</p>
+<pre>meshbox preauthkeys create --user NAME
+tailscale up --login-server {url} --auth-key KEY</pre>"""
+
+
 # ---- CLI ----
 # Headscale's nouns and verbs, so scripts carry over.  A verb runs inside the
 # running server when there is one (its admin socket), else on the state
@@ -10413,51 +10473,6 @@ def verb_params(args, noun, verb):
         except ValueError as e:
             raise InvalidInput(f"topology {args.topology} is not JSON: {e}") from None
     return params
-
-
-def read_text_file(path, what):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        raise InvalidInput(f"cannot read {what} {path}: {e.strerror}") from None
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per log line, for log collectors."""
-
-    def format(self, record):
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                 + f".{int(record.msecs):03d}Z", "level": record.levelname.lower(), "message": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-class TextLogFormatter(logging.Formatter):
-    """Plain log lines with the message's control characters escaped: one
-    record is one line, whatever a node put in the text logged."""
-
-    def formatMessage(self, record):
-        record.message = escape_control(record.message)
-        return super().formatMessage(record)
-
-
-class RecentLogs(logging.Handler):
-    """The last lines logged, kept for 'meshbox logs'."""
-
-    def __init__(self, size=1000):
-        super().__init__()
-        self.lines = collections.deque(maxlen=size)
-
-    def emit(self, record):
-        self.lines.append(self.format(record))
-
-
-def log_formatter(config):
-    if config.log_format == "json":
-        return JsonLogFormatter()
-    return TextLogFormatter("%(asctime)s %(levelname)s %(message)s")
 
 
 def setup_logging(config, serving):
