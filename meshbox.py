@@ -864,7 +864,7 @@ class Config:
                 raise InvalidInput(f"OIDC issuer must be an https:// URL, got {self.oidc_issuer!r}")
             if not self.oidc_client_id:
                 raise InvalidInput("OIDC needs oidc_client_id: register meshbox as a client at the provider, with "
-                                 f"the redirect URI {self.public_url()}/oidc/callback")
+                                   f"the redirect URI {self.public_url()}/oidc/callback")
 
     def gateway_routes(self):
         """The routes the box advertises (checked), with the exit routes when it is an exit node."""
@@ -4753,50 +4753,23 @@ class NodeTable(dict):
         self.pop(node_id)
 
 
-class Coordinator:
-    """The tailnet as the server sees it; all state changes go through here."""
+class FanOut:
+    """Tells each map session what changed.  Each session keeps the set of
+    node ids whose view it owes its client; a change marks those sets and
+    wakes the sessions, so a slow client only delays itself.  Owns what is
+    built once for many sessions: peers' JSON, deltas every session gets,
+    and their encoded frames."""
 
-    def __init__(self, store, settings, prefix_v4=DEFAULT_PREFIX_V4, prefix_v6=DEFAULT_PREFIX_V6,
-                 node_expiry=DEFAULT_NODE_EXPIRY):
-        self.store = store
-        self.settings = settings
-        self.node_expiry = node_expiry   # seconds; 0: keys never expire
-        self.auth_requests = {}          # id -> AuthRequest, in memory only: their clients ask again after a restart
-        self.ssh_checks = {}             # id -> SSHCheck waiting for an admin, in memory only
-        self.ssh_approved = {}           # (src node id, dst node id) -> when an admin last approved a check
-        self.failed_registrations = AttemptLimiter(REGISTER_ATTEMPT_BURST, REGISTER_ATTEMPT_INTERVAL,
-                                                   REGISTER_ATTEMPT_KEYS)
-        self.hostinfo_log_quota = AttemptLimiter(HOSTINFO_LOG_BURST, HOSTINFO_LOG_INTERVAL, REGISTER_ATTEMPT_KEYS)
-        self.node_changes = AttemptLimiter(NODE_CHANGE_BURST, NODE_CHANGE_INTERVAL, REGISTER_ATTEMPT_KEYS)
-        self.held_changes = {}       # node id -> whether its routes changed, for a node over its change rate
-        self.prefix_v4, self.prefix_v6 = prefix_v4, prefix_v6
-        self.users = {u.id: u for u in store.users()}
-        self.nodes = NodeTable(store.nodes())
+    def __init__(self, tailnet):
+        self.tailnet = tailnet
         self.sessions = {}           # node id -> set of MapSession
-        self.dirty_live = set()      # node ids whose live fields await a flush
-        self.data_version = store.data_version()
-        self.policy_text = store.setting("policy")
-        self.policy = parse_policy(self.policy_text) if self.policy_text else None
-        self.views = {}              # node id -> its NodeView (with a policy)
-        self.allow_all = {}          # node id -> its shared peer entry (with no policy)
         self.generation = 0          # counts notifications: a shared delta is valid for one
         self.shared_deltas = {}      # (generation, changed, removed) -> message
         self.json_cache = {}         # node id -> node_json, under a policy (each viewer adds its AllowedIPs)
         self.peer_texts = {}         # node id -> its JSON as a peer (default policy: one for all viewers)
-        self.known_expired = set()   # node ids whose expiry peers have been told of
+        self.frames = {}             # id(shared delta) -> (delta, its encoded frame)
         self.on_change = None        # called after any change (the gateway and hosts file follow)
-        self.pending_compile = None  # the scheduled recompile of a burst of changes, under a policy
-        self.compile_seconds = 0.0   # how long the last compile took
-        self.recompile()
 
-    # lookups
-    def node_by_machine(self, machine_key):
-        return self.nodes.by_machine.get(machine_key)
-
-    def node_by_node_key(self, node_key):
-        return next((n for n in self.nodes.values() if n.node_key == node_key), None)
-
-    # fan-out
     def notify(self, changed=(), removed=(), full=False, policy=False):
         """Tell every map session (and the gateway) which nodes changed or went away."""
         self.generation += 1
@@ -4817,7 +4790,7 @@ class Coordinator:
         base = self.json_cache.get(node.id)
         if base is None or (is_expired(node, at) and not base.get("Expired")):
             base = node_json(node, base_domain, at)
-            if self.policy is not None:     # each viewer's delta needs it; by default one delta serves all
+            if self.tailnet.policy_views.policy is not None:     # each viewer's delta needs it; by default one serves all
                 self.json_cache[node.id] = base
         out = dict(base)
         out["AllowedIPs"] = seen_as["AllowedIPs"]
@@ -4828,37 +4801,27 @@ class Coordinator:
     def encoded_full_map(self, node, view, at):
         """The full map as JSON bytes, with each peer's JSON encoded once and
         reused: under the default policy every viewer sees a peer the same way."""
-        message = map_response_for(node, view, self.nodes, self.users, self.settings, at,
+        message = map_response_for(node, view, self.tailnet.nodes, self.tailnet.users, self.tailnet.settings, at,
                                    peer_json=lambda peer, *_: peer.id)
         texts = []
         for peer_id in message.pop("Peers"):
             text = self.peer_texts.get(peer_id)
             if text is None:
-                peer = self.nodes[peer_id]
+                peer = self.tailnet.nodes[peer_id]
                 text = self.peer_texts[peer_id] = json_bytes(
-                    self.peer_json(peer, self.settings.base_domain, at, view.peers[peer_id]))
+                    self.peer_json(peer, self.tailnet.settings.base_domain, at, view.peers[peer_id]))
             texts.append(text)
         return json_bytes(message)[:-1] + b',"Peers":[' + b",".join(texts) + b"]}"
-
-    def view_of(self, node, at=None):
-        """The node's compiled view; an expired node sees no peers.  Its map
-        session is kept rather than refused: told once that it expired, the
-        stock client stops its engine and waits quietly for a new login,
-        while a refused map it retries several times a second."""
-        if is_expired(node, at or now()):
-            return NO_PEERS_VIEW
-        if self.policy is None:
-            return allow_all_view(self.allow_all, node.id)
-        return self.views.get(node.id) or NO_PEERS_VIEW
 
     def map_message(self, session, at=None):
         """The next message a session owes its client, or None."""
         at = at or now()
-        node = self.nodes.get(session.node_id)
+        node = self.tailnet.nodes.get(session.node_id)
         if node is None:
             session.close()
             return None
-        if self.policy is not None and node.id not in self.views and self.pending_compile:
+        views = self.tailnet.policy_views
+        if views.policy is not None and node.id not in views.views and views.pending_compile:
             return None              # a new node's view comes with the scheduled compile
         if is_expired(node, at):
             # Each map message makes a blocked stock client restart its engine
@@ -4870,31 +4833,33 @@ class Coordinator:
             session.told_expired = True
         elif session.told_expired:      # its key was extended: its peers come back
             session.told_expired, session.full = False, True
-        view = self.view_of(node, at)
+        view = self.tailnet.policy_views.view_of(node, at)
         if session.full:
             session.full = session.self_changed = session.policy_changed = False
             session.changed.clear(), session.removed.clear()
-            if self.policy is None:
+            if self.tailnet.policy_views.policy is None:
                 return self.encoded_full_map(node, view, at)
-            return map_response_for(node, view, self.nodes, self.users, self.settings, at, self.peer_json)
+            return map_response_for(node, view, self.tailnet.nodes, self.tailnet.users, self.tailnet.settings, at,
+                                    self.peer_json)
         # Under the default policy every session owed the same changes gets
         # the same message: build it once per change (and the server encodes
         # it once), not once per session.
-        shared = self.policy is None and not session.self_changed and not session.policy_changed
+        shared = self.tailnet.policy_views.policy is None and not session.self_changed and not session.policy_changed
         key = (self.generation, frozenset(session.changed), frozenset(session.removed))
         if shared and key in self.shared_deltas:
             session.changed.clear(), session.removed.clear()
             return self.shared_deltas[key]
         msg = {}
-        changed = [(self.nodes[i], view.peers[i]) for i in sorted(session.changed)
-                   if i in view.peers and i in self.nodes]
+        changed = [(self.tailnet.nodes[i], view.peers[i]) for i in sorted(session.changed)
+                   if i in view.peers and i in self.tailnet.nodes]
         if changed:
-            msg["PeersChanged"] = [self.peer_json(p, self.settings.base_domain, at, seen_as) for p, seen_as in changed]
-            msg["UserProfiles"] = user_profiles([p for p, _ in changed], self.users)
+            base_domain = self.tailnet.settings.base_domain
+            msg["PeersChanged"] = [self.peer_json(p, base_domain, at, seen_as) for p, seen_as in changed]
+            msg["UserProfiles"] = user_profiles([p for p, _ in changed], self.tailnet.users)
         if session.removed:
             msg["PeersRemoved"] = sorted(session.removed)
         if session.self_changed or session.policy_changed:
-            msg["Node"] = self_node_json(node, view, self.settings, at)
+            msg["Node"] = self_node_json(node, view, self.tailnet.settings, at)
         if session.policy_changed:
             msg["PacketFilter"] = view.packet_filter_rules or []
             msg["SSHPolicy"] = {"rules": view.ssh_rules or []}
@@ -4906,7 +4871,89 @@ class Coordinator:
             self.shared_deltas[key] = msg
         return msg or None
 
-    # policy
+    def open_session(self, node):
+        session = MapSession(node.id)
+        session.full = True
+        first = not self.sessions.get(node.id)
+        self.sessions.setdefault(node.id, set()).add(session)
+        if first:
+            node.online = True
+            log.info("map session start: node %d %s", node.id, node.given_name)
+            self.notify(changed=[node.id])
+        return session
+
+    def close_session(self, session):
+        sessions = self.sessions.get(session.node_id, set())
+        sessions.discard(session)
+        session.close()
+        node = self.tailnet.nodes.get(session.node_id)
+        if not sessions:
+            self.sessions.pop(session.node_id, None)
+            if node:
+                node.online = False
+                node.last_seen = now()
+                self.tailnet.dirty_live.add(node.id)
+                log.info("map session end: node %d %s", node.id, node.given_name)
+                self.notify(changed=[node.id])
+
+    def views_changed(self, old, new):
+        """Tell each session what a compile changed in its node's view (the
+        peers it gained, lost or sees differently, and whether its filter,
+        SSH rules or capabilities changed), then the gateway."""
+        for node_id, sessions in self.sessions.items():
+            before, after = old.get(node_id), new.get(node_id)
+            if before is None or after is None:
+                for session in sessions:
+                    session.owe(full=True)
+                continue
+            peers_before, peers_after = before.peers, after.peers
+            if peers_dict(peers_before) == peers_dict(peers_after):    # the usual case, compared in C
+                removed = changed = []
+            else:
+                removed = [p for p in peers_before if p not in peers_after]
+                changed = [p for p, seen in peers_after.items() if peers_before.get(p) != seen]
+            policy = (before.packet_filter_rules, before.ssh_rules, before.cap_map) != \
+                (after.packet_filter_rules, after.ssh_rules, after.cap_map)
+            if removed or changed or policy:
+                for session in sessions:
+                    session.owe(changed, removed, policy=policy)
+        if self.on_change is not None:
+            self.on_change()
+
+    def frame(self, message, compress):
+        """A map message as its length-prefixed frame.  A delta shared by many
+        sessions is compressed once; a full map is one session's and is not
+        kept (at 1,000 nodes it is 600 KB)."""
+        shared = any(message is delta for delta in self.shared_deltas.values())
+        cached = self.frames.get(id(message)) if shared else None
+        if cached is not None and cached[0] is message:
+            return cached[1]
+        if compress:
+            encoded = map_frame(message)
+            if shared:
+                if len(self.frames) >= 4:   # a burst shares a frame or two; keep memory flat
+                    self.frames.clear()
+                self.frames[id(message)] = (message, encoded)
+            return encoded
+        body = message if isinstance(message, bytes) else json_bytes(message)
+        return struct.pack("<I", len(body)) + body
+
+
+class PolicyViews:
+    """What the policy lets each node see, kept current as the tailnet
+    changes: a NodeView per node under a policy (compiled once for a burst
+    of changes), or one shared entry per node under the default policy
+    (updated per change).  The fan-out tells the sessions what moved."""
+
+    def __init__(self, tailnet, text):
+        self.tailnet = tailnet
+        self.text = text             # the policy in force, as written (None: allow all)
+        self.policy = parse_policy(text) if text else None
+        self.views = {}              # node id -> its NodeView (with a policy)
+        self.allow_all = {}          # node id -> its shared peer entry (with no policy)
+        self.pending_compile = None  # the scheduled recompile of a burst of changes, under a policy
+        self.compile_seconds = 0.0   # how long the last compile took
+
     def recompile(self, changed=None, removed=()):
         """Compile the policy for the current tailnet and tell each session
         what its view gained, lost or changed.  changed and removed, when
@@ -4924,42 +4971,26 @@ class Coordinator:
                 for node_id in removed:
                     self.allow_all.pop(node_id, None)
                 for node_id in changed:
-                    if node_id in self.nodes:
-                        self.allow_all[node_id] = allow_all_entry(self.nodes[node_id], {})
+                    if node_id in self.tailnet.nodes:
+                        self.allow_all[node_id] = allow_all_entry(self.tailnet.nodes[node_id], {})
                 touched = (*changed, *removed)
             else:
-                self.allow_all = allow_all_entries(self.nodes.values())
+                self.allow_all = allow_all_entries(self.tailnet.nodes.values())
                 touched = self.allow_all.keys() | old.keys()
-            if not old and self.sessions:     # coming from a policy: resend everything
-                self.notify(full=True, policy=True)
+            if not old and self.tailnet.fanout.sessions:     # coming from a policy: resend everything
+                self.tailnet.fanout.notify(full=True, policy=True)
                 return
             removed = [k for k in touched if k in old and k not in self.allow_all]
             changed = [k for k in touched if k in self.allow_all and old.get(k) != self.allow_all[k]]
             if removed or changed:
-                self.notify(changed, removed)
+                self.tailnet.fanout.notify(changed, removed)
             return
-        old = self.views or {n.id: allow_all_view(self.allow_all, n.id) for n in self.nodes.values()}
+        old = self.views or {n.id: allow_all_view(self.allow_all, n.id) for n in self.tailnet.nodes.values()}
         self.allow_all = {}
         started = time.perf_counter()
-        self.views = compile_policy(self.policy, self.topology(), self.settings.control_url)
+        self.views = compile_policy(self.policy, self.topology(), self.tailnet.settings.control_url)
         self.compile_seconds = time.perf_counter() - started
-        for node_id, sessions in self.sessions.items():
-            before, after = old.get(node_id), self.views.get(node_id)
-            if before is None or after is None:
-                for session in sessions:
-                    session.owe(full=True)
-                continue
-            peers_before, peers_after = before.peers, after.peers
-            if peers_dict(peers_before) == peers_dict(peers_after):    # the usual case, compared in C
-                removed = changed = []
-            else:
-                removed = [p for p in peers_before if p not in peers_after]
-                changed = [p for p, seen in peers_after.items() if peers_before.get(p) != seen]
-            policy = (before.packet_filter_rules, before.ssh_rules, before.cap_map) != \
-                (after.packet_filter_rules, after.ssh_rules, after.cap_map)
-            if removed or changed or policy:
-                for session in sessions:
-                    session.owe(changed, removed, policy=policy)
+        self.tailnet.fanout.views_changed(old, self.views)
 
     def _routes_untouched(self, changed, removed):
         """Whether none of these nodes carries, or carried at the last compile, a route."""
@@ -4967,7 +4998,7 @@ class Coordinator:
             entry = self.allow_all.get(node_id)
             if entry is not None and len(entry["AllowedIPs"]) > 2:
                 return False
-            node = self.nodes.get(node_id)
+            node = self.tailnet.nodes.get(node_id)
             if node is not None and live_routes(node):
                 return False
         return True
@@ -4978,7 +5009,7 @@ class Coordinator:
             self.recompile_soon()
         else:
             self.recompile(changed, removed)
-        self.notify(changed=changed, removed=removed)
+        self.tailnet.fanout.notify(changed=changed, removed=removed)
 
     def recompile_soon(self):
         """Compile the policy shortly, once for every change until then: a
@@ -4995,8 +5026,6 @@ class Coordinator:
     def _scheduled_recompile(self):
         self.pending_compile = None
         self.recompile()
-        if self.on_change is not None:
-            self.on_change()
 
     def set_policy(self, text):
         """Check and apply a new policy (None: allow all); the old one stays on error."""
@@ -5007,9 +5036,24 @@ class Coordinator:
 
     def apply_policy(self, text, policy):
         """Apply a policy that parsed and passed its tests against this tailnet."""
-        self.policy_text, self.policy = text, policy
+        self.text, self.policy = text, policy
         self.recompile()
         log.info("policy %s", "applied" if policy else "cleared: every node may reach every other")
+
+    def topology(self):
+        """The tailnet as the policy compiler takes it."""
+        return policy_topology(self.tailnet.nodes.values(), self.tailnet.users)
+
+    def view_of(self, node, at=None):
+        """The node's compiled view; an expired node sees no peers.  Its map
+        session is kept rather than refused: told once that it expired, the
+        stock client stops its engine and waits quietly for a new login,
+        while a refused map it retries several times a second."""
+        if is_expired(node, at or now()):
+            return NO_PEERS_VIEW
+        if self.policy is None:
+            return allow_all_view(self.allow_all, node.id)
+        return self.views.get(node.id) or NO_PEERS_VIEW
 
     def primary_routes(self):
         """Node id -> the subnets its peers are sent as its primary routes."""
@@ -5026,56 +5070,17 @@ class Coordinator:
                     primary.setdefault(peer_id, set()).update(seen["PrimaryRoutes"])
         return primary
 
-    def topology(self):
-        """The tailnet as the policy compiler takes it."""
-        return policy_topology(self.nodes.values(), self.users)
 
-    def open_session(self, node):
-        session = MapSession(node.id)
-        session.full = True
-        first = not self.sessions.get(node.id)
-        self.sessions.setdefault(node.id, set()).add(session)
-        if first:
-            node.online = True
-            log.info("map session start: node %d %s", node.id, node.given_name)
-            self.notify(changed=[node.id])
-        return session
+class Registrar:
+    """Registration and login: pre-auth keys, interactive logins waiting for
+    an admin or an identity provider, logouts, and the lockout of sources
+    and machines that keep failing.  Admitting a machine is the tailnet's."""
 
-    def close_session(self, session):
-        sessions = self.sessions.get(session.node_id, set())
-        sessions.discard(session)
-        session.close()
-        node = self.nodes.get(session.node_id)
-        if not sessions:
-            self.sessions.pop(session.node_id, None)
-            if node:
-                node.online = False
-                node.last_seen = now()
-                self.dirty_live.add(node.id)
-                log.info("map session end: node %d %s", node.id, node.given_name)
-                self.notify(changed=[node.id])
-
-    # registration
-    def _check_auth_key(self, secret, at):
-        row = self.store.preauth_key(secret) if secret else None
-        if row is None:
-            raise RegistrationRefused("unknown_key", "invalid auth key: no such pre-auth key on this server")
-        if row["revoked"]:
-            raise RegistrationRefused("expired_key", "auth key expired: it was revoked on the server")
-        if row["expiration"] and row["expiration"] <= at:
-            raise RegistrationRefused("expired_key", "auth key expired at " + rfc3339(row["expiration"]))
-        if not row["reusable"] and row["used"]:
-            raise RegistrationRefused("spent_key", "auth key already used: it is a single-use key")
-        return row
-
-    def _unique_given_name(self, hostname):
-        base = sanitize_hostname(hostname)
-        taken = {n.given_name for n in self.nodes.values()}
-        name, i = base, 1
-        while name in taken:
-            name = f"{base[:58]}-{i}"
-            i += 1
-        return name
+    def __init__(self, tailnet):
+        self.tailnet = tailnet
+        self.auth_requests = {}      # id -> AuthRequest, in memory only: their clients ask again after a restart
+        self.failed_registrations = AttemptLimiter(REGISTER_ATTEMPT_BURST, REGISTER_ATTEMPT_INTERVAL,
+                                                   REGISTER_ATTEMPT_KEYS)
 
     def register(self, machine_key, req, source=None):
         """Handle a RegisterRequest from a client at address source (None:
@@ -5086,7 +5091,7 @@ class Coordinator:
         at = now()
         secret = json_field(json_field(req, "Auth", dict, {}), "AuthKey", str, "")
         blocks = [key for key in (address_block(source) if source else None, machine_key) if key is not None]
-        if secret or self.node_by_machine(machine_key) is None:
+        if secret or self.tailnet.node_by_machine(machine_key) is None:
             wait = max(self.failed_registrations.wait(key, at) for key in blocks)
             if wait:
                 raise RegistrationRefused("too_many_attempts", f"too many attempts, try again in {math.ceil(wait)} s "
@@ -5108,9 +5113,9 @@ class Coordinator:
         except (ValueError, TypeError) as e:
             raise RegistrationRefused("malformed", f"malformed register request: {e}") from None
         hostinfo = checked_hostinfo(req.get("Hostinfo"), "registering machine " + key_text("mkey", machine_key)[:16],
-                                    self.hostinfo_log_quota) or {}
-        node = self.node_by_machine(machine_key)
-        holder = self.node_by_node_key(node_key)
+                                    self.tailnet.hostinfo_log_quota) or {}
+        node = self.tailnet.node_by_machine(machine_key)
+        holder = self.tailnet.node_by_node_key(node_key)
         if holder and holder.machine_key != machine_key:
             raise RegistrationRefused("key_in_use", "node key already belongs to another machine")
 
@@ -5137,21 +5142,216 @@ class Coordinator:
 
         def consume_key():
             # In the registration's transaction: a single-use key is spent exactly once.
-            if not self.store.spend_preauth_key(key_row["id"]):
+            if not self.tailnet.store.spend_preauth_key(key_row["id"]):
                 raise RegistrationRefused("spent_key", "auth key already used: it is a single-use key")
 
-        node = self.admit(machine_key, node_key, hostinfo, key_row["user_id"], tags, bool(key_row["ephemeral"]),
-                          key_row["id"], consume_key)
+        node = self.tailnet.admit(machine_key, node_key, hostinfo, key_row["user_id"], tags,
+                                  bool(key_row["ephemeral"]), key_row["id"], consume_key)
         return self._registered_response(node)
+
+    def _check_auth_key(self, secret, at):
+        row = self.tailnet.store.preauth_key(secret) if secret else None
+        if row is None:
+            raise RegistrationRefused("unknown_key", "invalid auth key: no such pre-auth key on this server")
+        if row["revoked"]:
+            raise RegistrationRefused("expired_key", "auth key expired: it was revoked on the server")
+        if row["expiration"] and row["expiration"] <= at:
+            raise RegistrationRefused("expired_key", "auth key expired at " + rfc3339(row["expiration"]))
+        if not row["reusable"] and row["used"]:
+            raise RegistrationRefused("spent_key", "auth key already used: it is a single-use key")
+        return row
 
     def _checked_requested_tags(self, requested, user_id):
         """Tags a client asks for, if the policy's tagOwners let its user own them."""
-        user = self.users.get(user_id)
+        user = self.tailnet.users.get(user_id)
         for tag in requested:
-            if self.policy is None or not may_own_tag(self.policy, tag, user.name if user else ""):
+            policy = self.tailnet.policy_views.policy
+            if policy is None or not may_own_tag(policy, tag, user.name if user else ""):
                 raise RegistrationRefused("tag_not_owned", f"requested tag {tag} is not permitted: the policy's "
                                                            f"tagOwners do not let {user.name if user else '?'} own it")
         return requested
+
+    def _registered_response(self, node):
+        profile = user_profile(self.tailnet.users[node.user_id])
+        return {"User": profile, "Login": profile, "MachineAuthorized": True, "NodeKeyExpired": False}
+
+    def _logout(self, node, at):
+        if node.ephemeral:
+            self.tailnet.delete_node(node.id)
+        else:
+            with self.tailnet.store.transaction():
+                self.tailnet.store.update_node(node.id, expiry=at)
+            node.expiry = at
+            self.tailnet.fanout.notify(changed=[node.id])
+        log.info("logout: node %d %s", node.id, node.given_name)
+        return {"NodeKeyExpired": True, "MachineAuthorized": False}
+
+    # interactive login: the client gets an AuthURL; an admin (or OIDC)
+    # approves it; the client's follow-up request, held open, then succeeds.
+    def _new_auth_request(self, machine_key, node_key, hostinfo, requested, source, at):
+        """A login request waiting in memory (nothing durable: a restart
+        forgets it and its client asks again), within the caps."""
+        hostname = str(hostinfo.get("Hostname") or "node")[:255]
+        for pending in self.auth_requests.values():   # the same machine asking again
+            if pending.machine_key == machine_key and not pending.done.flag:
+                pending.node_key, pending.hostname = node_key, hostname
+                return {"AuthURL": pending.url, "MachineAuthorized": False}
+        if len(requested) > AUTH_REQUEST_MAX_TAGS or any(len(t) > AUTH_REQUEST_MAX_TAG_LEN for t in requested):
+            raise RegistrationRefused("malformed", f"too many or too long requested tags: at most "
+                                      f"{AUTH_REQUEST_MAX_TAGS} tags of {AUTH_REQUEST_MAX_TAG_LEN} characters")
+        if len(self.auth_requests) >= AUTH_REQUESTS_MAX:
+            raise RegistrationRefused("too_many_logins", f"too many login requests are waiting for approval "
+                                      f"({AUTH_REQUESTS_MAX}): try again in a few minutes, or join with a pre-auth key")
+        source = address_block(source) if source else None
+        if source and sum(r.source == source for r in self.auth_requests.values()) >= AUTH_REQUESTS_PER_SOURCE:
+            raise RegistrationRefused("too_many_logins", f"too many login requests from this address are waiting "
+                                      f"for approval ({AUTH_REQUESTS_PER_SOURCE}): approve or let them expire "
+                                      f"({AUTH_REQUEST_TTL // 60} min), or join with a pre-auth key")
+        request = AuthRequest(secrets.token_urlsafe(18), machine_key, node_key, hostname, list(requested), at,
+                              f"{self.tailnet.settings.control_url}/register/", source)
+        self.auth_requests[request.id] = request
+        log.info("login request %s from %s: waiting for approval at %s", request.id, hostname, request.url)
+        return {"AuthURL": request.url, "MachineAuthorized": False}
+
+    def approve(self, request_id, user_id):
+        """Admit the machine behind a login request for a user; wakes its client."""
+        request = self.auth_requests.get(request_id)
+        if request is None or request.done.flag:
+            raise InvalidInput(f"no login request {request_id!r} is waiting (it may have expired)")
+        try:
+            tags = self._checked_requested_tags(request.requested_tags, user_id)
+            node = self.tailnet.admit(request.machine_key, request.node_key, {"Hostname": request.hostname}, user_id,
+                                      tags, False, None)
+            request.result = self._registered_response(node)
+        except RegistrationRefused as e:
+            request.result = {"Error": str(e)}
+        request.done.set()
+        del self.auth_requests[request_id]
+        return request.result
+
+    def user_signing_in(self, name):
+        """The user an identity provider vouched for, created at its first sign-in."""
+        known = set(self.tailnet.users)
+        user = self.tailnet.store.user_named_or_created(name)
+        if user.id not in known:
+            log.info("created user %s at its first sign-in", name)
+        self.tailnet.users[user.id] = user
+        return user
+
+    def expire_auth_requests(self, at):
+        for request in [r for r in self.auth_requests.values() if r.created + AUTH_REQUEST_TTL <= at]:
+            request.result = {"Error": "login request expired before anyone approved it: log in again"}
+            request.done.set()
+            del self.auth_requests[request.id]
+            log.info("login request %s expired", request.id)
+
+
+class SshChecks:
+    """SSH sessions a check rule holds (holdAndDelegate) until an admin
+    approves or denies them, in memory only, within caps."""
+
+    def __init__(self, tailnet):
+        self.tailnet = tailnet
+        self.waiting = {}            # id -> SSHCheck waiting for an admin
+        self.approved = {}           # (src node id, dst node id) -> when an admin last approved a check
+
+    def check_period(self):
+        """How long an approval lets the same source in again: the policy's
+        shortest check period (one rule with "always" makes every session ask)."""
+        policy = self.tailnet.policy_views.policy
+        periods = [r.check_period for r in (policy.ssh if policy else ()) if r.action == "check"]
+        return min(periods, default=0)
+
+    def action(self, src_id, dst_id, query, at):
+        """The SSHAction for a session a check rule holds on node dst_id (both
+        known nodes): accept when an admin approved this source within the
+        check period, else a held check."""
+        check_id = query.get("auth_id")
+        if check_id is None:
+            approved = self.approved.get((src_id, dst_id))
+            if approved is not None and at - approved < self.check_period():
+                return dict(SSH_ACCEPT)
+            return self._new_check(src_id, dst_id, query.get("local_user", ""), at)
+        check = self.waiting.get(check_id)
+        if check is None or (check.src_id, check.dst_id) != (src_id, dst_id):
+            return {"reject": True, "message": "meshbox: this SSH check expired or is unknown: connect again\n"}
+        return check
+
+    def _new_check(self, src_id, dst_id, local_user, at):
+        if len(self.waiting) >= SSH_CHECKS_MAX or \
+                sum(c.dst_id == dst_id for c in self.waiting.values()) >= SSH_CHECKS_PER_NODE:
+            return {"reject": True, "message": "meshbox: too many SSH checks are waiting: try again in a few "
+                                               "minutes\n"}
+        check = SSHCheck(secrets.token_hex(8), src_id, dst_id, local_user, at)
+        self.waiting[check.id] = check
+        src, dst = self.tailnet.nodes[src_id], self.tailnet.nodes[dst_id]
+        log.info("SSH check %s: %s to %s as %s waits for: meshbox ssh approve %s", check.id, src.given_name,
+                 dst.given_name, local_user, check.id)
+        return {"message": f"# meshbox: SSH from {src.given_name} to {dst.given_name} as {local_user} "
+                           f"needs an admin's approval:\n#   meshbox ssh approve {check.id}\n",
+                "holdAndDelegate": f"{self.tailnet.settings.control_url}/machine/ssh/action/{src_id}/to/{dst_id}"
+                                   f"?local_user={percent_encode(local_user)}&auth_id={check.id}"}
+
+    def decide(self, check_id, approve):
+        """An admin's verdict on a held SSH session; wakes the request that holds it."""
+        check = self.waiting.pop(check_id, None)
+        if check is None:
+            raise InvalidInput(f"no SSH check {check_id!r} is waiting (it may have expired)")
+        check.approved = approve
+        if approve:
+            self.approved[(check.src_id, check.dst_id)] = now()
+        check.done.set()
+        return check
+
+    def expire(self, at):
+        for check in [c for c in self.waiting.values() if c.created + SSH_CHECK_TTL <= at]:
+            del self.waiting[check.id]
+            check.done.set()           # not approved: its session is refused
+        period = self.check_period()
+        self.approved = {k: t for k, t in self.approved.items() if at - t < period}
+
+
+class Coordinator:
+    """The live tailnet (nodes and users, loaded from the store) and the one
+    way to change it: registrations, what nodes report in map requests, and
+    administrative changes (apply), each stored, then applied in memory,
+    then handed to the policy views and the fan-out."""
+
+    def __init__(self, store, settings, prefix_v4=DEFAULT_PREFIX_V4, prefix_v6=DEFAULT_PREFIX_V6,
+                 node_expiry=DEFAULT_NODE_EXPIRY):
+        self.store = store
+        self.settings = settings
+        self.node_expiry = node_expiry   # seconds; 0: keys never expire
+        self.hostinfo_log_quota = AttemptLimiter(HOSTINFO_LOG_BURST, HOSTINFO_LOG_INTERVAL, REGISTER_ATTEMPT_KEYS)
+        self.node_changes = AttemptLimiter(NODE_CHANGE_BURST, NODE_CHANGE_INTERVAL, REGISTER_ATTEMPT_KEYS)
+        self.held_changes = {}       # node id -> whether its routes changed, for a node over its change rate
+        self.prefix_v4, self.prefix_v6 = prefix_v4, prefix_v6
+        self.users = {u.id: u for u in store.users()}
+        self.nodes = NodeTable(store.nodes())
+        self.dirty_live = set()      # node ids whose live fields await a flush
+        self.data_version = store.data_version()
+        self.known_expired = set()   # node ids whose expiry peers have been told of
+        self.fanout = FanOut(self)
+        self.policy_views = PolicyViews(self, store.setting("policy"))
+        self.registrar = Registrar(self)
+        self.ssh_checks = SshChecks(self)
+        self.policy_views.recompile()
+
+    # lookups
+    def node_by_machine(self, machine_key):
+        return self.nodes.by_machine.get(machine_key)
+
+    def node_by_node_key(self, node_key):
+        return next((n for n in self.nodes.values() if n.node_key == node_key), None)
+
+    def _unique_given_name(self, hostname):
+        base = sanitize_hostname(hostname)
+        taken = {n.given_name for n in self.nodes.values()}
+        name, i = base, 1
+        while name in taken:
+            name = f"{base[:58]}-{i}"
+            i += 1
+        return name
 
     def admit(self, machine_key, node_key, hostinfo, user_id, tags, ephemeral, auth_key_id, before=None):
         """Register a machine (or re-register a known one, keeping its
@@ -5184,156 +5384,8 @@ class Coordinator:
         self.users.setdefault(node.user_id, next(u for u in self.store.users() if u.id == node.user_id))
         log.info("%s node %d %s (%s, %s) for user %s", verb, node.id, node.given_name, node.ipv4, node.ipv6,
                  self.users[node.user_id].name)
-        self.topology_changed(changed=[node.id])
+        self.policy_views.topology_changed(changed=[node.id])
         return node
-
-    # interactive login: the client gets an AuthURL; an admin (or OIDC)
-    # approves it; the client's follow-up request, held open, then succeeds.
-    def _new_auth_request(self, machine_key, node_key, hostinfo, requested, source, at):
-        """A login request waiting in memory (nothing durable: a restart
-        forgets it and its client asks again), within the caps."""
-        hostname = str(hostinfo.get("Hostname") or "node")[:255]
-        for pending in self.auth_requests.values():   # the same machine asking again
-            if pending.machine_key == machine_key and not pending.done.flag:
-                pending.node_key, pending.hostname = node_key, hostname
-                return {"AuthURL": pending.url, "MachineAuthorized": False}
-        if len(requested) > AUTH_REQUEST_MAX_TAGS or any(len(t) > AUTH_REQUEST_MAX_TAG_LEN for t in requested):
-            raise RegistrationRefused("malformed", f"too many or too long requested tags: at most "
-                                      f"{AUTH_REQUEST_MAX_TAGS} tags of {AUTH_REQUEST_MAX_TAG_LEN} characters")
-        if len(self.auth_requests) >= AUTH_REQUESTS_MAX:
-            raise RegistrationRefused("too_many_logins", f"too many login requests are waiting for approval "
-                                      f"({AUTH_REQUESTS_MAX}): try again in a few minutes, or join with a pre-auth key")
-        source = address_block(source) if source else None
-        if source and sum(r.source == source for r in self.auth_requests.values()) >= AUTH_REQUESTS_PER_SOURCE:
-            raise RegistrationRefused("too_many_logins", f"too many login requests from this address are waiting "
-                                      f"for approval ({AUTH_REQUESTS_PER_SOURCE}): approve or let them expire "
-                                      f"({AUTH_REQUEST_TTL // 60} min), or join with a pre-auth key")
-        request = AuthRequest(secrets.token_urlsafe(18), machine_key, node_key, hostname, list(requested), at,
-                              f"{self.settings.control_url}/register/", source)
-        self.auth_requests[request.id] = request
-        log.info("login request %s from %s: waiting for approval at %s", request.id, hostname, request.url)
-        return {"AuthURL": request.url, "MachineAuthorized": False}
-
-    def approve(self, request_id, user_id):
-        """Admit the machine behind a login request for a user; wakes its client."""
-        request = self.auth_requests.get(request_id)
-        if request is None or request.done.flag:
-            raise InvalidInput(f"no login request {request_id!r} is waiting (it may have expired)")
-        try:
-            tags = self._checked_requested_tags(request.requested_tags, user_id)
-            node = self.admit(request.machine_key, request.node_key, {"Hostname": request.hostname}, user_id, tags,
-                              False, None)
-            request.result = self._registered_response(node)
-        except RegistrationRefused as e:
-            request.result = {"Error": str(e)}
-        request.done.set()
-        del self.auth_requests[request_id]
-        return request.result
-
-    def user_signing_in(self, name):
-        """The user an identity provider vouched for, created at its first sign-in."""
-        known = set(self.users)
-        user = self.store.user_named_or_created(name)
-        if user.id not in known:
-            log.info("created user %s at its first sign-in", name)
-        self.users[user.id] = user
-        return user
-
-    # SSH check mode
-    def ssh_check_period(self):
-        """How long an approval lets the same source in again: the policy's
-        shortest check period (one rule with "always" makes every session ask)."""
-        periods = [r.check_period for r in (self.policy.ssh if self.policy else ()) if r.action == "check"]
-        return min(periods, default=0)
-
-    def ssh_action(self, src_id, dst_id, query, at):
-        """The SSHAction for a session a check rule holds on node dst_id (both
-        known nodes): accept when an admin approved this source within the
-        check period, else a held check."""
-        check_id = query.get("auth_id")
-        if check_id is None:
-            approved = self.ssh_approved.get((src_id, dst_id))
-            if approved is not None and at - approved < self.ssh_check_period():
-                return dict(SSH_ACCEPT)
-            return self._new_ssh_check(src_id, dst_id, query.get("local_user", ""), at)
-        check = self.ssh_checks.get(check_id)
-        if check is None or (check.src_id, check.dst_id) != (src_id, dst_id):
-            return {"reject": True, "message": "meshbox: this SSH check expired or is unknown: connect again\n"}
-        return check
-
-    def _new_ssh_check(self, src_id, dst_id, local_user, at):
-        if len(self.ssh_checks) >= SSH_CHECKS_MAX or \
-                sum(c.dst_id == dst_id for c in self.ssh_checks.values()) >= SSH_CHECKS_PER_NODE:
-            return {"reject": True, "message": "meshbox: too many SSH checks are waiting: try again in a few "
-                                               "minutes\n"}
-        check = SSHCheck(secrets.token_hex(8), src_id, dst_id, local_user, at)
-        self.ssh_checks[check.id] = check
-        src, dst = self.nodes[src_id], self.nodes[dst_id]
-        log.info("SSH check %s: %s to %s as %s waits for: meshbox ssh approve %s", check.id, src.given_name,
-                 dst.given_name, local_user, check.id)
-        return {"message": f"# meshbox: SSH from {src.given_name} to {dst.given_name} as {local_user} "
-                           f"needs an admin's approval:\n#   meshbox ssh approve {check.id}\n",
-                "holdAndDelegate": f"{self.settings.control_url}/machine/ssh/action/{src_id}/to/{dst_id}"
-                                   f"?local_user={percent_encode(local_user)}&auth_id={check.id}"}
-
-    def decide_ssh_check(self, check_id, approve):
-        """An admin's verdict on a held SSH session; wakes the request that holds it."""
-        check = self.ssh_checks.pop(check_id, None)
-        if check is None:
-            raise InvalidInput(f"no SSH check {check_id!r} is waiting (it may have expired)")
-        check.approved = approve
-        if approve:
-            self.ssh_approved[(check.src_id, check.dst_id)] = now()
-        check.done.set()
-        return check
-
-    def expire_ssh_checks(self, at):
-        for check in [c for c in self.ssh_checks.values() if c.created + SSH_CHECK_TTL <= at]:
-            del self.ssh_checks[check.id]
-            check.done.set()           # not approved: its session is refused
-        period = self.ssh_check_period()
-        self.ssh_approved = {k: t for k, t in self.ssh_approved.items() if at - t < period}
-
-    def expire_auth_requests(self, at):
-        for request in [r for r in self.auth_requests.values() if r.created + AUTH_REQUEST_TTL <= at]:
-            request.result = {"Error": "login request expired before anyone approved it: log in again"}
-            request.done.set()
-            del self.auth_requests[request.id]
-            log.info("login request %s expired", request.id)
-
-    def expire_due(self, at, ephemeral_timeout):
-        """Time-driven changes: node keys that just expired are told to their
-        peers and (in a map without peers) to the node; ephemeral nodes
-        offline too long are removed."""
-        for node in list(self.nodes.values()):
-            if not is_expired(node, at):
-                self.known_expired.discard(node.id)
-            elif node.id not in self.known_expired:      # just expired: tell everyone once
-                self.known_expired.add(node.id)
-                log.info("node key expired: node %d %s", node.id, node.given_name)
-                self.notify(changed=[node.id])
-            if node.ephemeral and not node.online and node.last_seen and \
-                    node.last_seen + ephemeral_timeout <= at:
-                log.info("removing ephemeral node %d %s, offline since %s", node.id, node.given_name,
-                         rfc3339(node.last_seen))
-                self.delete_node(node.id)
-        self.expire_auth_requests(at)
-        self.expire_ssh_checks(at)
-
-    def _registered_response(self, node):
-        profile = user_profile(self.users[node.user_id])
-        return {"User": profile, "Login": profile, "MachineAuthorized": True, "NodeKeyExpired": False}
-
-    def _logout(self, node, at):
-        if node.ephemeral:
-            self.delete_node(node.id)
-        else:
-            with self.store.transaction():
-                self.store.update_node(node.id, expiry=at)
-            node.expiry = at
-            self.notify(changed=[node.id])
-        log.info("logout: node %d %s", node.id, node.given_name)
-        return {"NodeKeyExpired": True, "MachineAuthorized": False}
 
     # map requests
     def node_for_map(self, machine_key, req):
@@ -5408,9 +5460,9 @@ class Coordinator:
         this one spends its burst."""
         spent = self.node_changes.failed(node_id, now())
         if routes_changed:
-            self.topology_changed(changed=[node_id])
+            self.policy_views.topology_changed(changed=[node_id])
         else:
-            self.notify(changed=[node_id])
+            self.fanout.notify(changed=[node_id])
         return spent
 
     # meshbox's own node
@@ -5445,7 +5497,7 @@ class Coordinator:
                 node.node_key, node.hostinfo, node.endpoints, node.approved_routes = \
                     public_key, hostinfo, endpoints, routes
         node.online = True
-        self.topology_changed(changed=[node.id])
+        self.policy_views.topology_changed(changed=[node.id])
         return node
 
     # administrative changes (CLI and API): each edit is one change object,
@@ -5460,7 +5512,7 @@ class Coordinator:
             self.store.update_node(node.id, **change.fields)
         for name, value in change.fields.items():
             setattr(node, name, value)
-        self.topology_changed(changed=[node.id])
+        self.policy_views.topology_changed(changed=[node.id])
 
     def _apply_NodeRemoval(self, change):
         self.delete_node(change.node_id)
@@ -5480,25 +5532,25 @@ class Coordinator:
     def _apply_DeviceAddition(self, change):
         addresses = self.store.insert_device(change.name, change.user_id, change.public_key, change.full_tunnel,
                                              self.prefix_v4, self.prefix_v6)
-        if self.on_change is not None:       # the gateway adds its peer
-            self.on_change()
+        if self.fanout.on_change is not None:       # the gateway adds its peer
+            self.fanout.on_change()
         return addresses
 
     def _apply_DeviceRemoval(self, change):
         with self.store.transaction():
             if not self.store.delete_device(change.name):
                 raise InvalidInput(f"no device named {change.name!r}")
-        if self.on_change is not None:
-            self.on_change()
+        if self.fanout.on_change is not None:
+            self.fanout.on_change()
 
     def _apply_PolicyChange(self, change):
         self.store.set_setting("policy", change.text)
-        self.apply_policy(change.text, change.policy)
+        self.policy_views.apply_policy(change.text, change.policy)
 
     def _apply_DnsChange(self, change):
         self.store.set_setting("dns", json.dumps(change.settings))
         self.settings.dns_config = change.dns_config
-        self.notify(full=True)
+        self.fanout.notify(full=True)
 
     def delete_node(self, node_id):
         with self.store.transaction():
@@ -5507,7 +5559,7 @@ class Coordinator:
         self.dirty_live.discard(node_id)
         if node:
             log.info("deleted node %d %s", node.id, node.given_name)
-        self.topology_changed(removed=[node_id])
+        self.policy_views.topology_changed(removed=[node_id])
 
     def reload_if_changed(self):
         """Pick up edits another process (the offline CLI) committed to the store."""
@@ -5532,16 +5584,16 @@ class Coordinator:
             self.nodes.pop(node_id)
             self.dirty_live.discard(node_id)
         text = self.store.setting("policy")
-        if text != self.policy_text:
+        if text != self.policy_views.text:
             try:
-                self.set_policy(text)
+                self.policy_views.set_policy(text)
             except PolicyError as e:
                 log.error("stored policy refused, keeping the previous one: %s", e)
         if changed or removed:
             log.info("state changed on disk: %d node(s) changed, %d removed", len(changed), len(removed))
-            self.topology_changed(changed=changed, removed=removed)
-        elif self.on_change is not None:      # e.g. a device was added: the gateway cares
-            self.on_change()
+            self.policy_views.topology_changed(changed=changed, removed=removed)
+        elif self.fanout.on_change is not None:      # e.g. a device was added: the gateway cares
+            self.fanout.on_change()
 
     def flush_live(self):
         """Write endpoints, disco keys, host info and last-seen times."""
@@ -5554,6 +5606,25 @@ class Coordinator:
                     self.store.update_node(node_id, disco_key=node.disco_key, endpoints=node.endpoints,
                                            hostinfo=node.hostinfo, last_seen=node.last_seen, cap=node.cap)
         self.dirty_live.clear()
+
+    def expire_due(self, at, ephemeral_timeout):
+        """Time-driven changes: node keys that just expired are told to their
+        peers and (in a map without peers) to the node; ephemeral nodes
+        offline too long are removed."""
+        for node in list(self.nodes.values()):
+            if not is_expired(node, at):
+                self.known_expired.discard(node.id)
+            elif node.id not in self.known_expired:      # just expired: tell everyone once
+                self.known_expired.add(node.id)
+                log.info("node key expired: node %d %s", node.id, node.given_name)
+                self.fanout.notify(changed=[node.id])
+            if node.ephemeral and not node.online and node.last_seen and \
+                    node.last_seen + ephemeral_timeout <= at:
+                log.info("removing ephemeral node %d %s, offline since %s", node.id, node.given_name,
+                         rfc3339(node.last_seen))
+                self.delete_node(node.id)
+        self.registrar.expire_auth_requests(at)
+        self.ssh_checks.expire(at)
 
 
 # ---- HTTP front ----
@@ -5858,7 +5929,7 @@ def tls_server_context(cert_path, key_path):
     """A TLS 1.2+ server context serving the certificate and key files."""
     if ssl is None:
         raise Unavailable("DERP over TLS needs Python's ssl module "
-                           "(OpenWrt: opkg install python3-openssl)")
+                          "(OpenWrt: opkg install python3-openssl)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_path, key_path)
@@ -6448,11 +6519,23 @@ CONTROL_HANDSHAKE_TIMEOUT = 30
 CONTROL_IDLE_TIMEOUT = 30    # seconds a connection may serve no request (a map stream is one) before it is closed
 
 
+@dataclasses.dataclass
+class ControlContext:
+    """What a control connection needs of the server: the tailnet, the DNS
+    hook that publishes ACME challenges under the base domain, and the
+    counters it adds to."""
+    tailnet: object              # the Coordinator
+    dns_hook: str
+    base_domain: str
+    metrics: collections.Counter
+    refusals: dict
+
+
 class ControlConnection:
     """One client's Noise channel carrying HTTP/2 requests."""
 
-    def __init__(self, server, stream, writer, noise, peer, proven):
-        self.server, self.stream, self.writer = server, stream, writer
+    def __init__(self, context, stream, writer, noise, peer, proven):
+        self.context, self.stream, self.writer = context, stream, writer
         self.noise, self.peer = noise, peer
         self.source = peer.rpartition(":")[0].strip("[]")     # the client's address, without its port
         self.proven = proven     # called once the connection registered a node or opened its map
@@ -6617,15 +6700,15 @@ class ControlConnection:
     async def set_dns(self, request):
         """tailcfg.SetDNSRequest: publish the TXT record of an ACME dns-01
         challenge for the node's own name, through the configured DNS hook."""
-        hook = self.server.config.dns_hook
+        hook = self.context.dns_hook
         if not hook:
             raise HttpError(501, "meshbox has no DNS provider for certificates: set dns_hook to a command that "
                                  "publishes TXT records under the base domain")
-        node = self.server.coordinator.node_by_machine(self.machine_key)
+        node = self.context.tailnet.node_by_machine(self.machine_key)
         if node is None or key_text("nodekey", node.node_key) != request.get("NodeKey"):
             raise HttpError(403, "set-dns: the node key is not this machine's")
         name, kind, value = request.get("Name"), request.get("Type"), request.get("Value")
-        own = f"_acme-challenge.{node.given_name}.{self.server.config.base_domain}"
+        own = f"_acme-challenge.{node.given_name}.{self.context.base_domain}"
         if not isinstance(name, str) or name.rstrip(".") != own:
             raise HttpError(403, f"set-dns: a node may only set {own}")
         if kind != "TXT" or not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", value):
@@ -6653,7 +6736,7 @@ class ControlConnection:
         found = re.fullmatch(r"/machine/ssh/action/(\d{1,18})/to/(\d{1,18})", path)
         if not found:
             raise HttpError(404, "expected /machine/ssh/action/SRC_NODE_ID/to/DST_NODE_ID")
-        coordinator = self.server.coordinator
+        coordinator = self.context.tailnet
         src_id, dst_id = int(found.group(1)), int(found.group(2))
         dst = coordinator.nodes.get(dst_id)
         if dst is None or dst.machine_key != self.machine_key:
@@ -6663,7 +6746,7 @@ class ControlConnection:
         query = parse_query(full_path.partition("?")[2][:1024])
         if not LOCAL_USER.fullmatch(query.get("local_user", "")):     # shown in the banner and the log
             raise HttpError(400, "local_user must be a login name")
-        action = coordinator.ssh_action(src_id, dst_id, query, now())
+        action = coordinator.ssh_checks.action(src_id, dst_id, query, now())
         if not isinstance(action, SSHCheck):
             return action
         if not await action.done.wait(SSH_CHECK_HOLD):       # still waiting: the client asks again
@@ -6674,25 +6757,25 @@ class ControlConnection:
                                            f"within {SSH_CHECK_TTL // 60} min)\n"}
 
     async def register(self, request):
-        coordinator = self.server.coordinator
+        coordinator = self.context.tailnet
         try:
-            result = coordinator.register(self.machine_key, request, self.source)
+            result = coordinator.registrar.register(self.machine_key, request, self.source)
             if isinstance(result, AuthRequest):      # a follow-up: wait for approval
                 await result.done.wait()
                 result = result.result
             if result.get("MachineAuthorized"):
-                self.server.metrics["registrations"] += 1
+                self.context.metrics["registrations"] += 1
                 self.proven()
             return result
         except RegistrationRefused as e:
             if e.reason != "too_many_attempts":     # the coordinator logged the lockout once
                 log.warning("registration refused (%s) for %s from %s: %s", e.reason,
                             key_text("mkey", self.machine_key)[:16], self.peer, e)
-            self.server.refusals[e.reason] = self.server.refusals.get(e.reason, 0) + 1
+            self.context.refusals[e.reason] = self.context.refusals.get(e.reason, 0) + 1
             return {"Error": str(e)}
 
     async def serve_map(self, stream_id, request):
-        coordinator = self.server.coordinator
+        coordinator = self.context.tailnet
         try:
             node = coordinator.node_for_map(self.machine_key, request)
         except MapRefused as e:
@@ -6702,41 +6785,27 @@ class ControlConnection:
         compress = request.get("Compress") == "zstd"
 
         def encode(message):
-            # A delta shared by many sessions is compressed once; a full map
-            # is one session's and is not kept (at 1,000 nodes it is 600 KB).
-            shared = any(message is delta for delta in coordinator.shared_deltas.values())
-            cached = self.server.frames.get(id(message)) if shared else None
-            if cached is not None and cached[0] is message:
-                frame = cached[1]
-            elif compress:
-                frame = map_frame(message)
-                if shared:
-                    if len(self.server.frames) >= 4:   # a burst shares a frame or two; keep memory flat
-                        self.server.frames.clear()
-                    self.server.frames[id(message)] = (message, frame)
-            else:
-                body = message if isinstance(message, bytes) else json_bytes(message)
-                frame = struct.pack("<I", len(body)) + body
-            self.server.metrics["map_messages"] += 1
-            self.server.metrics["map_bytes"] += len(frame)
+            frame = coordinator.fanout.frame(message, compress)
+            self.context.metrics["map_messages"] += 1
+            self.context.metrics["map_bytes"] += len(frame)
             return frame
 
         if not request.get("Stream"):
             if request.get("OmitPeers"):
                 await self.reply(stream_id, 200, b"")
             else:
-                message = map_response_for(node, coordinator.view_of(node), coordinator.nodes, coordinator.users,
+                message = map_response_for(node, coordinator.policy_views.view_of(node), coordinator.nodes, coordinator.users,
                                            coordinator.settings, now())
                 self.respond(stream_id, 200)
                 await self.send(stream_id, encode(message), end=True)
             return
         self.respond(stream_id, 200)
-        session = coordinator.open_session(node)
+        session = coordinator.fanout.open_session(node)
         keepalive = request.get("KeepAlive", True)
         try:
             while not session.closed:
                 session.wake.clear()
-                message = coordinator.map_message(session)
+                message = coordinator.fanout.map_message(session)
                 if message:
                     await self.send(stream_id, encode(message))
                     message = None       # not held while the session waits: a full map can be 600 KB
@@ -6747,7 +6816,7 @@ class ControlConnection:
             self.h2.end_stream(stream_id)
             self.flush()
         finally:
-            coordinator.close_session(session)
+            coordinator.fanout.close_session(session)
 
 
 # ---- Gateway plan ----
@@ -7228,6 +7297,20 @@ class Gateway:
         self.applied_peers = {}
         self.applied_table = None
 
+    @classmethod
+    def remove_left_behind(cls, config):
+        """Remove the interface and nftables table a server left (it was
+        killed), as its stop would have: ``meshbox gateway down``."""
+        gateway = cls(config, bytes(32))
+        gateway.applied_table = ""        # whatever table is there goes
+        try:
+            gateway.wg = open_wireguard(config.wg_interface, config.wg_backend, config.netlink_tools)
+        except GatewayError:
+            links = open_links(config.netlink_tools)       # no WireGuard left to drive: remove the link alone
+            links.delete(config.wg_interface)
+            links.close()
+        gateway.down()
+
     def local_endpoints(self, routes):
         """The box's own addresses inside the LAN routes it advertises, with the WireGuard port."""
         out = []
@@ -7309,6 +7392,107 @@ class Gateway:
         self.applied_peers.clear()
         self.applied_table = None
         log.info("gateway down: %s removed", self.config.wg_interface)
+
+class TailnetFollower:
+    """What follows the tailnet outside the maps: the hosts file, DERP's
+    refusal of clients that left, and the gateway's WireGuard peers and
+    nftables rules.  One follow-up runs per burst of changes."""
+
+    def __init__(self, config, store, coordinator, derp):
+        self.config, self.store, self.coordinator, self.derp = config, store, coordinator, derp
+        self.gateway = None          # the box's Gateway, once up
+        self.gateway_routes = []     # the routes its configuration advertises
+        self.gateway_thread = None   # the one worker thread the gateway's blocking calls run on
+        self.pending = False         # a follow-up is scheduled
+        self.tasks = []
+        self.hosts_written = None
+
+    async def in_gateway_thread(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.gateway_thread, function, *args)
+
+    async def start_gateway(self):
+        """Bring up the box's WireGuard node; on failure the coordinator runs on without it."""
+        import concurrent.futures
+        config, coordinator = self.config, self.coordinator
+        self.gateway_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gateway")
+        private_key = self.store.secret("wg_private", new_private_key)
+        routes = config.gateway_routes()
+        gateway = Gateway(config, private_key)
+        hostname = socket.gethostname()
+        try:
+            node = coordinator.ensure_gateway_node(gateway.public_key, hostname, routes, list(config.public_endpoint))
+            await self.in_gateway_thread(gateway.up, node)
+            endpoints = list(config.public_endpoint) + await self.in_gateway_thread(gateway.local_endpoints, routes)
+            coordinator.ensure_gateway_node(gateway.public_key, hostname, routes, endpoints)
+        except (GatewayError, OSError, ValueError) as e:
+            log.error("gateway not started: %s; the coordinator runs without it", e)
+            await self.in_gateway_thread(gateway.down)
+            return
+        self.gateway = gateway
+        self.gateway_routes = routes
+        self.changed()
+
+    async def wireguard_stats(self):
+        """The gateway's handshake and byte counters by peer key ({} without a gateway)."""
+        if self.gateway is None:
+            return {}
+        return await self.in_gateway_thread(self.gateway.wg.peer_stats)
+
+    def changed(self):
+        """Schedule one follow-up for a burst of changes."""
+        if not self.pending:
+            self.pending = True
+            asyncio.get_running_loop().call_later(UPDATE_BATCH_DELAY,
+                                                  lambda: self.tasks.append(asyncio.ensure_future(self.follow())))
+
+    async def follow(self):
+        self.tasks = [t for t in self.tasks if not t.done()]
+        self.pending = False
+        devices = self.store.devices()
+        self.write_hosts_file(devices)
+        if self.derp is not None:
+            self.derp.close_refused()
+        if self.gateway is not None:
+            await self.sync_gateway(devices)
+
+    def write_hosts_file(self, devices):
+        """The tailnet's names for dnsmasq (addn-hosts/hostsdir) or any resolver; replaced atomically.
+        A --hosts-file is 0644: the resolver runs as its own user (dnsmasq on OpenWrt)."""
+        text = hosts_file_text(self.coordinator.nodes.values(), devices, self.config.base_domain)
+        if text == self.hosts_written:
+            return
+        path = self.config.hosts_file or os.path.join(self.config.state_dir, "hosts")
+        try:
+            write_file_atomically(path, text.encode(), 0o644 if self.config.hosts_file else 0o600)
+            self.hosts_written = text
+        except OSError as e:
+            log.error("cannot write hosts file %s: %s", path, e.strerror)
+
+    async def sync_gateway(self, devices):
+        coordinator = self.coordinator
+        node = coordinator.gateway_node()
+        if node is None:
+            return
+        # Devices are addresses behind the box: its routes carry them.
+        routes = self.gateway_routes + [a for d in devices for a in (f"{d['ipv4']}/32", f"{d['ipv6']}/128")]
+        if routes != node.approved_routes:
+            coordinator.ensure_gateway_node(node.node_key, node.hostname, routes, node.endpoints)
+        view = coordinator.policy_views.view_of(node)
+        wanted = gateway_peers(view, coordinator.nodes, devices)
+        acl = nft_filter_rules(view.packet_filter_rules, self.config.wg_interface)
+        try:
+            await self.in_gateway_thread(self.gateway.apply, wanted, acl)
+        except (GatewayError, OSError) as e:
+            log.error("gateway update failed: %s (will retry on the next change)", e)
+
+    async def stop(self):
+        """Cancel what is pending, then take the gateway down: no sync may
+        follow the teardown (it would put the table back)."""
+        for task in self.tasks:
+            task.cancel()
+        gateway, self.gateway = self.gateway, None
+        if gateway is not None:
+            await self.in_gateway_thread(gateway.down)
 
 
 # ---- OIDC ----
@@ -7672,7 +7856,7 @@ class Admin:
             tailnet = Coordinator(self.store, MapSettings(self.config.base_domain, {"Regions": {}}, {}),
                                   self.config.prefix_v4, self.config.prefix_v6)
             if self.config.policy_file:            # as serve would: the file's policy is in force
-                tailnet.set_policy(read_text_file(self.config.policy_file, "policy file"))
+                tailnet.policy_views.set_policy(read_text_file(self.config.policy_file, "policy file"))
             self._offline_tailnet = tailnet
         return self._offline_tailnet
 
@@ -7792,13 +7976,13 @@ class Admin:
         if self.server is None:
             return []
         return [{"key": r.id, "hostname": r.hostname, "requested_tags": r.requested_tags, "created": rfc3339(r.created)}
-                for r in self.server.coordinator.auth_requests.values() if not r.done.flag]
+                for r in self.server.coordinator.registrar.auth_requests.values() if not r.done.flag]
 
     def nodes_register(self, user, key):
         owner = self.store.user_named(user)
         if self.server is None:          # login requests wait in the server's memory
             raise InvalidInput(f"no login request {key!r} is waiting: meshbox serve is not running")
-        result = self.server.coordinator.approve(key, owner.id)
+        result = self.server.coordinator.registrar.approve(key, owner.id)
         if "Error" in result:
             raise InvalidInput(result["Error"])
         return {"message": f"approved: the device joins as {owner.name}"}
@@ -7807,7 +7991,7 @@ class Admin:
     def _ssh_decide(self, check_id, approve):
         if self.server is None:          # held sessions wait in the server's memory
             raise InvalidInput(f"no SSH check {check_id!r} is waiting: meshbox serve is not running")
-        check = self.server.coordinator.decide_ssh_check(check_id, approve)
+        check = self.server.coordinator.ssh_checks.decide(check_id, approve)
         nodes = self.server.coordinator.nodes
         return {"message": f"{'approved' if approve else 'denied'}: SSH from {nodes[check.src_id].given_name} to "
                            f"{nodes[check.dst_id].given_name} as {check.local_user or '?'}"}
@@ -7818,7 +8002,7 @@ class Admin:
         nodes = self.server.coordinator.nodes
         return [{"id": c.id, "from": nodes[c.src_id].given_name, "to": nodes[c.dst_id].given_name,
                  "user": c.local_user, "since": rfc3339(c.created)}
-                for c in self.server.coordinator.ssh_checks.values() if c.src_id in nodes and c.dst_id in nodes]
+                for c in self.server.coordinator.ssh_checks.waiting.values() if c.src_id in nodes and c.dst_id in nodes]
 
     def ssh_approve(self, id):
         return self._ssh_decide(id, True)
@@ -7831,11 +8015,11 @@ class Admin:
         """Each advertised or approved route, from the compiled views the maps are made of."""
         tailnet = self.tailnet
         nodes = self._nodes()
-        topology, primary = tailnet.topology(), tailnet.primary_routes()
+        topology, primary = tailnet.policy_views.topology(), tailnet.policy_views.primary_routes()
         rows = []
         for n in nodes:
             advertised = list(n.hostinfo.get("RoutableIPs") or [])
-            auto = set(auto_approved_routes(tailnet.policy, topology, n.id)) - set(n.approved_routes)
+            auto = set(auto_approved_routes(tailnet.policy_views.policy, topology, n.id)) - set(n.approved_routes)
             for prefix in sorted(set(advertised) | set(n.approved_routes)):
                 rows.append({"node_id": n.id, "node": n.given_name, "prefix": prefix,
                              "advertised": prefix in advertised, "approved": prefix in n.approved_routes or
@@ -7903,7 +8087,7 @@ class Admin:
     # policy
     def _topology(self):
         if self.server is not None:
-            return self.server.coordinator.topology()
+            return self.server.coordinator.policy_views.topology()
         return policy_topology(self.store.nodes(), {u.id: u for u in self.store.users()})
 
     def _checked(self, policy, topology):
@@ -8008,7 +8192,7 @@ class Admin:
             raise InvalidInput("netmap needs the running server (meshbox serve)")
         coordinator = self.server.coordinator
         node = coordinator.nodes.get(self._node(id).id)
-        return map_response_for(node, coordinator.view_of(node), coordinator.nodes, coordinator.users,
+        return map_response_for(node, coordinator.policy_views.view_of(node), coordinator.nodes, coordinator.users,
                                 coordinator.settings, now())
 
     def paths(self):
@@ -9543,11 +9727,8 @@ class Server:
         self.listeners = []
         self.tasks = []
         self.connections = {}       # handler task -> its writer, closed on stop
-        self.follow_pending = False
-        self.hosts_written = None
         self.wireguard_stats = {}   # node key -> the gateway's handshake and byte counters
         self.metrics = collections.Counter()
-        self.frames = {}            # id(map message) -> (message, its zstd frame)
         self.derp_nodes = None      # node key -> node, for DERP admission; None after a change
         self.recent_logs = RecentLogs()
         self.admin_sessions = AdminSessions()
@@ -9628,7 +9809,7 @@ class Server:
         if config.derp_address():
             if ssl is None:
                 raise Unavailable("DERP needs TLS but this Python has no ssl module "
-                                   "(OpenWrt: opkg install python3-openssl), or use --derp-listen off")
+                                  "(OpenWrt: opkg install python3-openssl), or use --derp-listen off")
             context, cert_name = self._derp_certificate()
             host, derp_port = config.derp_address()
             self.listeners.append(await asyncio.start_server(
@@ -9647,7 +9828,10 @@ class Server:
             cert_domains=bool(config.dns_hook))
         expiry = 0 if str(config.node_expiry) == "0" else parse_duration(config.node_expiry)
         self.coordinator = Coordinator(self.store, settings, config.prefix_v4, config.prefix_v6, expiry)
-        self.coordinator.on_change = self.tailnet_changed
+        self.follower = TailnetFollower(config, self.store, self.coordinator, self.derp)
+        self.coordinator.fanout.on_change = self.tailnet_changed
+        self.control_context = ControlContext(self.coordinator, config.dns_hook, config.base_domain, self.metrics,
+                                              self.refusals)
         self.tailnet_changed()
         self.policy_mtime = None
         if config.policy_file:
@@ -9661,9 +9845,8 @@ class Server:
                                                               limit=MAX_REQUEST_BODY + 1))   # a large policy fits
         os.chmod(admin_path, 0o600)
         self.tasks.append(asyncio.ensure_future(self.upkeep()))
-        self.gateway = None
         if config.gateway:
-            await self.start_gateway()
+            await self.follower.start_gateway()
         release_free_memory()
         log.info("meshbox %s serving %s (control on %s:%d, DERP %s, STUN %s), state in %s",
                  VERSION, config.public_url(), host, port,
@@ -9691,7 +9874,7 @@ class Server:
             return
         self.policy_mtime = mtime
         try:
-            self.coordinator.set_policy(read_text_file(path, "policy file"))
+            self.coordinator.policy_views.set_policy(read_text_file(path, "policy file"))
         except (PolicyError, ValueError) as e:
             log.error("policy file %s refused, keeping the policy in force: %s", path, e)
 
@@ -9722,88 +9905,15 @@ class Server:
             except (StoreError, sqlite3.Error) as e:
                 log.error("state database: %s (will retry)", e)
 
-    # the gateway
-    async def in_gateway_thread(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.gateway_thread, function, *args)
-
-    async def start_gateway(self):
-        """Bring up the box's WireGuard node; on failure the coordinator runs on without it."""
-        import concurrent.futures
-        config, coordinator = self.config, self.coordinator
-        self.gateway_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gateway")
-        private_key = self.store.secret("wg_private", new_private_key)
-        routes = config.gateway_routes()
-        gateway = Gateway(config, private_key)
-        hostname = socket.gethostname()
-        try:
-            node = coordinator.ensure_gateway_node(gateway.public_key, hostname, routes, list(config.public_endpoint))
-            await self.in_gateway_thread(gateway.up, node)
-            endpoints = list(config.public_endpoint) + await self.in_gateway_thread(gateway.local_endpoints, routes)
-            coordinator.ensure_gateway_node(gateway.public_key, hostname, routes, endpoints)
-        except (GatewayError, OSError, ValueError) as e:
-            log.error("gateway not started: %s; the coordinator runs without it", e)
-            await self.in_gateway_thread(gateway.down)
-            return
-        self.gateway = gateway
-        self.gateway_routes = routes
-        self.tailnet_changed()
-
-    # following the tailnet: the gateway and the hosts file
     def tailnet_changed(self):
-        """Schedule one follow-up for a burst of changes."""
+        """After any change: DERP asks again who may connect, and the follower catches up."""
         self.derp_nodes = None
-        if not self.follow_pending:
-            self.follow_pending = True
-            asyncio.get_running_loop().call_later(UPDATE_BATCH_DELAY,
-                                                  lambda: self.tasks.append(asyncio.ensure_future(self.follow_tailnet())))
-
-    async def follow_tailnet(self):
-        self.tasks = [t for t in self.tasks if not t.done()]
-        self.follow_pending = False
-        devices = self.store.devices()
-        self.write_hosts_file(devices)
-        if self.derp is not None:
-            self.derp.close_refused()
-        if self.gateway is not None:
-            await self.sync_gateway(devices)
-
-    def write_hosts_file(self, devices):
-        """The tailnet's names for dnsmasq (addn-hosts/hostsdir) or any resolver; replaced atomically.
-        A --hosts-file is 0644: the resolver runs as its own user (dnsmasq on OpenWrt)."""
-        text = hosts_file_text(self.coordinator.nodes.values(), devices, self.config.base_domain)
-        if text == self.hosts_written:
-            return
-        path = self.config.hosts_file or os.path.join(self.config.state_dir, "hosts")
-        try:
-            write_file_atomically(path, text.encode(), 0o644 if self.config.hosts_file else 0o600)
-            self.hosts_written = text
-        except OSError as e:
-            log.error("cannot write hosts file %s: %s", path, e.strerror)
-
-    async def sync_gateway(self, devices):
-        coordinator = self.coordinator
-        node = coordinator.gateway_node()
-        if node is None:
-            return
-        # Devices are addresses behind the box: its routes carry them.
-        routes = self.gateway_routes + [a for d in devices for a in (f"{d['ipv4']}/32", f"{d['ipv6']}/128")]
-        if routes != node.approved_routes:
-            coordinator.ensure_gateway_node(node.node_key, node.hostname, routes, node.endpoints)
-        view = coordinator.view_of(node)
-        wanted = gateway_peers(view, coordinator.nodes, devices)
-        acl = nft_filter_rules(view.packet_filter_rules, self.config.wg_interface)
-        try:
-            await self.in_gateway_thread(self.gateway.apply, wanted, acl)
-        except (GatewayError, OSError) as e:
-            log.error("gateway update failed: %s (will retry on the next change)", e)
+        self.follower.changed()
 
     async def stop(self):
         for task in self.tasks:
             task.cancel()
-        # No gateway sync may follow the teardown (it would put the table back).
-        gateway, self.gateway = self.gateway, None
-        if gateway is not None:
-            await self.in_gateway_thread(gateway.down)
+        await self.follower.stop()
         for listener in self.listeners:
             listener.close()
         for writer in list(self.connections.values()):
@@ -9909,7 +10019,8 @@ class Server:
             healthy = self.store_healthy()
             writer.write(http_response(200 if healthy else 503, json_bytes(
                 {"status": "ok" if healthy else "state database unavailable",
-                 "nodes": len(self.coordinator.nodes), "gateway": self.gateway is not None}), "application/json"))
+                 "nodes": len(self.coordinator.nodes), "gateway": self.follower.gateway is not None}),
+                                   "application/json"))
         elif path == "/":
             writer.write(http_response(200, landing_page(self.config.public_url()), "text/html; charset=utf-8"))
         else:
@@ -9943,7 +10054,7 @@ class Server:
         else:
             writer.write(http_upgrade_response(CONTROL_UPGRADE) + response)
             stream, out = reader, writer
-        return ControlConnection(self, stream, out, noise, peer, ticket.prove)
+        return ControlConnection(self.control_context, stream, out, noise, peer, ticket.prove)
 
     # interactive login: the AuthURL shows the approve command, or sends the
     # person to the identity provider, who sends them back to /oidc/callback
@@ -9951,7 +10062,7 @@ class Server:
         if self.oidc is None:
             writer.write(http_response(200, register_page(request_id), "text/html; charset=utf-8"))
             return
-        if request_id not in self.coordinator.auth_requests:
+        if request_id not in self.coordinator.registrar.auth_requests:
             raise HttpError(404, "this login request is unknown or has expired: log in again on the device")
         try:
             url = await self.oidc.authorization_url(request_id)
@@ -9967,10 +10078,10 @@ class Server:
             if request_id.startswith(ADMIN_SIGN_IN):
                 self.finish_admin_sign_in(identity, writer, peer)
                 return
-            if request_id not in self.coordinator.auth_requests:
+            if request_id not in self.coordinator.registrar.auth_requests:
                 raise OidcError("the device's login request has expired: log in again on the device")
-            user = self.coordinator.user_signing_in(identity["name"])
-            result = self.coordinator.approve(request_id, user.id)
+            user = self.coordinator.registrar.user_signing_in(identity["name"])
+            result = self.coordinator.registrar.approve(request_id, user.id)
             if "Error" in result:
                 raise OidcError(result["Error"])
         except (OidcError, ValueError) as e:
@@ -9998,8 +10109,7 @@ class Server:
     # local admin socket: live state for the CLI
     async def run_admin(self, noun, verb, params):
         """One administrative verb, run inside the server: {"result": ...} or {"error": ...}."""
-        if self.gateway is not None:
-            self.wireguard_stats = await self.in_gateway_thread(self.gateway.wg.peer_stats)
+        self.wireguard_stats = await self.follower.wireguard_stats()
         try:
             return {"result": Admin(self.store, self.config, self).call(noun, verb, params or {})}
         except MeshboxError as e:
@@ -10161,7 +10271,7 @@ class Server:
         metric("nodes", "gauge", "Registered nodes.", [({}, len(nodes))])
         metric("nodes_online", "gauge", "Nodes with a map session.", [({}, sum(n.online for n in nodes))])
         metric("map_sessions", "gauge", "Open streaming map sessions.",
-               [({}, sum(len(v) for v in coordinator.sessions.values()))])
+               [({}, sum(len(v) for v in coordinator.fanout.sessions.values()))])
         metric("map_updates_sent_total", "counter", "Map messages sent to clients.",
                [({}, self.metrics["map_messages"])])
         metric("map_bytes_sent_total", "counter", "Bytes of map messages sent.", [({}, self.metrics["map_bytes"])])
@@ -10310,7 +10420,7 @@ def admin_socket_call(state_dir, noun, verb, params):
     request = json_bytes({"noun": noun, "verb": verb, "params": params})
     if len(request) > MAX_REQUEST_BODY:
         raise InvalidInput(f"this request is larger than the {MAX_REQUEST_BODY >> 20} MiB the server accepts "
-                         f"({len(request) >> 10} KiB): shorten the policy, e.g. with groups and hosts")
+                           f"({len(request) >> 10} KiB): shorten the policy, e.g. with groups and hosts")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(30)
@@ -10372,8 +10482,8 @@ def check_remote_url(url, config, insecure):
         private = host == "localhost"
     if not private:
         raise InvalidInput(f"--remote {url} would send the API key in clear text: use an https:// URL (a TLS proxy "
-                         "in front of meshbox), the server's tailnet address, an SSH tunnel to its 127.0.0.1, "
-                         "or add --insecure-remote on a network you trust")
+                           "in front of meshbox), the server's tailnet address, an SSH tunnel to its 127.0.0.1, "
+                           "or add --insecure-remote on a network you trust")
 
 
 def run_verb(args, config, noun, verb, params):
@@ -10498,15 +10608,7 @@ def cmd_serve(config):
 
 def cmd_gateway_down(config):
     """Remove meshbox's interface and table, as a stopped server would."""
-    gateway = Gateway(config, bytes(32))
-    gateway.applied_table = ""
-    try:
-        gateway.wg = open_wireguard(config.wg_interface, config.wg_backend, config.netlink_tools)
-    except GatewayError:
-        links = open_links(config.netlink_tools)       # no WireGuard left to drive: remove the link alone
-        links.delete(config.wg_interface)
-        links.close()
-    gateway.down()
+    Gateway.remove_left_behind(config)
     print(f"removed {config.wg_interface} and the {NFT_TABLE} nftables table")
 
 

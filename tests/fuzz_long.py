@@ -105,7 +105,7 @@ def register_json():
     settings = meshbox.MapSettings(base_domain="mesh.internal", derp_map={"Regions": {}},
                                    dns_config=meshbox.dns_config("mesh.internal", []), control_url="http://x")
     coordinator = meshbox.Coordinator(store, settings)
-    coordinator.failed_registrations.burst = 1 << 62   # past the rate limit (test_registration covers it)
+    coordinator.registrar.failed_registrations.burst = 1 << 62   # past the rate limit (test_registration covers it)
     machines = [bytes([i]) * 32 for i in (1, 2, 3)]
     seeds = [json.dumps({"Version": 1, "NodeKey": meshbox.key_text("nodekey", bytes([i]) * 32),
                          "Auth": {"AuthKey": secret}, "Expiry": "2999-01-01T00:00:00Z",
@@ -135,12 +135,12 @@ def register_json():
                     request[rng.choice(fields)] = rng.choice(odd_values)
         machine = machines[next(counter) % 3]
         try:
-            coordinator.register(machine, request)
+            coordinator.registrar.register(machine, request)
         except meshbox.RegistrationRefused:
             pass
         try:
             node = coordinator.node_for_map(machine, request)
-            meshbox.json_bytes(meshbox.map_response_for(node, coordinator.view_of(node), coordinator.nodes,
+            meshbox.json_bytes(meshbox.map_response_for(node, coordinator.policy_views.view_of(node), coordinator.nodes,
                                                         coordinator.users, coordinator.settings, meshbox.now()))
         except meshbox.MapRefused:
             pass

@@ -462,7 +462,7 @@ def test_live_verbs_with_a_running_server(tmp_path):
             admin = meshbox.Admin(server.store, server.config, server)
             admin.call("users", "create", {"name": "alice"})
             admin.call("policy", "set", {"policy": SSH_POLICY})
-            assert server.coordinator.policy is not None          # applied at once
+            assert server.coordinator.policy_views.policy is not None          # applied at once
             # A login without a key waits; the admin approves it.
             waiting = tsclient.ControlClient("127.0.0.1", port, "waiting-phone")
             await waiting.connect()
@@ -485,17 +485,17 @@ def test_live_verbs_with_a_running_server(tmp_path):
             assert nodes["laptop"]["online"] and nodes["box"]["online"] and not nodes["waiting-phone"]["online"]
             src, dst = nodes["laptop"]["id"], nodes["box"]["id"]
             coordinator = server.coordinator
-            held = coordinator.ssh_action(src, dst, {"local_user": "root"}, meshbox.now())
+            held = coordinator.ssh_checks.action(src, dst, {"local_user": "root"}, meshbox.now())
             assert "ssh approve" in held["message"]
             (check,) = admin.call("ssh", "checks", {})
             assert (check["from"], check["to"], check["user"]) == ("laptop", "box", "root")
             assert admin.call("ssh", "deny", {"id": check["id"]}) == {
                 "message": "denied: SSH from laptop to box as root"}
             assert admin.call("ssh", "checks", {}) == []
-            coordinator.ssh_action(src, dst, {"local_user": "admin"}, meshbox.now())
+            coordinator.ssh_checks.action(src, dst, {"local_user": "admin"}, meshbox.now())
             (check,) = admin.call("ssh", "checks", {})
             assert admin.call("ssh", "approve", {"id": check["id"]})["message"].startswith("approved: SSH from laptop")
-            assert coordinator.ssh_action(src, dst, {"local_user": "root"}, meshbox.now())["accept"] is True
+            assert coordinator.ssh_checks.action(src, dst, {"local_user": "root"}, meshbox.now())["accept"] is True
             with pytest.raises(ValueError, match="no SSH check"):
                 admin.call("ssh", "approve", {"id": check["id"]})
             # netmap: what the laptop receives.

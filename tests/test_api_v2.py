@@ -177,7 +177,7 @@ def test_policy_file_with_etag_validate_and_test(tmp_path):
             assert default.etag and '"acls"' in default.policy
             saved = await api.set_policy_file(GOOD_POLICY, etag=default.etag)
             assert saved.policy == GOOD_POLICY and saved.etag != default.etag
-            assert server.coordinator.policy_text == GOOD_POLICY
+            assert server.coordinator.policy_views.text == GOOD_POLICY
             assert (await api.policy_file()).policy == GOOD_POLICY      # comments kept
             with pytest.raises(TailscaleResponseError) as stale:
                 await api.set_policy_file(GOOD_POLICY.replace("22", "80"), etag=default.etag)
@@ -185,7 +185,7 @@ def test_policy_file_with_etag_validate_and_test(tmp_path):
             with pytest.raises(TailscaleResponseError) as bad:
                 await api.set_policy_file('{"acls": [{"action": "accept", "src": ["group:nobody"], "dst": ["*:*"]}]}')
             assert bad.value.status == 400 and "policy refused" in str(bad.value)
-            assert server.coordinator.policy_text == GOOD_POLICY
+            assert server.coordinator.policy_views.text == GOOD_POLICY
 
             assert (await api.validate_policy_file(GOOD_POLICY)).valid
             broken = await api.validate_policy_file('{"acls": [}')

@@ -219,7 +219,7 @@ def test_a_cancelled_map_poll_ends_its_session_at_once(tmp_path):
                 if not node.online:
                     break
                 await asyncio.sleep(0.02)
-            assert not node.online and node.id not in server.coordinator.sessions
+            assert not node.online and node.id not in server.coordinator.fanout.sessions
             await a.close()
     asyncio.run(main())
 
@@ -415,7 +415,7 @@ def test_expiry_ephemeral_and_requested_tags(tmp_path):
             assert message["PeersChanged"][0]["Expired"] is True
             _, message = await b.map_message_where(lambda m: m.get("Node", {}).get("Expired"))
             assert not message.get("PeersChanged")
-            coordinator.notify(changed=[node_a.id, node_b.id])
+            coordinator.fanout.notify(changed=[node_a.id, node_b.id])
             with pytest.raises(TimeoutError):
                 await b.next_map_message(timeout=1)
             # Ephemeral nodes go once offline for longer than the timeout.
@@ -433,7 +433,7 @@ def test_expiry_ephemeral_and_requested_tags(tmp_path):
             d.hostinfo = lambda: {"Hostname": "tagger", "RequestTags": ["tag:prod"]}
             refused = await d.register(key)
             assert "tag:prod is not permitted" in refused["Error"]
-            coordinator.set_policy('{"tagOwners": {"tag:prod": ["alice@"]}, "acls": []}')
+            coordinator.policy_views.set_policy('{"tagOwners": {"tag:prod": ["alice@"]}, "acls": []}')
             accepted = await d.register(key)
             assert accepted["MachineAuthorized"]
             tagged = coordinator.node_by_machine(meshbox.x25519_public(d.machine_private))
@@ -500,7 +500,7 @@ def test_incremental_default_policy_matches_a_full_compile(operations):
                     "Hostinfo": {"Hostname": node.hostname, "RoutableIPs": routes}})
             else:
                 coordinator.apply(meshbox.NodeEdit(node_id, {"approved_routes": routes}))
-            assert coordinator.allow_all == meshbox.allow_all_entries(coordinator.nodes.values())
+            assert coordinator.policy_views.allow_all == meshbox.allow_all_entries(coordinator.nodes.values())
         store.db.close()
 
 
@@ -548,7 +548,7 @@ def test_a_burst_of_joins_under_a_policy_shares_compiles(tmp_path, monkeypatch):
     async def main():
         async with running_server(tmp_path) as (server, port):
             key = new_key(server)
-            server.coordinator.set_policy('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]}')
+            server.coordinator.policy_views.set_policy('{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]}')
             first_client, _ = await joined(port, key, "first")
             compiles.clear()
             burst = await asyncio.gather(*(joined(port, key, f"burst{i}") for i in range(12)))

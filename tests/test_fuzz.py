@@ -221,7 +221,7 @@ def coordinator(tmp_path_factory):
     settings_ = meshbox.MapSettings(base_domain="mesh.internal", derp_map={"Regions": {}},
                                     dns_config=meshbox.dns_config("mesh.internal", []), control_url="http://x")
     coord = meshbox.Coordinator(store, settings_)
-    coord.failed_registrations.burst = 1 << 62   # past the rate limit (test_registration covers it)
+    coord.registrar.failed_registrations.burst = 1 << 62   # past the rate limit (test_registration covers it)
     coord.fuzz_secret = secret
     return coord
 
@@ -238,14 +238,14 @@ def test_register_and_map_bodies(coordinator, machine, request, with_key):
     if with_key and isinstance(request.get("Auth"), dict) and request["Auth"].get("AuthKey") == "KEY":
         request["Auth"] = {"AuthKey": coordinator.fuzz_secret}
     try:
-        response = coordinator.register(machine, request)
+        response = coordinator.registrar.register(machine, request)
         assert isinstance(response, dict)
         json.dumps(response)
     except meshbox.RegistrationRefused:
         pass
     try:
         node = coordinator.node_for_map(machine, request)
-        message = meshbox.map_response_for(node, coordinator.view_of(node), coordinator.nodes, coordinator.users,
+        message = meshbox.map_response_for(node, coordinator.policy_views.view_of(node), coordinator.nodes, coordinator.users,
                                            coordinator.settings, meshbox.now())
         meshbox.json_bytes(message)
     except meshbox.MapRefused as e:
@@ -291,7 +291,7 @@ def hostinfo_case(net, viewer, hostile, hostinfo):
     assert kept is None or (go_type_problems(kept, HOSTINFO_TYPES) == [] and
                             len(meshbox.json_bytes(kept)) <= meshbox.HOSTINFO_MAX_BYTES), kept
     net.coordinator.node_by_machine(hostile).hostinfo = kept or {}
-    net.coordinator.notify(changed=[net.coordinator.node_by_machine(hostile).id])
+    net.coordinator.fanout.notify(changed=[net.coordinator.node_by_machine(hostile).id])
     assert map_problems(net.map_for(viewer)) == []
 
 

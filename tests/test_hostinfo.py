@@ -115,7 +115,7 @@ class Tailnet:
 
     def join(self, i, hostinfo):
         machine, node_key = bytes([i]) * 32, meshbox.key_text("nodekey", bytes([i + 100]) * 32)
-        response = self.coordinator.register(machine, {"NodeKey": node_key, "Auth": {"AuthKey": self.secret},
+        response = self.coordinator.registrar.register(machine, {"NodeKey": node_key, "Auth": {"AuthKey": self.secret},
                                                        "Hostinfo": hostinfo})
         assert response.get("MachineAuthorized"), response
         return machine, node_key
@@ -123,7 +123,7 @@ class Tailnet:
     def map_for(self, machine):
         coordinator = self.coordinator
         node = coordinator.node_by_machine(machine)
-        message = meshbox.map_response_for(node, coordinator.view_of(node), coordinator.nodes, coordinator.users,
+        message = meshbox.map_response_for(node, coordinator.policy_views.view_of(node), coordinator.nodes, coordinator.users,
                                            coordinator.settings, meshbox.now())
         json.dumps(message, allow_nan=False)        # valid JSON, as Go reads it (no NaN)
         return message
@@ -260,10 +260,10 @@ def test_peers_hear_of_a_hostinfo_change_only_when_their_part_changes(tmp_path):
     coordinator = net.coordinator
 
     def report(hostinfo):
-        before = coordinator.generation
+        before = coordinator.fanout.generation
         coordinator.node_for_map(machine, {"NodeKey": node_key, "Hostinfo": hostinfo})
         assert coordinator.node_by_machine(machine).hostinfo == hostinfo     # kept for the node and the admin
-        return coordinator.generation != before
+        return coordinator.fanout.generation != before
 
     assert not report({**GOOD, "BackendLogID": "c" * 64, "IPNVersion": "1.96.5"})   # control's fields only
     assert not report({**GOOD, "BackendLogID": "d" * 64, "NetInfo": {**GOOD["NetInfo"], "WorkingUDP": False}})

@@ -45,7 +45,7 @@ def test_only_the_machine_that_asked_may_follow_its_login(tmp_path):
                                                              NodeKey=meshbox.key_text("nodekey", bytes([7]) * 32)))
             follow = asyncio.ensure_future(owner.register("", timeout=30, Followup=url))
             await asyncio.sleep(0.3)
-            server.coordinator.approve(url.rsplit("/", 1)[1], user.id)
+            server.coordinator.registrar.approve(url.rsplit("/", 1)[1], user.id)
             response = await asyncio.wait_for(follow, 10)
             assert response["MachineAuthorized"] and response["User"]["LoginName"] == "carol"
             for attempt in (stolen, other_key):
@@ -80,7 +80,7 @@ def test_a_burst_of_refusals_locks_the_source_out_even_with_a_valid_key(tmp_path
             await newcomer.connect()
             assert "too many attempts" in (await newcomer.register(key))["Error"]
             assert "too many attempts" in (await newcomer.register(""))["Error"]
-            assert server.coordinator.nodes == {} and server.coordinator.auth_requests == {}
+            assert server.coordinator.nodes == {} and server.coordinator.registrar.auth_requests == {}
             assert len(logged(server, "too many failed registrations")) == 1     # once per burst
             assert len(logged(server, "registration refused")) == meshbox.REGISTER_ATTEMPT_BURST
             await guesser.close()
@@ -95,7 +95,7 @@ def test_refusals_lock_out_their_source_and_machine_only(tmp_path):
 
             def register(machine, auth_key, source):
                 request = tsclient.ControlClient("127.0.0.1", port).register_request(auth_key)   # a fresh node key
-                return coordinator.register(bytes(machine) * (32 // len(machine)), request, source)
+                return coordinator.registrar.register(bytes(machine) * (32 // len(machine)), request, source)
 
             for _ in range(meshbox.REGISTER_ATTEMPT_BURST):
                 with pytest.raises(meshbox.RegistrationRefused, match="no such pre-auth key"):
@@ -132,12 +132,12 @@ def test_the_table_of_refused_attempts_stays_bounded(tmp_path):
             request = client.register_request("mskey-wrong")
             for i in range(3 * meshbox.REGISTER_ATTEMPT_KEYS):     # a fresh machine key and address each time
                 with pytest.raises(meshbox.RegistrationRefused):
-                    coordinator.register(i.to_bytes(32, "big"), request, f"2001:db8:{i >> 16:x}:{i & 0xffff:x}::1")
-                assert len(coordinator.failed_registrations) <= meshbox.REGISTER_ATTEMPT_KEYS
+                    coordinator.registrar.register(i.to_bytes(32, "big"), request, f"2001:db8:{i >> 16:x}:{i & 0xffff:x}::1")
+                assert len(coordinator.registrar.failed_registrations) <= meshbox.REGISTER_ATTEMPT_KEYS
             # The most recent ones are still remembered.
             last = 3 * meshbox.REGISTER_ATTEMPT_KEYS - 1
-            assert coordinator.failed_registrations.wait(last.to_bytes(32, "big"), meshbox.now()) == 0
-            assert last.to_bytes(32, "big") in coordinator.failed_registrations.forgotten_at
+            assert coordinator.registrar.failed_registrations.wait(last.to_bytes(32, "big"), meshbox.now()) == 0
+            assert last.to_bytes(32, "big") in coordinator.registrar.failed_registrations.forgotten_at
     asyncio.run(main())
 
 
@@ -154,20 +154,20 @@ def test_pending_logins_are_capped_per_source_and_overall(tmp_path, monkeypatch)
         async with running_server(tmp_path) as (server, port):
             coordinator = server.coordinator
             for i in range(meshbox.AUTH_REQUESTS_PER_SOURCE):
-                assert "AuthURL" in coordinator.register(*keyless_request(port), "192.0.2.7")
+                assert "AuthURL" in coordinator.registrar.register(*keyless_request(port), "192.0.2.7")
             with pytest.raises(meshbox.RegistrationRefused, match="too many login requests from this address"):
-                coordinator.register(*keyless_request(port), "192.0.2.7")
+                coordinator.registrar.register(*keyless_request(port), "192.0.2.7")
             # The same machine asking again gets its own request back, cap or not.
             machine, request = keyless_request(port)
-            first = coordinator.register(machine, request, "198.51.100.1")["AuthURL"]
-            assert coordinator.register(machine, request, "198.51.100.1")["AuthURL"] == first
+            first = coordinator.registrar.register(machine, request, "198.51.100.1")["AuthURL"]
+            assert coordinator.registrar.register(machine, request, "198.51.100.1")["AuthURL"] == first
             source = 0
-            while len(coordinator.auth_requests) < meshbox.AUTH_REQUESTS_MAX:
+            while len(coordinator.registrar.auth_requests) < meshbox.AUTH_REQUESTS_MAX:
                 source += 1
-                coordinator.register(*keyless_request(port), f"203.0.113.{source // 8}")
+                coordinator.registrar.register(*keyless_request(port), f"203.0.113.{source // 8}")
             with pytest.raises(meshbox.RegistrationRefused, match="too many login requests are waiting"):
-                coordinator.register(*keyless_request(port), "198.51.100.200")
-            assert len(coordinator.auth_requests) == meshbox.AUTH_REQUESTS_MAX
+                coordinator.registrar.register(*keyless_request(port), "198.51.100.200")
+            assert len(coordinator.registrar.auth_requests) == meshbox.AUTH_REQUESTS_MAX
             # Over the wire the client reads why.
             client = tsclient.ControlClient("127.0.0.1", port, "late")
             await client.connect()
@@ -184,11 +184,11 @@ def test_a_pending_login_keeps_only_what_approval_needs(tmp_path):
             big = {"Hostname": "h" * 2000, "RequestTags": [], "Services": [{"Description": "x" * 1000}] * 400,
                    "NetInfo": {"DERPLatency": {str(i): 0.1 for i in range(5000)}}}
             machine, request = keyless_request(port, **big)
-            url = coordinator.register(machine, request, "192.0.2.7")["AuthURL"]
-            pending = coordinator.auth_requests[url.rsplit("/", 1)[1]]
+            url = coordinator.registrar.register(machine, request, "192.0.2.7")["AuthURL"]
+            pending = coordinator.registrar.auth_requests[url.rsplit("/", 1)[1]]
             held = [getattr(pending, f.name) for f in dataclasses.fields(pending) if f.name not in ("done", "base_url")]
             assert len(repr(held)) < 1000          # not the client's 0.5 MB Hostinfo
-            coordinator.approve(pending.id, user.id)
+            coordinator.registrar.approve(pending.id, user.id)
             node = coordinator.node_by_machine(machine)
             assert node.hostname == "node" and node.user_id == user.id     # a Hostname past 256 is dropped
             # A login asking for many or long tags is refused outright, not kept (a tag
@@ -196,7 +196,7 @@ def test_a_pending_login_keeps_only_what_approval_needs(tmp_path):
             for tags in (["tag:t%d" % i for i in range(meshbox.AUTH_REQUEST_MAX_TAGS + 1)],
                          ["tag:" + "x" * meshbox.AUTH_REQUEST_MAX_TAG_LEN]):
                 with pytest.raises(meshbox.RegistrationRefused, match="tags"):
-                    coordinator.register(*keyless_request(port, RequestTags=tags), "192.0.2.8")
+                    coordinator.registrar.register(*keyless_request(port, RequestTags=tags), "192.0.2.8")
     asyncio.run(main())
 
 
@@ -207,9 +207,9 @@ def test_starting_a_login_writes_nothing_to_the_state_file(tmp_path):
             writes = []
             server.store.db.set_trace_callback(lambda sql: writes.append(sql) if not sql.startswith("SELECT") else None)
             for i in range(5):
-                coordinator.register(*keyless_request(port), f"192.0.2.{i}")
+                coordinator.registrar.register(*keyless_request(port), f"192.0.2.{i}")
             server.store.db.set_trace_callback(None)
-            assert writes == [] and len(coordinator.auth_requests) == 5
+            assert writes == [] and len(coordinator.registrar.auth_requests) == 5
     asyncio.run(main())
 
 
