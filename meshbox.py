@@ -6521,12 +6521,11 @@ CONTROL_IDLE_TIMEOUT = 30    # seconds a connection may serve no request (a map 
 
 @dataclasses.dataclass
 class ControlContext:
-    """What a control connection needs of the server: the tailnet, the DNS
-    hook that publishes ACME challenges under the base domain, and the
-    counters it adds to."""
+    """What a control connection needs of the server: the tailnet, the
+    settings (the DNS hook that publishes ACME challenges under the base
+    domain) and the counters it adds to."""
     tailnet: object              # the Coordinator
-    dns_hook: str
-    base_domain: str
+    config: object               # the server's Config, read as it is at each request
     metrics: collections.Counter
     refusals: dict
 
@@ -6700,7 +6699,7 @@ class ControlConnection:
     async def set_dns(self, request):
         """tailcfg.SetDNSRequest: publish the TXT record of an ACME dns-01
         challenge for the node's own name, through the configured DNS hook."""
-        hook = self.context.dns_hook
+        hook = self.context.config.dns_hook
         if not hook:
             raise HttpError(501, "meshbox has no DNS provider for certificates: set dns_hook to a command that "
                                  "publishes TXT records under the base domain")
@@ -6708,7 +6707,7 @@ class ControlConnection:
         if node is None or key_text("nodekey", node.node_key) != request.get("NodeKey"):
             raise HttpError(403, "set-dns: the node key is not this machine's")
         name, kind, value = request.get("Name"), request.get("Type"), request.get("Value")
-        own = f"_acme-challenge.{node.given_name}.{self.context.base_domain}"
+        own = f"_acme-challenge.{node.given_name}.{self.context.config.base_domain}"
         if not isinstance(name, str) or name.rstrip(".") != own:
             raise HttpError(403, f"set-dns: a node may only set {own}")
         if kind != "TXT" or not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,255}", value):
@@ -9830,8 +9829,7 @@ class Server:
         self.coordinator = Coordinator(self.store, settings, config.prefix_v4, config.prefix_v6, expiry)
         self.follower = TailnetFollower(config, self.store, self.coordinator, self.derp)
         self.coordinator.fanout.on_change = self.tailnet_changed
-        self.control_context = ControlContext(self.coordinator, config.dns_hook, config.base_domain, self.metrics,
-                                              self.refusals)
+        self.control_context = ControlContext(self.coordinator, config, self.metrics, self.refusals)
         self.tailnet_changed()
         self.policy_mtime = None
         if config.policy_file:
