@@ -5793,6 +5793,45 @@ def html_text(text):
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
+def dechunk(body):
+    """The payload of a chunked transfer coding (RFC 9112 7.1); ValueError if cut short."""
+    out = bytearray()
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return bytes(out)
+        if len(body) < size + 2:
+            raise InvalidInput("truncated chunk")
+        out += body[:size]
+        body = body[size + 2:]
+
+
+def parse_http_answer(data):
+    """Status and body of a complete HTTP/1.1 response, read to its end."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = lines[0].split(" ")
+    if not sep or len(status) < 2 or not status[1].isdigit():
+        raise InvalidInput("not an HTTP response")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = dechunk(body)
+    elif headers.get("content-length", "").isdigit():
+        body = body[:int(headers["content-length"])]
+    return int(status[1]), body
+
+
+def http_request_bytes(method, target, host, headers=(), body=b""):
+    """An HTTP/1.1 request meshbox sends as a client (to an identity provider,
+    or to a remote meshbox's API): one per connection, closed after."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", f"User-Agent: meshbox/{VERSION}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
 # ---- TLS certificate ----
 # Tailscale clients pin a DERP node's certificate by the SHA-256 of its DER
 # bytes (DERPNode.CertName "sha256-raw:<hex>"), so a self-signed certificate
@@ -7549,35 +7588,6 @@ def split_https_url(url):
     return host, port, match[1], target
 
 
-def dechunk(body):
-    """The payload of a chunked transfer coding (RFC 9112 7.1); ValueError if cut short."""
-    out = bytearray()
-    while True:
-        size_line, _, body = body.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            return bytes(out)
-        if len(body) < size + 2:
-            raise InvalidInput("truncated chunk")
-        out += body[:size]
-        body = body[size + 2:]
-
-
-def parse_http_answer(data):
-    """Status and body of a complete HTTP/1.1 response, read to its end."""
-    head, sep, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = lines[0].split(" ")
-    if not sep or len(status) < 2 or not status[1].isdigit():
-        raise InvalidInput("not an HTTP response")
-    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = dechunk(body)
-    elif headers.get("content-length", "").isdigit():
-        body = body[:int(headers["content-length"])]
-    return int(status[1]), body
-
-
 async def _https_exchange(context, host, port, request):
     # The name as bytes: ssl would encode a str with the idna codec, which
     # needs unicodedata, a package OpenWrt's python3-light leaves out.
@@ -7599,12 +7609,10 @@ async def https_json(context, url, form=None, headers=()):
     """GET an https:// URL, or POST `form` to it; (status, the JSON object answered)."""
     host, port, host_header, target = split_https_url(url)
     body = form_encode(form).encode() if form is not None else b""
-    lines = [f"{'GET' if form is None else 'POST'} {target} HTTP/1.1", f"Host: {host_header}",
-             "Accept: application/json", f"User-Agent: meshbox/{VERSION}", "Connection: close"]
-    lines += [f"{k}: {v}" for k, v in headers]
+    headers = [("Accept", "application/json"), *headers]
     if form is not None:
-        lines += ["Content-Type: application/x-www-form-urlencoded", f"Content-Length: {len(body)}"]
-    request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        headers.append(("Content-Type", "application/x-www-form-urlencoded"))
+    request = http_request_bytes("GET" if form is None else "POST", target, host_header, headers, body)
     try:
         data = await asyncio.wait_for(_https_exchange(context, host, port, request), OIDC_HTTP_TIMEOUT)
     except ssl.SSLCertVerificationError as e:
@@ -10440,24 +10448,23 @@ def api_call(url, api_key, noun, verb, params):
     host, port = parse_host_port(hostport, 443 if scheme == "https" else 80)
     path = f"/{base.strip('/')}/api/v1/{noun}/{verb}".replace("//", "/") if base.strip("/") else \
         f"/api/v1/{noun}/{verb}"
-    body = json_bytes(params)
-    request = (f"POST {path.rstrip('/')} HTTP/1.1\r\nHost: {hostport}\r\nAuthorization: Bearer {api_key}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    request = http_request_bytes("POST", path.rstrip("/"), hostport, [("Authorization", f"Bearer {api_key}"),
+                                 ("Content-Type", "application/json")], json_bytes(params))
     with socket.create_connection((host, port), timeout=30) as raw:
         conn = ssl.create_default_context().wrap_socket(raw, server_hostname=host.encode()) if scheme == "https" else raw
-        conn.sendall(request + body)
+        conn.sendall(request)
         data = b""
         while True:
             chunk = conn.recv(65536)
             if not chunk:
                 break
             data += chunk
-    head, _, payload = data.partition(b"\r\n\r\n")
     try:
-        status = int(head.split(b" ")[1])
+        status, payload = parse_http_answer(data)
         answer = parse_json(payload)
-    except (IndexError, ValueError):
-        raise InvalidInput(f"unexpected answer from {url}: {head[:80]!r}") from None
+    except ValueError:
+        status_line = data.partition(b"\r\n")[0][:80]
+        raise InvalidInput(f"unexpected answer from {url}: {status_line!r}") from None
     if status == 401:
         raise InvalidInput("the server refused the API key (401)")
     return answer

@@ -5,6 +5,8 @@ simulated nodes (tests/tsclient.py) and the server do not share a CPU-bound
 event loop, and the server can be killed with SIGKILL and started again.
 """
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -14,6 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import meshbox  # noqa: E402
+import tsclient  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHBOX = os.path.join(ROOT, "meshbox.py")
@@ -71,6 +74,54 @@ def compile_bytecode(folder):
     import py_compile
     py_compile.compile(MESHBOX, cfile=os.path.join(folder, "meshbox.pyc"), doraise=True)
     return folder
+
+# ---- meshbox in this process (for tests that look inside the server) ----
+
+@contextlib.asynccontextmanager
+async def serving(state_dir, derp=False, **settings):
+    """A Server on loopback (DERP over TLS on its own port when derp): (server, control port, DERP port)."""
+    port, derp_port = free_port(), free_port()
+    config = meshbox.Config(state_dir=str(state_dir), listen=f"127.0.0.1:{port}", stun_listen="off",
+                            derp_listen=f"127.0.0.1:{derp_port}" if derp else "off", **settings)
+    server = meshbox.Server(config)
+    await server.start()
+    try:
+        yield server, port, derp_port
+    finally:
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_server(state_dir, **settings):
+    """A Server on loopback without DERP: (server, control port)."""
+    async with serving(state_dir, **settings) as (server, port, _):
+        yield server, port
+
+
+def new_key(server, reusable=True, ephemeral=False, expiration=None, tags=(), user="alice"):
+    """A pre-auth key of USER in a running server's store."""
+    return store_key(server.store, user, reusable, ephemeral, expiration, tags)
+
+
+async def joined(port, key, name):
+    """A simulated node registered with KEY and its map open: (client, first map message)."""
+    client = tsclient.ControlClient("127.0.0.1", port, name)
+    await client.connect()
+    response = await client.register(key)
+    assert response.get("MachineAuthorized"), response
+    client.open_map()
+    first = await client.next_map_message()
+    return client, first
+
+
+async def until(client, key, timeout=2):
+    """The next map message that carries `key`, skipping others."""
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await client.next_map_message(timeout=timeout)
+            if key in message:
+                return message
+
 
 
 class MeshboxProcess:

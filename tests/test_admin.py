@@ -36,8 +36,7 @@ import pytest
 
 import meshbox
 import tsclient
-from test_coordinator import new_key
-from test_http import serving
+from meshproc import new_key, serving
 
 V4, V6 = meshbox.DEFAULT_PREFIX_V4, meshbox.DEFAULT_PREFIX_V6
 

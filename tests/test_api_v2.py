@@ -23,7 +23,7 @@ from tailscale.exceptions import (TailscaleNotFoundError, TailscalePermissionErr
 
 import meshbox
 import tsclient
-from test_http import serving
+from meshproc import serving
 
 API_HOST = "api.tailscale.com"
 

@@ -16,7 +16,7 @@ import struct
 
 import meshbox
 import tsclient
-from test_coordinator import new_key, running_server
+from meshproc import new_key, running_server
 
 
 def run(scenario, tmp_path, **settings):

@@ -15,43 +15,7 @@ import zstandard
 import meshbox
 import meshproc
 import tsclient
-
-
-@contextlib.asynccontextmanager
-async def running_server(state_dir, **settings):
-    port = meshproc.free_port()
-    config = meshbox.Config(state_dir=str(state_dir), listen=f"127.0.0.1:{port}", derp_listen="off", stun_listen="off",
-                            **settings)
-    server = meshbox.Server(config)
-    await server.start()
-    try:
-        yield server, port
-    finally:
-        await server.stop()
-
-
-def new_key(server, reusable=True, ephemeral=False, expiration=None, tags=(), user="alice"):
-    """A pre-auth key of USER in a running server's store."""
-    return meshproc.store_key(server.store, user, reusable, ephemeral, expiration, tags)
-
-
-async def joined(port, key, name):
-    client = tsclient.ControlClient("127.0.0.1", port, name)
-    await client.connect()
-    response = await client.register(key)
-    assert response.get("MachineAuthorized"), response
-    client.open_map()
-    first = await client.next_map_message()
-    return client, first
-
-
-async def until(client, key, timeout=2):
-    """The next map message that carries `key`, skipping others."""
-    async with asyncio.timeout(timeout):
-        while True:
-            message = await client.next_map_message(timeout=timeout)
-            if key in message:
-                return message
+from meshproc import joined, new_key, running_server, until
 
 
 def snapshot(state_dir):

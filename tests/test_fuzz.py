@@ -23,7 +23,8 @@ import meshbox
 import meshproc
 import tsclient
 from derpclient import DerpClient, FakeWriter, fake_connection, serve_derp_http, split_frames
-from test_coordinator import new_key, running_server, snapshot
+from meshproc import new_key, running_server
+from test_coordinator import snapshot
 from test_hostinfo import GOOD, HOSTINFO_TYPES, Tailnet, go_type_problems, map_problems
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

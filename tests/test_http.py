@@ -2,7 +2,6 @@
 
 import asyncio
 import base64
-import contextlib
 import json
 import socket
 import ssl
@@ -16,8 +15,7 @@ import meshbox
 import meshproc
 import tsclient
 from derpclient import DerpClient, FakeTransport, FakeWriter
-from meshproc import MeshboxProcess, free_port
-from test_coordinator import new_key
+from meshproc import MeshboxProcess, free_port, new_key, serving
 
 
 def run(coro):
@@ -128,20 +126,6 @@ def test_websocket_no_pong_for_a_peer_that_does_not_read():
 
 
 # ---- a live server ----
-
-@contextlib.asynccontextmanager
-async def serving(state_dir, derp=False, **settings):
-    """A Server on loopback (DERP over TLS on its own port when derp): (server, control port, DERP port)."""
-    port, derp_port = free_port(), free_port()
-    config = meshbox.Config(state_dir=str(state_dir), listen=f"127.0.0.1:{port}", stun_listen="off",
-                            derp_listen=f"127.0.0.1:{derp_port}" if derp else "off", **settings)
-    server = meshbox.Server(config)
-    await server.start()
-    try:
-        yield server, port, derp_port
-    finally:
-        await server.stop()
-
 
 async def closed_within(reader, seconds):
     """True if the server closes the connection (FIN or reset) within seconds."""

@@ -8,7 +8,7 @@ import pytest
 import meshbox
 import meshproc
 import tsclient
-from test_coordinator import running_server, new_key
+from meshproc import new_key, running_server
 
 
 def test_a_key_displayed_prefix_does_not_register(tmp_path):

@@ -21,7 +21,7 @@ import pytest
 import meshbox
 import netlab
 import realclients
-from test_coordinator import joined, new_key, running_server
+from meshproc import joined, new_key, running_server
 from realclients import CONTROL_URL, HUB, StockTailnet, meshbox_cli
 
 pytestmark = pytest.mark.skipif(netlab.have_netns() is not None, reason=str(netlab.have_netns()))
