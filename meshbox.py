@@ -26,16 +26,21 @@ comment ``# ---- Name ----``):
                   devices, settings, server secrets; schema versions and migrations
   Policy          Tailscale's ACL language: parse, compile per node (NodeView), check tests
   Map builder     pure: node records and views in, MapResponse JSON out
-  Coordinator     the live tailnet and the one way to change it: registration,
-                  MapRequest intake, map sessions, fan-out, held SSH checks, and
-                  administrative changes as objects (NodeEdit, PolicyChange...)
-  HTTP front      HTTP/1.1 on asyncio streams: request heads, bounded bodies, cookies, responses
+  Coordinator     the live tailnet and the one way to change it (registrations,
+                  MapRequest intake, administrative changes as objects: NodeEdit,
+                  PolicyChange...), with its parts: FanOut (map sessions, shared
+                  deltas and their frames), PolicyViews (what each node may see),
+                  Registrar (keys, logins, lockouts), SshChecks (held sessions)
+  HTTP front      HTTP/1.1 on asyncio streams: request heads, bounded bodies, cookies,
+                  responses; and meshbox's own requests as a client
   TLS certificate self-signed Ed25519 certificate for DERP, pinned by hash
   DERP            the relay: frames, clients, forwarding, bytes per pair of clients
   STUN            RFC 5389 binding responses
-  Control server  ts2021 over HTTP/2 (h2): register, map, SSH check verdicts, set-dns
+  Control server  ts2021 over HTTP/2 (h2): register, map, SSH check verdicts, set-dns;
+                  a connection sees the server only through a ControlContext
   Gateway plan    pure: the box's WireGuard peers and nftables rules
-  Gateway         kernel or userspace WireGuard, routes, nftables
+  Gateway         kernel or userspace WireGuard, routes, nftables; TailnetFollower
+                  keeps the gateway, the hosts file and DERP's refusals in step
   OIDC            sign-in through an OpenID provider (authorization code, PKCE)
   Admin           the administrative verbs, shared by the CLI and the APIs; DNS
                   settings; what NetInfo says about a node's NAT, why a pair is relayed
