@@ -47,7 +47,10 @@ comment ``# ---- Name ----``):
   QR code         a QR encoder (byte mode, level M) for keys and WireGuard configs
   API v2          Tailscale's public API v2 in its shapes, OAuth tokens; each change an Admin verb
   Admin page      /admin: HTML, CSS and script, its cookie sessions and CSRF tokens
-  Server          listeners, admin socket, API routing, metrics, lifetime of ``serve``
+  Web front       login pages, OIDC callback, admin page and APIs over HTTP (WebFront),
+                  with its sessions, tokens and refused-credential lockouts
+  Server          listeners and connection budgets, the protocol routes (ts2021, DERP,
+                  /key, /health, /metrics), the admin socket, lifetime of ``serve``
   CLI             argument parsing, output, local or remote verbs
 """
 
@@ -9647,6 +9650,217 @@ def admin_page(login_server, oidc=False):
         "{gateway_user}", GATEWAY_USER).replace("{oidc_link}", link)
 
 
+# ---- Web front ----
+# What people and their tools reach over HTTP: the login request pages, the
+# OIDC callback, the admin page and its sign-in, and the two APIs, with the
+# lockout of addresses whose credentials keep being refused.
+
+def register_page(request_id):
+    """What a person sees at a client's AuthURL: the command that approves it."""
+    safe = "".join(c for c in request_id if c.isalnum() or c in "-_")[:64]
+    return f"""<!doctype html><title>meshbox: approve this device</title>
+<h1>Approve this device</h1>
+<p>An administrator of this meshbox approves the device with:</p>
+<pre>meshbox nodes register --user USER --key {safe}</pre>
+<p>The device joins as soon as the command runs; the request expires in {AUTH_REQUEST_TTL // 60} minutes.</p>"""
+
+
+def message_page(title, message):
+    """A small HTML page: a heading and one message."""
+    return f"""<!doctype html><title>meshbox: {html_text(title)}</title>
+<h1>{html_text(title)}</h1>
+<p>{html_text(message)}</p>"""
+
+
+def landing_page(url):
+    return f"""<!doctype html><title>meshbox</title>
+<h1>meshbox is running</h1>
+<p>Join a device to this tailnet:</p>
+<pre>meshbox preauthkeys create --user NAME
+tailscale up --login-server {url} --auth-key KEY</pre>"""
+
+
+class WebFront:
+    """The HTTP routes for people and their tools, with what they keep:
+    admin page sessions, OAuth access tokens, refused-credential counts."""
+
+    def __init__(self, server):
+        self.server = server
+        self.admin_sessions = AdminSessions()
+        # API keys, OAuth secrets and sign-ins that fail are limited per
+        # address as refused registrations are (192-bit secrets cannot be
+        # guessed; this keeps a stranger from spending the box's CPU on tries).
+        self.failed_credentials = AttemptLimiter(REGISTER_ATTEMPT_BURST, REGISTER_ATTEMPT_INTERVAL,
+                                                 REGISTER_ATTEMPT_KEYS)
+        self.oauth_tokens = OAuthTokens()
+
+    # interactive login: the AuthURL shows the approve command, or sends the
+    # person to the identity provider, who sends them back to /oidc/callback
+    async def show_login_request(self, request_id, writer):
+        if self.server.oidc is None:
+            writer.write(http_response(200, register_page(request_id), "text/html; charset=utf-8"))
+            return
+        if request_id not in self.server.coordinator.registrar.auth_requests:
+            raise HttpError(404, "this login request is unknown or has expired: log in again on the device")
+        try:
+            url = await self.server.oidc.authorization_url(request_id)
+        except OidcError as e:
+            log.error("OIDC sign-in unavailable: %s", e)
+            writer.write(http_response(503, message_page("Sign-in is unavailable", str(e)), "text/html; charset=utf-8"))
+            return
+        writer.write(http_response(302, b"", headers=[("Location", url)]))
+
+    async def finish_oidc_login(self, query, writer, peer):
+        try:
+            request_id, identity = await self.server.oidc.finish(query)
+            if request_id.startswith(ADMIN_SIGN_IN):
+                self.finish_admin_sign_in(identity, writer, peer)
+                return
+            if request_id not in self.server.coordinator.registrar.auth_requests:
+                raise OidcError("the device's login request has expired: log in again on the device")
+            user = self.server.coordinator.registrar.user_signing_in(identity["name"])
+            result = self.server.coordinator.registrar.approve(request_id, user.id)
+            if "Error" in result:
+                raise OidcError(result["Error"])
+        except (OidcError, ValueError) as e:
+            log.warning("OIDC sign-in from %s refused: %s", peer, e)
+            writer.write(http_response(403, message_page("Sign-in refused", str(e)), "text/html; charset=utf-8"))
+            return
+        log.info("OIDC: %s (%s) signed in and approved login request %s", user.name, identity["display_name"],
+                 request_id)
+        writer.write(http_response(200, message_page("Signed in", f"Signed in as {user.name}; the device is joining."),
+                                   "text/html; charset=utf-8"))
+
+    def finish_admin_sign_in(self, identity, writer, peer):
+        """An admin back from the identity provider: a session cookie, and on to the page."""
+        if identity["name"] not in self.server.config.oidc_admins:
+            log.warning("OIDC: %s signed in at %s but is not one of oidc_admins", identity["name"], peer)
+            writer.write(http_response(403, message_page("Not an admin", f"{identity['name']} is not one of this "
+                                                         "meshbox's oidc_admins."), "text/html; charset=utf-8"))
+            return
+        token, _ = self.admin_sessions.create(None)
+        log.info("OIDC: %s signed in to the admin page", identity["name"])
+        secure = self.server.config.public_url().startswith("https://")
+        writer.write(http_response(302, b"", headers=[("Location", "/admin"), ("Cache-Control", "no-store"),
+                                                      ("Set-Cookie", admin_cookie(token, secure))]))
+
+    def credentials_locked_out(self, peer):
+        """Why an address whose credentials kept being refused is turned away (429), or ""."""
+        wait = self.failed_credentials.wait(address_block(peer.rpartition(":")[0]), now())
+        return f"too many refused API keys or sign-ins from this address, try again in {math.ceil(wait)} s" \
+            if wait else ""
+
+    def credentials_refused(self, peer):
+        """Count a refused API key, token or sign-in against its address; log the one that locks it out."""
+        self.server.metrics["api_refused"] += 1
+        block = address_block(peer.rpartition(":")[0])
+        if self.failed_credentials.failed(block, now()):
+            log.warning("too many refused API keys or sign-ins from address %s: refused for %d s",
+                        block, math.ceil(self.failed_credentials.wait(block, now())))
+
+    async def handle_api(self, request, reader, writer, peer):
+        """/api/v1/NOUN[/VERB]: the CLI's verbs for remote callers with an API key."""
+        locked_out = self.credentials_locked_out(peer)
+        if locked_out:
+            writer.write(http_response(429, json_bytes({"error": locked_out}), "application/json"))
+            return
+        token = request.headers.get("authorization", "")
+        if not token.startswith("Bearer ") or not api_key_valid(self.server.store, token[7:].strip()):
+            self.credentials_refused(peer)
+            writer.write(http_response(401, json_bytes({"error": "missing or invalid API key"}), "application/json"))
+            return
+        body = await read_request_body(request, reader)
+        try:
+            params = parse_json(body) if body else {}
+            if not isinstance(params, dict):
+                raise InvalidInput("the body must be a JSON object")
+        except ValueError as e:
+            writer.write(http_response(400, json_bytes({"error": f"malformed JSON body: {e}"}), "application/json"))
+            return
+        parts = request.path[len("/api/v1/"):].strip("/").split("/")
+        noun, verb = parts[0], (parts[1] if len(parts) > 1 else ("list" if request.method == "GET" else None))
+        if noun in ("status", "netmap", "logs", "paths"):
+            verb = None
+        answer = await self.server.run_admin(noun, verb, params)
+        writer.write(http_response(400 if "error" in answer else 200, json_bytes(answer), "application/json"))
+
+    def api_caller_scopes(self, request):
+        """The API v2 scopes of a request's caller, None when unknown: an API key (HTTP Bearer, or Basic
+        with the key as the user, as Tailscale's clients send it) or the admin page's session cookie with
+        its CSRF token may do everything; an OAuth access token (Bearer) what its client's scopes say."""
+        everything = frozenset({"all"})
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            if value.strip().startswith(OAUTH_SECRET_PREFIX):
+                return self.oauth_tokens.scopes(self.server.store, value.strip())
+            return everything if api_key_valid(self.server.store, value.strip()) else None
+        if scheme.lower() == "basic":
+            try:
+                user = base64.b64decode(value.strip(), validate=True).decode().partition(":")[0]
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            return everything if api_key_valid(self.server.store, user) else None
+        valid = self.admin_sessions.valid(self.server.store, request_cookie(request, SESSION_COOKIE),
+                                          request.headers.get(CSRF_HEADER, ""))
+        return everything if valid else None
+
+    async def handle_api_v2(self, request, reader, writer, peer):
+        """Tailscale's API v2 (see ApiV2): errors answer as Tailscale's do, {"message": ...}."""
+        headers = [("Cache-Control", "no-store")]
+        try:
+            locked_out = self.credentials_locked_out(peer)
+            if locked_out:
+                raise HttpError(429, locked_out)
+            body = await read_request_body(request, reader)
+            if request.path.rstrip("/") == API_V2_PREFIX + "oauth/token" and request.method == "POST":
+                status, token = self.oauth_tokens.answer(self.server.store, request, body)
+                if status == 401:
+                    self.credentials_refused(peer)
+                writer.write(http_response(status, json_bytes(token), "application/json", headers))
+                return
+            scopes = self.api_caller_scopes(request)
+            if scopes is None:
+                self.credentials_refused(peer)
+                raise HttpError(401, "API token invalid")
+            status, content_type, answer, extra = await ApiV2(self.server).answer(
+                request.method, request.path, ApiRequest(request.method, request.query, request.headers, body), scopes)
+            headers += extra
+        except HttpError as e:
+            status, content_type, answer = e.status, "application/json", json_bytes({"message": str(e)})
+        writer.write(http_response(status, answer, content_type, headers))
+
+    async def handle_admin_page(self, request, reader, writer, peer):
+        """The admin page, its script and style, and its sign-in (a cookie session for an API key)."""
+        path, method = request.path.rstrip("/") or "/admin", request.method
+        secure = writer.get_extra_info("sslcontext") is not None or self.server.config.public_url().startswith("https://")
+        if path == "/admin/session":
+            body = await read_request_body(request, reader)
+            locked_out = self.credentials_locked_out(peer) if method == "POST" else ""
+            if locked_out:
+                status, answer, headers = 429, {"message": locked_out}, []
+            else:
+                status, answer, headers = self.admin_sessions.answer(self.server.store, request, body, secure)
+            if method == "POST" and status == 401:
+                self.credentials_refused(peer)
+            writer.write(http_response(status, json_bytes(answer), "application/json",
+                                       headers + [("Cache-Control", "no-store")]))
+        elif (method, path) == ("GET", "/admin"):
+            oidc = bool(self.server.oidc and self.server.config.oidc_admins)
+            writer.write(http_response(200, admin_page(self.server.config.public_url(), oidc), "text/html; charset=utf-8",
+                                       ADMIN_PAGE_HEADERS))
+        elif (method, path) == ("GET", "/admin/oidc") and self.server.oidc and self.server.config.oidc_admins:
+            try:     # a sign-in of its own each time: one person's reloads push out no other's
+                url = await self.server.oidc.authorization_url(ADMIN_SIGN_IN + secrets.token_urlsafe(12))
+            except OidcError as e:
+                raise HttpError(503, f"sign-in is unavailable: {e}") from None
+            writer.write(http_response(302, b"", headers=[("Location", url), ("Cache-Control", "no-store")]))
+        elif (method, path) in ADMIN_PAGE_FILES:
+            content_type, content = ADMIN_PAGE_FILES[(method, path)]
+            writer.write(http_response(200, content, content_type, ADMIN_PAGE_HEADERS))
+        else:
+            raise HttpError(404, f"{path} is not served here")
+
+
 # ---- Server ----
 # ``serve``: the listeners (control HTTP, DERP over TLS, STUN, the local
 # admin socket), the background upkeep, and a clean stop.
@@ -9743,13 +9957,7 @@ class Server:
         self.metrics = collections.Counter()
         self.derp_nodes = None      # node key -> node, for DERP admission; None after a change
         self.recent_logs = RecentLogs()
-        self.admin_sessions = AdminSessions()
-        # API keys, OAuth secrets and sign-ins that fail are limited per
-        # address as refused registrations are (192-bit secrets cannot be
-        # guessed; this keeps a stranger from spending the box's CPU on tries).
-        self.failed_credentials = AttemptLimiter(REGISTER_ATTEMPT_BURST, REGISTER_ATTEMPT_INTERVAL,
-                                                 REGISTER_ATTEMPT_KEYS)
-        self.oauth_tokens = OAuthTokens()
+        self.web = WebFront(self)
         self.stopping = asyncio.Event()
 
     def _open_state(self):
@@ -10015,15 +10223,15 @@ class Server:
             extra = [("X-Tailscale-Response", "response " + challenge)] if challenge.isalnum() and len(challenge) < 64 else []
             writer.write(http_response(204, b"", headers=extra))
         elif path.startswith("/register/") and request.method == "GET":
-            await self.show_login_request(path.rsplit("/", 1)[-1], writer)
+            await self.web.show_login_request(path.rsplit("/", 1)[-1], writer)
         elif path == "/oidc/callback" and request.method == "GET" and self.oidc:
-            await self.finish_oidc_login(request.query, writer, peer)
+            await self.web.finish_oidc_login(request.query, writer, peer)
         elif path.startswith("/api/v1/"):
-            await self.handle_api(request, reader, writer, peer)
+            await self.web.handle_api(request, reader, writer, peer)
         elif path.startswith(API_V2_PREFIX):
-            await self.handle_api_v2(request, reader, writer, peer)
+            await self.web.handle_api_v2(request, reader, writer, peer)
         elif path == "/admin" or path.startswith("/admin/"):
-            await self.handle_admin_page(request, reader, writer, peer)
+            await self.web.handle_admin_page(request, reader, writer, peer)
         elif path == "/metrics":
             writer.write(http_response(200, self.metrics_text(), "text/plain; version=0.0.4"))
         elif path == "/health":
@@ -10067,56 +10275,6 @@ class Server:
             stream, out = reader, writer
         return ControlConnection(self.control_context, stream, out, noise, peer, ticket.prove)
 
-    # interactive login: the AuthURL shows the approve command, or sends the
-    # person to the identity provider, who sends them back to /oidc/callback
-    async def show_login_request(self, request_id, writer):
-        if self.oidc is None:
-            writer.write(http_response(200, register_page(request_id), "text/html; charset=utf-8"))
-            return
-        if request_id not in self.coordinator.registrar.auth_requests:
-            raise HttpError(404, "this login request is unknown or has expired: log in again on the device")
-        try:
-            url = await self.oidc.authorization_url(request_id)
-        except OidcError as e:
-            log.error("OIDC sign-in unavailable: %s", e)
-            writer.write(http_response(503, message_page("Sign-in is unavailable", str(e)), "text/html; charset=utf-8"))
-            return
-        writer.write(http_response(302, b"", headers=[("Location", url)]))
-
-    async def finish_oidc_login(self, query, writer, peer):
-        try:
-            request_id, identity = await self.oidc.finish(query)
-            if request_id.startswith(ADMIN_SIGN_IN):
-                self.finish_admin_sign_in(identity, writer, peer)
-                return
-            if request_id not in self.coordinator.registrar.auth_requests:
-                raise OidcError("the device's login request has expired: log in again on the device")
-            user = self.coordinator.registrar.user_signing_in(identity["name"])
-            result = self.coordinator.registrar.approve(request_id, user.id)
-            if "Error" in result:
-                raise OidcError(result["Error"])
-        except (OidcError, ValueError) as e:
-            log.warning("OIDC sign-in from %s refused: %s", peer, e)
-            writer.write(http_response(403, message_page("Sign-in refused", str(e)), "text/html; charset=utf-8"))
-            return
-        log.info("OIDC: %s (%s) signed in and approved login request %s", user.name, identity["display_name"],
-                 request_id)
-        writer.write(http_response(200, message_page("Signed in", f"Signed in as {user.name}; the device is joining."),
-                                   "text/html; charset=utf-8"))
-
-    def finish_admin_sign_in(self, identity, writer, peer):
-        """An admin back from the identity provider: a session cookie, and on to the page."""
-        if identity["name"] not in self.config.oidc_admins:
-            log.warning("OIDC: %s signed in at %s but is not one of oidc_admins", identity["name"], peer)
-            writer.write(http_response(403, message_page("Not an admin", f"{identity['name']} is not one of this "
-                                                         "meshbox's oidc_admins."), "text/html; charset=utf-8"))
-            return
-        token, _ = self.admin_sessions.create(None)
-        log.info("OIDC: %s signed in to the admin page", identity["name"])
-        secure = self.config.public_url().startswith("https://")
-        writer.write(http_response(302, b"", headers=[("Location", "/admin"), ("Cache-Control", "no-store"),
-                                                      ("Set-Cookie", admin_cookie(token, secure))]))
-
     # local admin socket: live state for the CLI
     async def run_admin(self, noun, verb, params):
         """One administrative verb, run inside the server: {"result": ...} or {"error": ...}."""
@@ -10149,122 +10307,6 @@ class Server:
             pass    # a cancel is the server stopping (see handle_http)
         finally:
             writer.close()
-
-    def credentials_locked_out(self, peer):
-        """Why an address whose credentials kept being refused is turned away (429), or ""."""
-        wait = self.failed_credentials.wait(address_block(peer.rpartition(":")[0]), now())
-        return f"too many refused API keys or sign-ins from this address, try again in {math.ceil(wait)} s" \
-            if wait else ""
-
-    def credentials_refused(self, peer):
-        """Count a refused API key, token or sign-in against its address; log the one that locks it out."""
-        self.metrics["api_refused"] += 1
-        block = address_block(peer.rpartition(":")[0])
-        if self.failed_credentials.failed(block, now()):
-            log.warning("too many refused API keys or sign-ins from address %s: refused for %d s",
-                        block, math.ceil(self.failed_credentials.wait(block, now())))
-
-    async def handle_api(self, request, reader, writer, peer):
-        """/api/v1/NOUN[/VERB]: the CLI's verbs for remote callers with an API key."""
-        locked_out = self.credentials_locked_out(peer)
-        if locked_out:
-            writer.write(http_response(429, json_bytes({"error": locked_out}), "application/json"))
-            return
-        token = request.headers.get("authorization", "")
-        if not token.startswith("Bearer ") or not api_key_valid(self.store, token[7:].strip()):
-            self.credentials_refused(peer)
-            writer.write(http_response(401, json_bytes({"error": "missing or invalid API key"}), "application/json"))
-            return
-        body = await read_request_body(request, reader)
-        try:
-            params = parse_json(body) if body else {}
-            if not isinstance(params, dict):
-                raise InvalidInput("the body must be a JSON object")
-        except ValueError as e:
-            writer.write(http_response(400, json_bytes({"error": f"malformed JSON body: {e}"}), "application/json"))
-            return
-        parts = request.path[len("/api/v1/"):].strip("/").split("/")
-        noun, verb = parts[0], (parts[1] if len(parts) > 1 else ("list" if request.method == "GET" else None))
-        if noun in ("status", "netmap", "logs", "paths"):
-            verb = None
-        answer = await self.run_admin(noun, verb, params)
-        writer.write(http_response(400 if "error" in answer else 200, json_bytes(answer), "application/json"))
-
-    def api_caller_scopes(self, request):
-        """The API v2 scopes of a request's caller, None when unknown: an API key (HTTP Bearer, or Basic
-        with the key as the user, as Tailscale's clients send it) or the admin page's session cookie with
-        its CSRF token may do everything; an OAuth access token (Bearer) what its client's scopes say."""
-        everything = frozenset({"all"})
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            if value.strip().startswith(OAUTH_SECRET_PREFIX):
-                return self.oauth_tokens.scopes(self.store, value.strip())
-            return everything if api_key_valid(self.store, value.strip()) else None
-        if scheme.lower() == "basic":
-            try:
-                user = base64.b64decode(value.strip(), validate=True).decode().partition(":")[0]
-            except (binascii.Error, UnicodeDecodeError):
-                return None
-            return everything if api_key_valid(self.store, user) else None
-        valid = self.admin_sessions.valid(self.store, request_cookie(request, SESSION_COOKIE),
-                                          request.headers.get(CSRF_HEADER, ""))
-        return everything if valid else None
-
-    async def handle_api_v2(self, request, reader, writer, peer):
-        """Tailscale's API v2 (see ApiV2): errors answer as Tailscale's do, {"message": ...}."""
-        headers = [("Cache-Control", "no-store")]
-        try:
-            locked_out = self.credentials_locked_out(peer)
-            if locked_out:
-                raise HttpError(429, locked_out)
-            body = await read_request_body(request, reader)
-            if request.path.rstrip("/") == API_V2_PREFIX + "oauth/token" and request.method == "POST":
-                status, token = self.oauth_tokens.answer(self.store, request, body)
-                if status == 401:
-                    self.credentials_refused(peer)
-                writer.write(http_response(status, json_bytes(token), "application/json", headers))
-                return
-            scopes = self.api_caller_scopes(request)
-            if scopes is None:
-                self.credentials_refused(peer)
-                raise HttpError(401, "API token invalid")
-            status, content_type, answer, extra = await ApiV2(self).answer(
-                request.method, request.path, ApiRequest(request.method, request.query, request.headers, body), scopes)
-            headers += extra
-        except HttpError as e:
-            status, content_type, answer = e.status, "application/json", json_bytes({"message": str(e)})
-        writer.write(http_response(status, answer, content_type, headers))
-
-    async def handle_admin_page(self, request, reader, writer, peer):
-        """The admin page, its script and style, and its sign-in (a cookie session for an API key)."""
-        path, method = request.path.rstrip("/") or "/admin", request.method
-        secure = writer.get_extra_info("sslcontext") is not None or self.config.public_url().startswith("https://")
-        if path == "/admin/session":
-            body = await read_request_body(request, reader)
-            locked_out = self.credentials_locked_out(peer) if method == "POST" else ""
-            if locked_out:
-                status, answer, headers = 429, {"message": locked_out}, []
-            else:
-                status, answer, headers = self.admin_sessions.answer(self.store, request, body, secure)
-            if method == "POST" and status == 401:
-                self.credentials_refused(peer)
-            writer.write(http_response(status, json_bytes(answer), "application/json",
-                                       headers + [("Cache-Control", "no-store")]))
-        elif (method, path) == ("GET", "/admin"):
-            oidc = bool(self.oidc and self.config.oidc_admins)
-            writer.write(http_response(200, admin_page(self.config.public_url(), oidc), "text/html; charset=utf-8",
-                                       ADMIN_PAGE_HEADERS))
-        elif (method, path) == ("GET", "/admin/oidc") and self.oidc and self.config.oidc_admins:
-            try:     # a sign-in of its own each time: one person's reloads push out no other's
-                url = await self.oidc.authorization_url(ADMIN_SIGN_IN + secrets.token_urlsafe(12))
-            except OidcError as e:
-                raise HttpError(503, f"sign-in is unavailable: {e}") from None
-            writer.write(http_response(302, b"", headers=[("Location", url), ("Cache-Control", "no-store")]))
-        elif (method, path) in ADMIN_PAGE_FILES:
-            content_type, content = ADMIN_PAGE_FILES[(method, path)]
-            writer.write(http_response(200, content, content_type, ADMIN_PAGE_HEADERS))
-        else:
-            raise HttpError(404, f"{path} is not served here")
 
     def metrics_text(self):
         """Prometheus text exposition of the server's counters and gauges."""
@@ -10308,30 +10350,6 @@ class Server:
 
 # Diagnostics: what a node's NetInfo (its client's own netcheck) and
 # EndpointTypes say about its network, in words for the person at the router.
-
-def register_page(request_id):
-    """What a person sees at a client's AuthURL: the command that approves it."""
-    safe = "".join(c for c in request_id if c.isalnum() or c in "-_")[:64]
-    return f"""<!doctype html><title>meshbox: approve this device</title>
-<h1>Approve this device</h1>
-<p>An administrator of this meshbox approves the device with:</p>
-<pre>meshbox nodes register --user USER --key {safe}</pre>
-<p>The device joins as soon as the command runs; the request expires in {AUTH_REQUEST_TTL // 60} minutes.</p>"""
-
-
-def message_page(title, message):
-    """A small HTML page: a heading and one message."""
-    return f"""<!doctype html><title>meshbox: {html_text(title)}</title>
-<h1>{html_text(title)}</h1>
-<p>{html_text(message)}</p>"""
-
-
-def landing_page(url):
-    return f"""<!doctype html><title>meshbox</title>
-<h1>meshbox is running</h1>
-<p>Join a device to this tailnet:</p>
-<pre>meshbox preauthkeys create --user NAME
-tailscale up --login-server {url} --auth-key KEY</pre>"""
 
 
 # ---- CLI ----
