@@ -1964,6 +1964,7 @@ class Store:
         with self.transaction():
             self.db.execute("DELETE FROM preauth_keys WHERE user_id=?", (user.id,))
             self.db.execute("DELETE FROM users WHERE id=?", (user.id,))
+        return user
 
     # pre-auth keys
     def create_preauth_key(self, user_id, reusable, ephemeral, expiration, tags):
@@ -4790,8 +4791,7 @@ class FanOut:
         for sessions in self.sessions.values():
             for session in sessions:
                 session.owe(changed, removed, full, policy)
-        if self.on_change is not None:
-            self.on_change()
+        self.tell_followers()
 
     def peer_json(self, node, base_domain, at, seen_as):
         """node_json for a peer, from a per-node cache that notify() invalidates."""
@@ -4841,18 +4841,18 @@ class FanOut:
             session.told_expired = True
         elif session.told_expired:      # its key was extended: its peers come back
             session.told_expired, session.full = False, True
-        view = self.tailnet.policy_views.view_of(node, at)
+        view = views.view_of(node, at)
         if session.full:
             session.full = session.self_changed = session.policy_changed = False
             session.changed.clear(), session.removed.clear()
-            if self.tailnet.policy_views.policy is None:
+            if views.policy is None:
                 return self.encoded_full_map(node, view, at)
             return map_response_for(node, view, self.tailnet.nodes, self.tailnet.users, self.tailnet.settings, at,
                                     self.peer_json)
         # Under the default policy every session owed the same changes gets
         # the same message: build it once per change (and the server encodes
         # it once), not once per session.
-        shared = self.tailnet.policy_views.policy is None and not session.self_changed and not session.policy_changed
+        shared = views.policy is None and not session.self_changed and not session.policy_changed
         key = (self.generation, frozenset(session.changed), frozenset(session.removed))
         if shared and key in self.shared_deltas:
             session.changed.clear(), session.removed.clear()
@@ -4904,6 +4904,11 @@ class FanOut:
                 log.info("map session end: node %d %s", node.id, node.given_name)
                 self.notify(changed=[node.id])
 
+    def tell_followers(self):
+        """What follows the tailnet outside the maps (the gateway, the hosts file, DERP) hears of a change."""
+        if self.on_change is not None:
+            self.on_change()
+
     def views_changed(self, old, new):
         """Tell each session what a compile changed in its node's view (the
         peers it gained, lost or sees differently, and whether its filter,
@@ -4925,8 +4930,7 @@ class FanOut:
             if removed or changed or policy:
                 for session in sessions:
                     session.owe(changed, removed, policy=policy)
-        if self.on_change is not None:
-            self.on_change()
+        self.tell_followers()
 
     def frame(self, message, compress):
         """A map message as its length-prefixed frame.  A delta shared by many
@@ -4956,7 +4960,11 @@ class PolicyViews:
     def __init__(self, tailnet, text):
         self.tailnet = tailnet
         self.text = text             # the policy in force, as written (None: allow all)
-        self.policy = parse_policy(text) if text else None
+        self.refused = None          # why the stored policy cannot be used (serve refuses to start)
+        try:
+            self.policy = parse_policy(text) if text else None
+        except PolicyError as e:     # stored by another meshbox: the admin must replace it
+            self.policy, self.refused = None, e
         self.views = {}              # node id -> its NodeView (with a policy)
         self.allow_all = {}          # node id -> its shared peer entry (with no policy)
         self.pending_compile = None  # the scheduled recompile of a burst of changes, under a policy
@@ -5239,9 +5247,8 @@ class Registrar:
 
     def user_signing_in(self, name):
         """The user an identity provider vouched for, created at its first sign-in."""
-        known = set(self.tailnet.users)
         user = self.tailnet.store.user_named_or_created(name)
-        if user.id not in known:
+        if user.id not in self.tailnet.users:
             log.info("created user %s at its first sign-in", name)
         self.tailnet.users[user.id] = user
         return user
@@ -5483,10 +5490,7 @@ class Coordinator:
         node = self.gateway_node()
         endpoints = checked_endpoints(endpoints)
         hostinfo = {"Hostname": hostname, "OS": "linux", "RoutableIPs": routes}
-        try:
-            user = self.store.user_named(GATEWAY_USER)
-        except ValueError:
-            user = self.store.create_user(GATEWAY_USER)
+        user = self.store.user_named_or_created(GATEWAY_USER)
         self.users[user.id] = user
         with self.store.transaction():
             if node is None:
@@ -5531,25 +5535,19 @@ class Coordinator:
         return user
 
     def _apply_UserRemoval(self, change):
-        user = self.store.user_named(change.name)
-        if any(n.user_id == user.id for n in self.nodes.values()):
-            raise InvalidInput(f"user {change.name!r} still owns nodes; delete them first")
-        self.store.delete_user(change.name)
-        self.users.pop(user.id, None)
+        self.users.pop(self.store.delete_user(change.name).id, None)
 
     def _apply_DeviceAddition(self, change):
         addresses = self.store.insert_device(change.name, change.user_id, change.public_key, change.full_tunnel,
                                              self.prefix_v4, self.prefix_v6)
-        if self.fanout.on_change is not None:       # the gateway adds its peer
-            self.fanout.on_change()
+        self.fanout.tell_followers()             # the gateway adds its peer
         return addresses
 
     def _apply_DeviceRemoval(self, change):
         with self.store.transaction():
             if not self.store.delete_device(change.name):
                 raise InvalidInput(f"no device named {change.name!r}")
-        if self.fanout.on_change is not None:
-            self.fanout.on_change()
+        self.fanout.tell_followers()
 
     def _apply_PolicyChange(self, change):
         self.store.set_setting("policy", change.text)
@@ -5600,8 +5598,8 @@ class Coordinator:
         if changed or removed:
             log.info("state changed on disk: %d node(s) changed, %d removed", len(changed), len(removed))
             self.policy_views.topology_changed(changed=changed, removed=removed)
-        elif self.fanout.on_change is not None:      # e.g. a device was added: the gateway cares
-            self.fanout.on_change()
+        else:                                        # e.g. a device was added: the gateway cares
+            self.fanout.tell_followers()
 
     def flush_live(self):
         """Write endpoints, disco keys, host info and last-seen times."""
@@ -7870,13 +7868,20 @@ class Admin:
         if self._offline_tailnet is None:
             tailnet = Coordinator(self.store, MapSettings(self.config.base_domain, {"Regions": {}}, {}),
                                   self.config.prefix_v4, self.config.prefix_v6)
+            if tailnet.policy_views.refused:
+                log.warning("the stored policy is refused: %s; serve will not start until policy set or "
+                            "policy clear replaces it", tailnet.policy_views.refused)
             if self.config.policy_file:            # as serve would: the file's policy is in force
-                tailnet.policy_views.set_policy(read_text_file(self.config.policy_file, "policy file"))
+                try:
+                    tailnet.policy_views.set_policy(read_text_file(self.config.policy_file, "policy file"))
+                except InvalidInput as e:          # serve keeps the stored policy then, and says so
+                    log.warning("policy file %s refused, the stored policy stays in force: %s",
+                                self.config.policy_file, e)
             self._offline_tailnet = tailnet
         return self._offline_tailnet
 
     def call(self, noun, verb, params):
-        """Run `noun verb` with keyword params; ValueError for anything unknown or wrong."""
+        """Run `noun verb` with keyword params; InvalidInput for anything unknown or wrong."""
         method = getattr(self, f"{noun}_{verb}" if verb else noun, None)
         if noun not in ADMIN_NOUNS or method is None:
             raise InvalidInput(f"unknown command {noun} {verb or ''}".strip())
@@ -8081,7 +8086,7 @@ class Admin:
         clean = sanitize_hostname(name)
         if clean != name:
             raise InvalidInput(f"bad device name {name!r}: use a DNS label such as {clean!r}")
-        owner = self.store.user_named_or_created(user) if user == GATEWAY_USER else self.store.user_named(user)
+        owner = self.store.user_named(user)       # the gateway's owner exists with the gateway
         private = new_private_key()
         tailnet = [self.config.prefix_v4, self.config.prefix_v6]
         ipv4, ipv6 = self.tailnet.apply(DeviceAddition(name, owner.id, x25519_public(private), bool(full_tunnel)))
@@ -8101,9 +8106,7 @@ class Admin:
 
     # policy
     def _topology(self):
-        if self.server is not None:
-            return self.server.coordinator.policy_views.topology()
-        return policy_topology(self.store.nodes(), {u.id: u for u in self.store.users()})
+        return self.tailnet.policy_views.topology()
 
     def _checked(self, policy, topology):
         try:
@@ -10048,6 +10051,9 @@ class Server:
             cert_domains=bool(config.dns_hook))
         expiry = 0 if str(config.node_expiry) == "0" else parse_duration(config.node_expiry)
         self.coordinator = Coordinator(self.store, settings, config.prefix_v4, config.prefix_v6, expiry)
+        if self.coordinator.policy_views.refused:      # allowing everything instead would open the tailnet
+            raise PolicyError(f"the stored policy is refused: {self.coordinator.policy_views.refused} (replace it: "
+                              "meshbox policy set FILE, or meshbox policy clear)")
         self.follower = TailnetFollower(config, self.store, self.coordinator, self.derp)
         self.coordinator.fanout.on_change = self.tailnet_changed
         self.control_context = ControlContext(self.coordinator, config, self.metrics, self.refusals)

@@ -273,6 +273,25 @@ def test_policy_compile_from_files(capsys, state, tmp_path):
     assert code == 1 and err.startswith(f"meshbox: topology {topology} is not JSON")
 
 
+def test_a_stored_policy_meshbox_refuses_can_be_replaced_offline(capsys, state, tmp_path):
+    """A policy this meshbox cannot use (another version stored it) stops serve
+    with the way out, and the offline CLI still works to take that way."""
+    assert run(capsys, "--state", state, "users", "create", "alice")[0] == 0
+    store = meshbox.open_state(state)
+    store.set_setting("policy", json.dumps({"acls": [{"action": "drop", "src": ["*"], "dst": ["*:*"]}]}))
+    store.db.close()
+
+    served = meshproc.cli("serve", "--listen", f"127.0.0.1:{meshproc.free_port()}", "--derp-listen", "off",
+                          "--stun-listen", "off", state=state, timeout=30)
+    assert served.returncode == 1 and "stored policy is refused" in served.stderr
+    assert "policy clear" in served.stderr and "Traceback" not in served.stderr
+    code, out, err = run(capsys, "--state", state, "users", "create", "bob")
+    assert code == 0 and "stored policy is refused" in err
+    code, out, err = run(capsys, "--state", state, "policy", "clear")
+    assert code == 0 and "policy cleared" in out
+    assert meshbox.open_state(state).setting("policy") is None
+
+
 def test_tables_strip_what_a_node_put_in_its_hostname(capsys, state):
     store = meshbox.open_state(state)
     try:
